@@ -1,0 +1,1 @@
+"""ghostfast: fused kernels for GhostNet Ghost modules and DFC attention."""

@@ -1,0 +1,1 @@
+"""Triton kernels for ghostfast, one file per op (installed as `ghostfast.kernels`)."""
