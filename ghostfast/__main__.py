@@ -1,0 +1,129 @@
+"""Command line: `python -m ghostfast info` and `python -m ghostfast demo`.
+
+The demo is the package's main job on a default model: build timm's ghostnetv2_100 with seeded random weights,
+convert it, check the converted model against eager PyTorch, time both, and print a table. Without a GPU the
+Triton kernels run under the Triton CPU interpreter: the check is real, the timings only show the interpreter.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def _prepare_triton_env() -> None:
+    # The interpreter must be chosen before any Triton kernel module is imported.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _versions() -> dict:
+    import torch
+
+    import ghostfast
+
+    info = {"ghostfast": ghostfast.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "timm"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = "not installed"
+    info["cuda (torch build)"] = torch.version.cuda or "none"
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
+    return info
+
+
+def cmd_info(args) -> int:
+    import ghostfast
+
+    for key, value in _versions().items():
+        print(f"{key:20s} {value}")
+    for device in ("cpu", "cuda"):
+        try:
+            print(f"{'backends on ' + device:20s} {', '.join(ghostfast.available_backends(device))}")
+        except Exception as e:  # a CUDA query on a machine without a driver
+            print(f"{'backends on ' + device:20s} unavailable ({e})")
+    return 0
+
+
+def _time_ms(fn, reps: int, device) -> list:
+    import torch
+
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    import ghostfast
+    from ghostfast.models import timm_ghostnet
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = args.size or (224 if device.type == "cuda" else 64)
+    print(f"ghostfast demo: {args.model}, seeded random weights, batch {args.batch}, {size}x{size}, {device}")
+    model = timm_ghostnet(args.model, seed=args.seed).to(device)
+    fast = ghostfast.convert(model, backend=args.backend)
+    report = fast.ghostfast_report
+    print(f"converted {len(report.converted)} Ghost modules, skipped {len(report.skipped)}")
+    x = torch.randn(args.batch, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(1))
+    with torch.inference_mode():
+        ref = model(x)
+        out = fast(x)
+        rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        reps = args.reps
+        for fn in (lambda: model(x), lambda: fast(x)):  # warm-up (and Triton compilation)
+            fn()
+        eager_ms = _time_ms(lambda: model(x), reps, device)
+        fast_ms = _time_ms(lambda: fast(x), reps, device)
+    backend = ghostfast.available_backends(device)[0] if args.backend == "auto" else args.backend
+    if backend == "triton" and device.type == "cpu":
+        backend = "triton (CPU interpreter: checks correctness, not speed)"
+    rows = [("eager PyTorch", statistics.median(eager_ms)), (f"ghostfast [{backend}]", statistics.median(fast_ms))]
+    print()
+    print(f"{'model':45s} {'median ms':>10s} {'speedup':>8s}")
+    for name, ms in rows:
+        print(f"{name:45s} {ms:10.2f} {rows[0][1] / ms:7.2f}x")
+    ok = rel <= 1e-4 if x.dtype == torch.float32 else rel <= 1e-2
+    print(f"\nrelative error vs eager: {rel:.2e} ({'OK' if ok else 'FAIL'}, bound 1e-4)")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    _prepare_triton_env()
+    parser = argparse.ArgumentParser(prog="python -m ghostfast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="backends, versions, device")
+    demo = sub.add_parser("demo", help="convert timm ghostnetv2_100, check it against eager, time both")
+    demo.add_argument("--model", default="ghostnetv2_100", choices=("ghostnet_100", "ghostnetv2_100",
+                                                                     "ghostnetv3_100"))
+    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--size", type=int, default=None, help="input H=W (default 224 on GPU, 64 on CPU)")
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
+    demo.add_argument("--reps", type=int, default=5)
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    return {"info": cmd_info, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

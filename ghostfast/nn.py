@@ -1,0 +1,366 @@
+"""Drop-in Ghost modules that run the fused ops: `GhostModule` (V1, V3 after reparameterization) and
+`GhostModuleV2` (DFC attention; timm V2, Huawei's 'attn' mode, timm V3 'shortcut' mode).
+
+They keep the original submodules (`primary_conv`, `cheap_operation`, `short_conv`), so state_dict keys are
+identical to timm's, Huawei's and the paper's modules. In eval mode BatchNorm is folded once into per-channel
+scale and bias and cached; the cache is rebuilt when any parameter or buffer changes (in-place update, load,
+`.to()`). Training mode, and configurations without a fused kernel, run the eager submodules.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .backends import check_backend_name, default_strict, fallback, resolve_backend, triton_interpreting
+from .reference import GATE_MODES, fold_bn
+
+
+class StructureError(ValueError):
+    """A module does not have the structure of a fusable Ghost module; the message says why."""
+
+
+def _act_kind(m: Optional[nn.Module]) -> str:
+    if m is None or isinstance(m, nn.Identity) or (isinstance(m, nn.Sequential) and len(m) == 0):
+        return "none"
+    if type(m) is nn.ReLU:
+        return "relu"
+    raise StructureError(f"activation {type(m).__name__} has no fused kernel (ReLU or none)")
+
+
+def _split_conv_bn_act(seq: nn.Module, what: str) -> Tuple[nn.Conv2d, Optional[nn.BatchNorm2d], str]:
+    """Read `Sequential(Conv2d, [BatchNorm2d], [activation])` (the layouts of timm, Huawei, the paper, and
+    GhostNetV3 after reparameterization, which drops the BatchNorm and gives the conv a bias)."""
+    if not isinstance(seq, nn.Sequential) or len(seq) == 0 or not isinstance(seq[0], nn.Conv2d):
+        raise StructureError(f"{what} is not a Sequential starting with a Conv2d")
+    layers = list(seq)
+    conv, rest = layers[0], layers[1:]
+    bn = None
+    if rest and isinstance(rest[0], nn.BatchNorm2d):
+        bn, rest = rest[0], rest[1:]
+        if bn.running_mean is None:
+            raise StructureError(f"{what} has a BatchNorm2d without running statistics (track_running_stats=False)")
+    if len(rest) > 1:
+        raise StructureError(f"{what} has unexpected layers after the conv: {[type(m).__name__ for m in rest]}")
+    act = _act_kind(rest[0] if rest else None)
+    return conv, bn, act
+
+
+def _conv_is(conv: nn.Conv2d, kernel, padding, groups) -> Optional[str]:
+    if tuple(conv.kernel_size) != tuple(kernel):
+        return f"kernel_size {tuple(conv.kernel_size)} (fused needs {tuple(kernel)})"
+    if tuple(conv.stride) != (1, 1):
+        return f"stride {tuple(conv.stride)} (fused needs 1)"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilation {tuple(conv.dilation)} (fused needs 1)"
+    if isinstance(conv.padding, str) or tuple(conv.padding) != tuple(padding):
+        return f"padding {conv.padding} (fused needs {tuple(padding)})"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode {conv.padding_mode!r} (fused needs 'zeros')"
+    if conv.groups != groups:
+        return f"groups {conv.groups} (fused needs {groups})"
+    return None
+
+
+def _fold(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(weight, scale, bias) of conv -> [BN] in eval mode; half-precision scale and bias are kept in float32."""
+    w = conv.weight
+    dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    conv_bias = None if conv.bias is None else conv.bias.to(dt)
+    if bn is not None:
+        scale, bias = fold_bn(_bn_in(bn, dt), conv_bias)
+    else:
+        scale = torch.ones(conv.out_channels, dtype=dt, device=w.device)
+        bias = torch.zeros_like(scale) if conv_bias is None else conv_bias
+    return w, scale.to(dt), bias.to(dt)
+
+
+class _BNView:
+    """The BatchNorm fields fold_bn reads, cast to the folding dtype (half BN params fold in float32)."""
+
+    def __init__(self, bn: nn.BatchNorm2d, dt: torch.dtype):
+        self.running_mean = bn.running_mean.to(dt)
+        self.running_var = bn.running_var.to(dt)
+        self.weight = None if bn.weight is None else bn.weight.to(dt)
+        self.bias = None if bn.bias is None else bn.bias.to(dt)
+        self.eps = bn.eps
+
+
+def _bn_in(bn: nn.BatchNorm2d, dt: torch.dtype):
+    return bn if bn.running_mean.dtype == dt and (bn.weight is None or bn.weight.dtype == dt) else _BNView(bn, dt)
+
+
+def _make_act(act_layer: Optional[Type[nn.Module]]) -> nn.Module:
+    if act_layer is None or act_layer is nn.Identity:
+        return nn.Identity()
+    return act_layer(inplace=True)
+
+
+class _FusedGhostBase(nn.Module):
+    """Shared machinery: structure check, backend choice, fallback policy, the folded-parameter cache."""
+
+    def _init_options(self, out_chs: int, backend: Optional[str], strict: Optional[bool], gate_mode: str = "nearest"):
+        if backend is not None:
+            check_backend_name(backend)
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
+        self.out_chs = int(out_chs)
+        self.backend = backend
+        self.strict = strict
+        self.gate_mode = gate_mode
+        self._fold_key = None
+        self._fold_value = None
+        self._analyse()
+        if self.unsupported_reason is not None and self._is_strict():
+            fallback(self.unsupported_reason, True)
+
+    @property
+    def oup(self) -> int:  # the name Huawei's and the paper's modules use
+        return self.out_chs
+
+    def _is_strict(self) -> bool:
+        return default_strict() if self.strict is None else bool(self.strict)
+
+    def _analyse_ghost(self) -> Optional[str]:
+        try:
+            conv1, self._bn1, act1 = _split_conv_bn_act(self.primary_conv, "primary_conv")
+            conv2, self._bn2, act2 = _split_conv_bn_act(self.cheap_operation, "cheap_operation")
+        except StructureError as e:
+            return str(e)
+        self._conv1, self._conv2 = conv1, conv2
+        if act1 != act2:
+            return f"primary activation {act1!r} differs from cheap activation {act2!r}"
+        self.relu = act1 == "relu"
+        if conv1.groups != 1:
+            return f"primary conv groups {conv1.groups} (fused needs 1)"
+        why = _conv_is(conv1, (1, 1), (0, 0), 1)
+        if why:
+            return f"primary conv {why}"
+        init = conv1.out_channels
+        k = conv2.kernel_size[0]
+        if conv2.in_channels != init or conv2.out_channels % init:
+            return "cheap conv channels do not follow the primary conv"
+        if k not in ops.SUPPORTED_DW_SIZES:
+            return f"cheap conv kernel_size {tuple(conv2.kernel_size)} (fused needs 1, 3, 5 or 7)"
+        why = _conv_is(conv2, (k, k), (k // 2, k // 2), init)
+        if why:
+            return f"cheap conv {why}"
+        if not 1 <= self.out_chs <= init + conv2.out_channels:
+            return f"out_chs {self.out_chs} outside [1, {init + conv2.out_channels}]"
+        return None
+
+    def _analyse(self) -> None:
+        self.unsupported_reason = self._analyse_ghost()
+
+    # -- eval-mode folding, cached -----------------------------------------------------------------------
+    def _state_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
+                     list(self.parameters()) + list(self.buffers()))
+
+    def _folded(self) -> tuple:
+        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if differentiable or torch.compiler.is_compiling():
+            return self._fold_all()  # gradients must reach the BN and conv parameters; a compiled graph folds inline
+        key = self._state_key()
+        if key != self._fold_key:
+            with torch.no_grad():
+                self._fold_value = tuple(t.detach() for t in self._fold_all())
+            self._fold_key = key
+        return self._fold_value
+
+    def _fold_ghost(self) -> tuple:
+        return _fold(self._conv1, self._bn1) + _fold(self._conv2, self._bn2)
+
+    # -- dispatch -----------------------------------------------------------------------------------------
+    def _fused_backend(self, x: Tensor) -> Optional[str]:
+        """The backend to run the fused op with, or None to run the eager submodules."""
+        self._check_input(x)
+        strict = self._is_strict()
+        if self.training:
+            fallback(f"{type(self).__name__} in training mode (fused backward not yet available)", strict)
+            return None
+        if self.unsupported_reason is not None:
+            fallback(f"{type(self).__name__}: {self.unsupported_reason}", strict)
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            fallback(f"{type(self).__name__} under autocast", strict)
+            return None
+        name, reason = resolve_backend(self.backend, x.device)
+        if reason is None and name == "triton" and x.dtype == torch.bfloat16 and triton_interpreting():
+            reason = "the Triton interpreter does not support bfloat16"
+        if reason is not None:
+            fallback(f"{type(self).__name__}: {reason}", strict)
+            return None
+        return None if name == "reference" else name
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+        w = self.primary_conv[0].weight
+        if x.shape[1] != self.primary_conv[0].in_channels:
+            raise ValueError(f"{name}: expected input with {self.primary_conv[0].in_channels} channels, got "
+                             f"{x.shape[1]} (input shape {tuple(x.shape)})")
+        if x.device != w.device:
+            raise ValueError(f"{name}: input is on {x.device} but the weights are on {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name}: expected input of dtype {w.dtype} (the weights'), got {x.dtype}")
+
+    def _eager_ghost(self, x: Tensor) -> Tensor:
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        return torch.cat([x1, x2], dim=1)[:, :self.out_chs]
+
+    def extra_repr(self) -> str:
+        fused = "fused" if self.unsupported_reason is None else f"eager: {self.unsupported_reason}"
+        return f"out_chs={self.out_chs}, backend={self.backend or 'default'}, {fused}"
+
+
+class GhostModule(_FusedGhostBase):
+    """Ghost module (GhostNet V1, and V3 after reparameterization) running as one fused kernel in eval mode.
+
+    Same constructor and state_dict as timm's `GhostModule`; `from_module` wraps an existing module."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, ratio: int = 2, dw_size: int = 3,
+                 stride: int = 1, act_layer: Optional[Type[nn.Module]] = nn.ReLU, *, backend: Optional[str] = None,
+                 strict: Optional[bool] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        init = math.ceil(out_chs / ratio)
+        new = init * (ratio - 1)
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(in_chs, init, kernel_size, stride, kernel_size // 2, bias=False, **dd),
+            nn.BatchNorm2d(init, **dd), _make_act(act_layer))
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init, new, dw_size, 1, dw_size // 2, groups=init, bias=False, **dd),
+            nn.BatchNorm2d(new, **dd), _make_act(act_layer))
+        self._init_options(out_chs, backend, strict)
+
+    @classmethod
+    def from_module(cls, m: nn.Module, *, out_chs: Optional[int] = None, backend: Optional[str] = None,
+                    strict: Optional[bool] = None) -> "GhostModule":
+        """Wrap `m` (anything with `primary_conv` and `cheap_operation`), sharing its submodules and parameters.
+        `out_chs` defaults to `m.out_chs` or `m.oup`."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.primary_conv = m.primary_conv
+        self.cheap_operation = m.cheap_operation
+        if out_chs is None:
+            out_chs = getattr(m, "out_chs", getattr(m, "oup", None))
+        if out_chs is None:
+            raise StructureError(f"{type(m).__name__} has neither out_chs nor oup; pass out_chs=")
+        self._init_options(out_chs, backend, strict)
+        self.train(m.training)
+        return self
+
+    def _fold_all(self) -> tuple:
+        return self._fold_ghost()
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = self._fused_backend(x)
+        if backend is None:
+            return self._eager_ghost(x)
+        return ops.ghost_module(x, *self._folded(), out_channels=self.out_chs, relu=self.relu, backend=backend,
+                                strict=self.strict)
+
+
+class GhostModuleV2(_FusedGhostBase):
+    """Ghost module with DFC attention (GhostNetV2; GhostNetV3 'shortcut' mode): two fused launches in eval mode,
+    the DFC gate at the pooled resolution, then the Ghost module with the gate upsampled in its epilogue.
+
+    `gate_mode` 'nearest' (timm and the official code) or 'bilinear' (the paper's text)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, ratio: int = 2, dw_size: int = 3,
+                 stride: int = 1, act_layer: Optional[Type[nn.Module]] = nn.ReLU, *, gate_mode: str = "nearest",
+                 backend: Optional[str] = None, strict: Optional[bool] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        init = math.ceil(out_chs / ratio)
+        new = init * (ratio - 1)
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(in_chs, init, kernel_size, stride, kernel_size // 2, bias=False, **dd),
+            nn.BatchNorm2d(init, **dd), _make_act(act_layer))
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init, new, dw_size, 1, dw_size // 2, groups=init, bias=False, **dd),
+            nn.BatchNorm2d(new, **dd), _make_act(act_layer))
+        self.short_conv = nn.Sequential(
+            nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=False, **dd),
+            nn.BatchNorm2d(out_chs, **dd),
+            nn.Conv2d(out_chs, out_chs, (1, 5), 1, (0, 2), groups=out_chs, bias=False, **dd),
+            nn.BatchNorm2d(out_chs, **dd),
+            nn.Conv2d(out_chs, out_chs, (5, 1), 1, (2, 0), groups=out_chs, bias=False, **dd),
+            nn.BatchNorm2d(out_chs, **dd),
+        )
+        self._init_options(out_chs, backend, strict, gate_mode)
+
+    @classmethod
+    def from_module(cls, m: nn.Module, *, out_chs: Optional[int] = None, gate_mode: str = "nearest",
+                    backend: Optional[str] = None, strict: Optional[bool] = None) -> "GhostModuleV2":
+        """Wrap `m` (with `primary_conv`, `cheap_operation` and `short_conv`), sharing its submodules."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.primary_conv = m.primary_conv
+        self.cheap_operation = m.cheap_operation
+        self.short_conv = m.short_conv
+        if out_chs is None:
+            out_chs = getattr(m, "out_chs", getattr(m, "oup", None))
+        if out_chs is None:
+            raise StructureError(f"{type(m).__name__} has neither out_chs nor oup; pass out_chs=")
+        self._init_options(out_chs, backend, strict, gate_mode)
+        self.train(m.training)
+        return self
+
+    def _analyse(self) -> None:
+        reason = self._analyse_ghost()
+        if reason is None:
+            reason = self._analyse_dfc()
+        self.unsupported_reason = reason
+
+    def _analyse_dfc(self) -> Optional[str]:
+        layers = list(self.short_conv) if isinstance(self.short_conv, nn.Sequential) else []
+        kinds = [nn.Conv2d, nn.BatchNorm2d] * 3
+        if len(layers) != 6 or any(not isinstance(m, k) for m, k in zip(layers, kinds)):
+            return "short_conv is not Sequential(Conv2d, BN, Conv2d 1x5, BN, Conv2d 5x1, BN)"
+        c = self.out_chs
+        conv3, conv4, conv5 = layers[0], layers[2], layers[4]
+        if conv3.out_channels != c or conv4.out_channels != c or conv5.out_channels != c:
+            return f"short_conv channels differ from out_chs={c}"
+        for what, conv, kernel, padding, groups in (("short_conv 1x1", conv3, (1, 1), (0, 0), 1),
+                                                    ("short_conv 1x5", conv4, (1, 5), (0, 2), c),
+                                                    ("short_conv 5x1", conv5, (5, 1), (2, 0), c)):
+            why = _conv_is(conv, kernel, padding, groups)
+            if why:
+                return f"{what} {why}"
+        if any(layers[i].running_mean is None for i in (1, 3, 5)):
+            return "short_conv BatchNorm2d without running statistics"
+        self._dfc_layers = layers
+        return None
+
+    def _fold_all(self) -> tuple:
+        l = self._dfc_layers
+        return self._fold_ghost() + _fold(l[0], l[1]) + _fold(l[2], l[3]) + _fold(l[4], l[5])
+
+    def _eager_gate(self, x: Tensor, size) -> Tensor:
+        res = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
+        if self.gate_mode == "nearest":
+            return F.interpolate(res, size=size, mode="nearest")
+        return F.interpolate(res, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = self._fused_backend(x)
+        if backend is None:
+            gate = self._eager_gate(x, x.shape[-2:])
+            return self._eager_ghost(x) * gate
+        folded = self._folded()
+        gate = ops.dfc_gate(x, *folded[6:], backend=backend, strict=self.strict)
+        return ops.ghost_module(x, *folded[:6], out_channels=self.out_chs, relu=self.relu, gate=gate,
+                                gate_mode=self.gate_mode, backend=backend, strict=self.strict)
+
+
+__all__: List[str] = ["GhostModule", "GhostModuleV2", "StructureError"]

@@ -1,0 +1,340 @@
+"""The ghostfast op registry: `torch.library` custom ops, their fake kernels and autograd, backend dispatch.
+
+Public entry points (`ghost_module`, `dfc_gate`, `dfc_attention`) validate their arguments, pick a backend and
+call the custom ops `torch.ops.ghostfast.*`, which run the chosen backend's kernel. BatchNorm arrives folded
+into per-channel scale and bias (`ghostfast.reference.fold_bn`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import fallback, resolve_backend, default_strict, triton_interpreting
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DW_SIZES = (1, 3, 5, 7)
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """Outputs keep the input's layout: channels_last in, channels_last out; anything else gives NCHW."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty_output(x: Tensor, shape: Sequence[int]) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops. `backend` is a resolved name ('triton' or 'reference'), a compile-time constant for the graph.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ghostfast::ghost_module", mutates_args=())
+def _ghost_module_op(
+    x: Tensor,
+    primary_weight: Tensor,
+    primary_scale: Tensor,
+    primary_bias: Tensor,
+    cheap_weight: Tensor,
+    cheap_scale: Tensor,
+    cheap_bias: Tensor,
+    out_channels: int,
+    relu: bool,
+    gate: Optional[Tensor],
+    gate_mode: str,
+    backend: str,
+) -> Tensor:
+    if backend == "triton":
+        from .kernels.ghost_module import ghost_module_forward
+
+        return ghost_module_forward(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
+                                    cheap_bias, out_channels, relu, gate, gate_mode)
+    tensors = (primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias)
+    if gate is None:
+        return _run_reference(reference.ghost_module_forward, x, tensors, out_channels, relu)
+    return _run_reference(reference.ghost_module_forward, x, tensors, out_channels, relu, gate.to(_compute_dtype(x)),
+                          gate_mode)
+
+
+@_ghost_module_op.register_fake
+def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, relu,
+      gate, gate_mode, backend):
+    return _empty_output(x, (x.shape[0], out_channels, x.shape[2], x.shape[3]))
+
+
+@torch.library.custom_op("ghostfast::dfc_gate", mutates_args=())
+def _dfc_gate_op(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_scale: Tensor,
+    conv_bias: Tensor,
+    h_weight: Tensor,
+    h_scale: Tensor,
+    h_bias: Tensor,
+    v_weight: Tensor,
+    v_scale: Tensor,
+    v_bias: Tensor,
+    backend: str,
+) -> Tensor:
+    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    if backend == "triton":
+        from .kernels.dfc import dfc_gate_forward
+
+        return dfc_gate_forward(x, *params)
+    return _run_reference(reference.dfc_gate_forward, x, params)
+
+
+@_dfc_gate_op.register_fake
+def _(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, backend):
+    return _empty_output(x, (x.shape[0], conv_weight.shape[0], x.shape[2] // 2, x.shape[3] // 2))
+
+
+@torch.library.custom_op("ghostfast::dfc_attention", mutates_args=())
+def _dfc_attention_op(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_scale: Tensor,
+    conv_bias: Tensor,
+    h_weight: Tensor,
+    h_scale: Tensor,
+    h_bias: Tensor,
+    v_weight: Tensor,
+    v_scale: Tensor,
+    v_bias: Tensor,
+    mode: str,
+    backend: str,
+) -> Tensor:
+    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    if backend == "triton":
+        from .kernels.dfc import dfc_attention_forward
+
+        return dfc_attention_forward(x, *params, mode=mode)
+    return _run_reference(reference.dfc_attention_forward, x, params, mode=mode)
+
+
+@_dfc_attention_op.register_fake
+def _(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode, backend):
+    return _empty_output(x, (x.shape[0], conv_weight.shape[0], x.shape[2], x.shape[3]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd. Until the fused backward kernels land, the backward differentiates the reference math (the
+# forward is recomputed in eager PyTorch), so gradients are exact but not fused.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _save_inputs(ctx, inputs, output):
+    tensors = [t if isinstance(t, Tensor) else None for t in inputs]
+    ctx.tensor_slots = [i for i, t in enumerate(tensors) if t is not None]
+    ctx.non_tensors = {i: v for i, v in enumerate(inputs) if not isinstance(v, Tensor)}
+    ctx.num_inputs = len(inputs)
+    ctx.save_for_backward(*[tensors[i] for i in ctx.tensor_slots])
+
+
+def _reference_vjp(reference_fn):
+    def backward(ctx, grad_out):
+        args = [None] * ctx.num_inputs
+        for i, v in ctx.non_tensors.items():
+            args[i] = v
+        leaves = []
+        dt = _compute_dtype(ctx.saved_tensors[0])
+        with torch.enable_grad():
+            for slot, t in zip(ctx.tensor_slots, ctx.saved_tensors):
+                t = t.detach().requires_grad_(ctx.needs_input_grad[slot])
+                args[slot] = t.to(dt)  # differentiable: gradients come back in each input's own dtype
+                if t.requires_grad:
+                    leaves.append((slot, t))
+            out = reference_fn(*args[:-1])  # the last argument is the backend name
+            grads = torch.autograd.grad(out, [t for _, t in leaves], grad_out, allow_unused=True)
+        result = [None] * ctx.num_inputs
+        for (slot, t), g in zip(leaves, grads):
+            result[slot] = torch.zeros_like(t) if g is None else g
+        return tuple(result)
+
+    return backward
+
+
+def _ghost_reference_args(x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode):
+    return reference.ghost_module_forward(x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode)
+
+
+def _dfc_attention_reference_args(x, *rest):
+    *params, mode = rest
+    return reference.dfc_attention_forward(x, *params, mode=mode)
+
+
+_ghost_module_op.register_autograd(_reference_vjp(_ghost_reference_args), setup_context=lambda ctx, inputs, output:
+                                   _save_inputs(ctx, inputs, output))
+_dfc_gate_op.register_autograd(_reference_vjp(reference.dfc_gate_forward), setup_context=lambda ctx, inputs, output:
+                               _save_inputs(ctx, inputs, output))
+_dfc_attention_op.register_autograd(_reference_vjp(_dfc_attention_reference_args),
+                                    setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs, output))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: a clear error naming what was expected and what came, before any kernel runs.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_input(x: Tensor, op: str, in_channels: int, min_hw: int = 0) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D input [N, C, H, W], got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{op}: expected input with {in_channels} channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)})")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: expected a floating input ({', '.join(str(d) for d in SUPPORTED_DTYPES)}), "
+                        f"got {x.dtype}")
+    if min_hw and x.numel() and (x.shape[2] < min_hw or x.shape[3] < min_hw):
+        raise ValueError(f"{op}: the 2x2 average pool needs H and W >= {min_hw}, got {x.shape[2]}x{x.shape[3]}")
+
+
+def _check_params(op: str, x: Tensor, named: dict) -> None:
+    """Weights (4-D) must have the input's dtype; per-channel scale and bias may also be float32."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}; expected both on "
+                             f"{x.device}")
+        allowed = (x.dtype,) if t.dim() == 4 else (x.dtype, torch.float32)
+        if t.dtype not in allowed:
+            raise TypeError(f"{op}: expected {name} of dtype {' or '.join(map(str, allowed))} to match the input "
+                            f"({x.dtype}), got {t.dtype}")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _run_reference(fn, x: Tensor, tensors: Sequence[Optional[Tensor]], *args, **kwargs) -> Tensor:
+    """The reference backend inside an op: computes in float32 for half inputs, returns the input's dtype."""
+    dt = _compute_dtype(x)
+    cast = [None if t is None else t.to(dt) for t in tensors]
+    out = fn(x.to(dt), *cast, *args, **kwargs)
+    return out.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+def _check_weight(op: str, name: str, w: Tensor, shape: tuple) -> None:
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(w.shape)}")
+
+
+def _check_vector(op: str, name: str, v: Tensor, n: int) -> None:
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(f"{op}: expected {name} of shape ({n},), got {tuple(v.shape)}")
+
+
+def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[bool]) -> str:
+    strict = default_strict() if strict is None else strict
+    name, reason = resolve_backend(backend, x.device)
+    if reason is None and name == "triton" and x.dtype == torch.bfloat16 and triton_interpreting():
+        name, reason = "reference", "the Triton interpreter does not support bfloat16"
+    if reason is not None:
+        fallback(f"{op}: {reason}", strict)
+    return name
+
+
+def ghost_module(
+    x: Tensor,
+    primary_weight: Tensor,
+    primary_scale: Tensor,
+    primary_bias: Tensor,
+    cheap_weight: Tensor,
+    cheap_scale: Tensor,
+    cheap_bias: Tensor,
+    out_channels: Optional[int] = None,
+    relu: bool = True,
+    gate: Optional[Tensor] = None,
+    gate_mode: str = "nearest",
+    *,
+    backend: Optional[str] = None,
+    strict: Optional[bool] = None,
+) -> Tensor:
+    """Fused Ghost module, eval mode: `cat(act(conv1x1(x)*s1+b1), act(dw(x1)*s2+b2))[:, :out_channels]`,
+    optionally multiplied by `upsample(gate, (H, W), gate_mode)` in the same launch.
+
+    `primary_weight` [init, C_in, 1, 1], `cheap_weight` [init*(ratio-1), 1, dw, dw]; `gate` [N, out, Hg, Wg]."""
+    op = "ghostfast.ops.ghost_module"
+    if primary_weight.dim() != 4 or primary_weight.shape[2:] != (1, 1):
+        raise ValueError(f"{op}: expected a 1x1 primary_weight [init, C_in, 1, 1], got {tuple(primary_weight.shape)}")
+    init, c_in = primary_weight.shape[:2]
+    _check_input(x, op, c_in)
+    if cheap_weight.dim() != 4 or cheap_weight.shape[1] != 1 or cheap_weight.shape[2] != cheap_weight.shape[3]:
+        raise ValueError(f"{op}: expected a square depthwise cheap_weight [init*(ratio-1), 1, k, k], got "
+                         f"{tuple(cheap_weight.shape)}")
+    new = cheap_weight.shape[0]
+    if new < init or new % init:
+        raise ValueError(f"{op}: cheap_weight has {new} output channels; expected a positive multiple of "
+                         f"init={init} (init*(ratio-1))")
+    dw = cheap_weight.shape[-1]
+    if dw not in SUPPORTED_DW_SIZES:
+        raise ValueError(f"{op}: depthwise size must be one of {SUPPORTED_DW_SIZES}, got {dw}")
+    out_channels = init + new if out_channels is None else int(out_channels)
+    if not 1 <= out_channels <= init + new:
+        raise ValueError(f"{op}: out_channels must be in [1, {init + new}], got {out_channels}")
+    _check_vector(op, "primary_scale", primary_scale, init)
+    _check_vector(op, "primary_bias", primary_bias, init)
+    _check_vector(op, "cheap_scale", cheap_scale, new)
+    _check_vector(op, "cheap_bias", cheap_bias, new)
+    if gate is not None:
+        if gate_mode not in reference.GATE_MODES:
+            raise ValueError(f"{op}: gate_mode must be one of {reference.GATE_MODES}, got {gate_mode!r}")
+        if gate.dim() != 4 or gate.shape[0] != x.shape[0] or gate.shape[1] != out_channels or (
+                x.numel() and min(gate.shape[2:]) < 1):
+            raise ValueError(f"{op}: expected gate of shape ({x.shape[0]}, {out_channels}, Hg, Wg) with Hg, Wg >= 1, "
+                             f"got {tuple(gate.shape)}")
+        if gate.dtype != x.dtype:
+            raise TypeError(f"{op}: expected gate dtype {x.dtype} (the input's), got {gate.dtype}")
+    _check_params(op, x, dict(primary_weight=primary_weight, primary_scale=primary_scale,
+                              primary_bias=primary_bias, cheap_weight=cheap_weight, cheap_scale=cheap_scale,
+                              cheap_bias=cheap_bias, gate=gate))
+    name = _pick_backend(op, x, backend, strict)
+    return _ghost_module_op(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
+                            out_channels, bool(relu), gate, gate_mode, name)
+
+
+def _check_dfc(op: str, x: Tensor, params: Sequence[Tensor]) -> None:
+    conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias = params
+    if conv_weight.dim() != 4 or conv_weight.shape[2:] != (1, 1):
+        raise ValueError(f"{op}: expected a 1x1 conv_weight [C, C_in, 1, 1], got {tuple(conv_weight.shape)}")
+    c, c_in = conv_weight.shape[:2]
+    _check_input(x, op, c_in, min_hw=2)
+    _check_weight(op, "h_weight", h_weight, (c, 1, 1, 5))
+    _check_weight(op, "v_weight", v_weight, (c, 1, 5, 1))
+    for name, v in dict(conv_scale=conv_scale, conv_bias=conv_bias, h_scale=h_scale, h_bias=h_bias,
+                        v_scale=v_scale, v_bias=v_bias).items():
+        _check_vector(op, name, v, c)
+    _check_params(op, x, dict(zip(("conv_weight", "conv_scale", "conv_bias", "h_weight", "h_scale", "h_bias",
+                                   "v_weight", "v_scale", "v_bias"), params)))
+
+
+def dfc_gate(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
+             h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor, *,
+             backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
+    """Fused DFC attention gate at the pooled resolution [N, C, H//2, W//2]:
+    sigmoid(BN5(dw5x1(BN4(dw1x5(BN3(conv1x1(avgpool2x2(x)))))))) in one launch."""
+    op = "ghostfast.ops.dfc_gate"
+    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    _check_dfc(op, x, params)
+    return _dfc_gate_op(x, *params, _pick_backend(op, x, backend, strict))
+
+
+def dfc_attention(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
+                  h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor,
+                  mode: str = "nearest", *, backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
+    """The DFC gate upsampled to x's full H x W (`mode` 'nearest' or 'bilinear'), computed in one launch."""
+    op = "ghostfast.ops.dfc_attention"
+    if mode not in reference.GATE_MODES:
+        raise ValueError(f"{op}: mode must be one of {reference.GATE_MODES}, got {mode!r}")
+    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    _check_dfc(op, x, params)
+    return _dfc_attention_op(x, *params, mode, _pick_backend(op, x, backend, strict))

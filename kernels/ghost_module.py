@@ -1,0 +1,312 @@
+"""Ghost module forward as one Triton launch: 1x1 conv + BN + act, depthwise conv + BN + act, concat, channel cut
+and the optional upsampled DFC gate, read from and written to NCHW, channels_last or any strided layout."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _axis_source(dst, out_size, in_size, scale32, BILINEAR: tl.constexpr, IS_FP64: tl.constexpr):
+    """Source indices and weight of the second one along one axis, as F.interpolate computes them."""
+    d = tl.maximum(dst, 0)  # halo lanes may sit at -R; they are never stored, keep their indices in range
+    if BILINEAR:
+        # align_corners=False: src = max((dst + 0.5) * in/out - 0.5, 0), in the op's accumulate type
+        if IS_FP64:
+            scale = in_size.to(tl.float64) / out_size.to(tl.float64)
+            src = (d.to(tl.float64) + 0.5) * scale - 0.5
+        else:
+            src = (d.to(tl.float32) + 0.5) * scale32 - 0.5
+        pass
+        i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # src >= 0, so truncation is floor
+        i1 = tl.minimum(i0 + 1, in_size - 1)
+        lam = src - i0.to(src.dtype)
+    else:
+        # nearest: floor(dst * (float)(in/out)) with the scale rounded to fp32 on the host, as PyTorch does;
+        # the exact integer paths mirror its CPU kernel (the float path gives the same there anyway)
+        gen = tl.minimum((d.to(tl.float32) * scale32).to(tl.int32), in_size - 1)
+        i0 = tl.where(out_size == in_size, d, tl.where(out_size == 2 * in_size, d // 2, gen))
+        i1 = i0
+        lam = tl.zeros(dst.shape, dtype=tl.float32)
+    return i0, i1, lam
+
+
+@triton.jit
+def _gate_at(gate_ptr, g_off_c, o00, o01, o10, o11, lh, lw, mask, BILINEAR: tl.constexpr, ACC: tl.constexpr):
+    """Upsampled gate for a [P, BLOCK_C] block: g_off_c is the [BLOCK_C] channel offset, oXY the [P] pixel ones."""
+    g00 = tl.load(gate_ptr + (o00[:, None] + g_off_c[None, :]), mask=mask, other=0.0).to(ACC)
+    if BILINEAR:
+        g01 = tl.load(gate_ptr + (o01[:, None] + g_off_c[None, :]), mask=mask, other=0.0).to(ACC)
+        g10 = tl.load(gate_ptr + (o10[:, None] + g_off_c[None, :]), mask=mask, other=0.0).to(ACC)
+        g11 = tl.load(gate_ptr + (o11[:, None] + g_off_c[None, :]), mask=mask, other=0.0).to(ACC)
+        lh2 = lh.to(ACC)[:, None]
+        lw2 = lw.to(ACC)[:, None]
+        top = (1.0 - lw2) * g00 + lw2 * g01
+        bot = (1.0 - lw2) * g10 + lw2 * g11
+        return (1.0 - lh2) * top + lh2 * bot
+    else:
+        return g00
+
+
+@triton.jit
+def _ghost_module_fwd_kernel(
+    x_ptr,  # [N, C_in, H, W], strides sxn, sxc, sxh, sxw
+    w1_ptr,  # [init, C_in] primary 1x1 weight, strides sw1o, sw1k
+    s1_ptr,  # [init] primary BN scale (contiguous)
+    b1_ptr,  # [init] primary BN bias (contiguous)
+    w2_ptr,  # [init*(ratio-1), DW, DW] depthwise weight, strides sw2o, sw2h, sw2w
+    s2_ptr,  # [init*(ratio-1)] cheap BN scale (contiguous)
+    b2_ptr,  # [init*(ratio-1)] cheap BN bias (contiguous)
+    gate_ptr,  # [N, out_channels, Hg, Wg] low-res gate, strides sgn, sgc, sgh, sgw (x when HAS_GATE is False)
+    out_ptr,  # [N, out_channels, H, W], strides son, soc, soh, sow
+    scratch_ptr,  # [num_programs, HALO_H*HALO_W, BLOCK_C] x1 halo tiles in ACC, one slot per program
+    C_in, H, W,  # scalars: input channels and image size
+    init, ratio_m1, out_channels,  # scalars: x1 channels, cheap outputs per x1 channel, kept channels
+    Hg, Wg,  # scalars: gate size
+    gscale_h, gscale_w,  # fp32 scalars: Hg/H and Wg/W rounded to fp32 (nearest index math, fp32 bilinear)
+    sxn, sxc, sxh, sxw,  # x strides
+    sw1o, sw1k,  # primary weight strides
+    sw2o, sw2h, sw2w,  # depthwise weight strides
+    sgn, sgc, sgh, sgw,  # gate strides
+    son, soc, soh, sow,  # out strides
+    tiles_h, tiles_w, n_cblocks, total_items,  # scalars: work decomposition
+    HALO_H: tl.constexpr, HALO_W: tl.constexpr,  # halo tile, powers of two; output tile is HALO - 2R per side
+    DW: tl.constexpr,  # depthwise kernel size (odd)
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # x1 channels per item, C_in chunk of the dot
+    RELU: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,  # epilogue flags
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 only)
+    ACC: tl.constexpr, IS_FP64: tl.constexpr,  # accumulate dtype (fp32, or fp64 for fp64 inputs)
+):
+    R: tl.constexpr = DW // 2
+    P: tl.constexpr = HALO_H * HALO_W
+    TILE_H: tl.constexpr = HALO_H - 2 * R
+    TILE_W: tl.constexpr = HALO_W - 2 * R
+
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+
+    p = tl.arange(0, P)
+    ph = p // HALO_W
+    pw = p % HALO_W
+    interior = (ph >= R) & (ph < HALO_H - R) & (pw >= R) & (pw < HALO_W - R)
+    cr = tl.arange(0, BLOCK_C)
+    kr = tl.arange(0, BLOCK_K)
+    n_x1_out = tl.minimum(init, out_channels)
+    # one scratch slot per program, reused by every item it runs: the buffer does not grow with the grid
+    scr = scratch_ptr + pid.to(tl.int64) * (P * BLOCK_C) + p[:, None] * BLOCK_C + cr[None, :]
+
+    for item in range(pid, total_items, nprog):
+        # channel block innermost: consecutive items (on neighbouring programs) share x's tile in L2
+        cb = item % n_cblocks
+        rest = item // n_cblocks
+        tw = rest % tiles_w
+        rest = rest // tiles_w
+        th = rest % tiles_h
+        n = (rest // tiles_h).to(tl.int64)
+
+        h = th * TILE_H - R + ph
+        w = tw * TILE_W - R + pw
+        in_img = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        store_pix = interior & in_img
+        h64 = h.to(tl.int64)
+        w64 = w.to(tl.int64)
+
+        c = cb * BLOCK_C + cr
+        c_ok = c < init
+        c64 = c.to(tl.int64)
+
+        # ---- x1 = act(BN1(W1 @ x)) on the halo tile ----
+        x_pix = x_ptr + n * sxn + h64 * sxh + w64 * sxw
+        acc = tl.zeros([P, BLOCK_C], dtype=ACC)
+        for k0 in range(0, C_in, BLOCK_K):
+            k = k0 + kr
+            k_ok = k < C_in
+            k64 = k.to(tl.int64)
+            xt = tl.load(x_pix[:, None] + k64[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w1_ptr + c64[None, :] * sw1o + k64[:, None] * sw1k, mask=k_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+        s1 = tl.load(s1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
+        b1 = tl.load(b1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
+        x1 = acc * s1[None, :] + b1[None, :]
+        if RELU:
+            x1 = tl.where(x1 < 0, 0.0, x1)  # not maximum(): NaN must pass through as in F.relu
+        # the depthwise zero-pads the biased, activated x1: lanes outside the image read as 0
+        x1 = tl.where(in_img[:, None], x1, 0.0)
+
+        if HAS_GATE:
+            gh0, gh1, lh = _axis_source(h, H, Hg, gscale_h, GATE_BILINEAR, IS_FP64)
+            gw0, gw1, lw = _axis_source(w, W, Wg, gscale_w, GATE_BILINEAR, IS_FP64)
+            g_n = gate_ptr + n * sgn
+            gh0s = gh0.to(tl.int64) * sgh
+            gh1s = gh1.to(tl.int64) * sgh
+            gw0s = gw0.to(tl.int64) * sgw
+            gw1s = gw1.to(tl.int64) * sgw
+            o00 = gh0s + gw0s
+            o01 = gh0s + gw1s
+            o10 = gh1s + gw0s
+            o11 = gh1s + gw1s
+
+        out_pix = out_ptr + n * son + h64 * soh + w64 * sow
+        m1 = store_pix[:, None] & (c < n_x1_out)[None, :]
+        y1 = x1
+        if HAS_GATE:
+            y1 = y1 * _gate_at(g_n, c64 * sgc, o00, o01, o10, o11, lh, lw, m1, GATE_BILINEAR, ACC)
+        tl.store(out_pix[:, None] + c64[None, :] * soc, y1.to(out_ptr.dtype.element_ty), mask=m1)
+
+        # ---- x2 = act(BN2(depthwise(x1))), ratio-1 outputs per x1 channel, only where they survive the cut ----
+        if init + cb * BLOCK_C * ratio_m1 < out_channels:
+            if DW > 1:
+                # registers cannot be shifted: park the halo tile in this program's scratch slot and read the
+                # shifted windows back (it stays in L1/L2)
+                tl.store(scr, x1)
+                tl.debug_barrier()
+            for j in range(0, ratio_m1):
+                o2 = c * ratio_m1 + j
+                o2_64 = o2.to(tl.int64)
+                m2c = c_ok & (init + o2 < out_channels)
+                if DW > 1:
+                    acc2 = tl.zeros([P, BLOCK_C], dtype=ACC)
+                    for t in tl.static_range(DW * DW):
+                        dy = t // DW
+                        dx = t % DW
+                        wv = tl.load(w2_ptr + o2_64 * sw2o + dy * sw2h + dx * sw2w, mask=m2c, other=0.0).to(ACC)
+                        v = tl.load(scr + ((dy - R) * HALO_W + (dx - R)) * BLOCK_C, mask=interior[:, None],
+                                    other=0.0)
+                        acc2 += v * wv[None, :]
+                else:
+                    wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
+                    acc2 = x1 * wv[None, :]
+                s2 = tl.load(s2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
+                b2 = tl.load(b2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
+                y2 = acc2 * s2[None, :] + b2[None, :]
+                if RELU:
+                    y2 = tl.where(y2 < 0, 0.0, y2)
+                m2 = store_pix[:, None] & m2c[None, :]
+                oc = (init + o2).to(tl.int64)
+                if HAS_GATE:
+                    y2 = y2 * _gate_at(g_n, oc * sgc, o00, o01, o10, o11, lh, lw, m2, GATE_BILINEAR, ACC)
+                tl.store(out_pix[:, None] + oc[None, :] * soc, y2.to(out_ptr.dtype.element_ty), mask=m2)
+            if DW > 1:
+                # the next item rewrites the slot: every thread must be done reading this one
+                tl.debug_barrier()
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+_SM_COUNT = {}
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter runs programs one by one; a few exercise the persistent loop
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx] * 4
+
+
+def _halo_side(size: int, r: int) -> int:
+    # 16 = 14 + 2: GhostNet's 112/56/28/14 tile exactly with a 3x3 depthwise; at least 2R+2 for a useful tile
+    return max(min(_next_pow2(size + 2 * r), 16), _next_pow2(2 * r + 2))
+
+
+def _pick_config(H: int, W: int, dw: int, n_x1: int, dtype: torch.dtype):
+    r = dw // 2
+    halo_h = _halo_side(H, r)
+    halo_w = _halo_side(W, r)
+    if dw >= 5 and W + 2 * r > 16:
+        halo_w = 32  # a 16-wide halo would leave only 8-10 useful columns out of 16
+    while halo_h * halo_w < 16:  # tl.dot needs M >= 16
+        if halo_w <= halo_h:
+            halo_w *= 2
+        else:
+            halo_h *= 2
+    p = halo_h * halo_w
+    block_c = 16 if dtype == torch.float64 else min(64 if p <= 64 else 32, max(16, _next_pow2(n_x1)))
+    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    num_warps = 4 if p * block_c <= 8192 else 8
+    return halo_h, halo_w, block_c, block_k, num_warps
+
+
+def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+                         cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
+                         out_channels: int, relu: bool, gate: Optional[Tensor] = None, gate_mode: str = "nearest",
+                         out: Optional[Tensor] = None) -> Tensor:
+    """Fused Ghost module forward (eval, BN folded); same math as `ghostfast.reference.ghost_module_forward`."""
+    N, C_in, H, W = x.shape
+    init = primary_weight.shape[0]
+    dw = cheap_weight.shape[-1]
+    ratio_m1 = cheap_weight.shape[0] // init
+    assert cheap_weight.shape[0] == init * ratio_m1 and ratio_m1 >= 1 and dw % 2 == 1
+    assert 0 < out_channels <= init * (ratio_m1 + 1)
+    assert gate_mode in ("nearest", "bilinear")
+    dtype = x.dtype
+
+    if out is None:
+        cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        out = torch.empty((N, out_channels, H, W), dtype=dtype, device=x.device, memory_format=fmt)
+    else:
+        assert out.shape == (N, out_channels, H, W) and out.dtype == dtype
+    if N == 0 or H * W == 0:
+        return out
+
+    def _as(t: Tensor) -> Tensor:
+        return t if t.dtype == dtype else t.to(dtype)
+
+    w1 = _as(primary_weight)
+    w2 = cheap_weight
+    s1, b1, s2, b2 = primary_scale, primary_bias, cheap_scale, cheap_bias
+    assert all(t.dim() == 1 and t.stride(0) == 1 for t in (s1, b1, s2, b2))
+
+    if gate is not None:
+        Hg, Wg = gate.shape[-2:]
+        sg = gate.stride()
+        g = gate
+    else:
+        Hg, Wg = H, W
+        sg = (0, 0, 0, 0)
+        g = x
+    gscale_h = float(np.float32(Hg) / np.float32(H))
+    gscale_w = float(np.float32(Wg) / np.float32(W))
+
+    is_fp64 = dtype == torch.float64
+    acc_t = torch.float64 if is_fp64 else torch.float32
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"
+    else:
+        precision = "ieee"
+
+    n_x1 = min(init, out_channels)  # cheap outputs that survive only exist for x1 channels below this
+    halo_h, halo_w, block_c, block_k, num_warps = _pick_config(H, W, dw, n_x1, dtype)
+    r = dw // 2
+    tiles_h = triton.cdiv(H, halo_h - 2 * r)
+    tiles_w = triton.cdiv(W, halo_w - 2 * r)
+    n_cblocks = triton.cdiv(n_x1, block_c)
+    total = N * tiles_h * tiles_w * n_cblocks
+    grid = min(total, _max_programs(x.device))
+    scratch = torch.empty((grid if dw > 1 else 1, halo_h * halo_w, block_c), dtype=acc_t, device=x.device)
+
+    _ghost_module_fwd_kernel[(grid,)](
+        x, w1, s1, b1, w2, s2, b2, g, out, scratch,
+        C_in, H, W, init, ratio_m1, out_channels, Hg, Wg, gscale_h, gscale_w,
+        *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(2), w2.stride(3),
+        *sg, *out.stride(),
+        tiles_h, tiles_w, n_cblocks, total,
+        HALO_H=halo_h, HALO_W=halo_w, DW=dw, BLOCK_C=block_c, BLOCK_K=block_k,
+        RELU=bool(relu), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
+        INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
+        num_warps=num_warps,
+    )
+    return out

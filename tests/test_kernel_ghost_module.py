@@ -1,0 +1,173 @@
+"""The fused Triton Ghost module forward against the float64 eager reference."""
+import math
+
+import pytest
+import torch
+
+from ghostfast import reference
+from ghostfast.kernels.ghost_module import ghost_module_forward
+from numerics import assert_close_rel, poisoned_like
+
+
+def _params(c_in, init, ratio, dw, dtype, device):
+    cheap = init * (ratio - 1)
+    return dict(
+        primary_weight=torch.randn(init, c_in, 1, 1, device=device).div(math.sqrt(c_in)).to(dtype),
+        primary_scale=(torch.rand(init, device=device) + 0.5).to(dtype),
+        primary_bias=(torch.randn(init, device=device) * 0.5).to(dtype),
+        cheap_weight=(torch.randn(cheap, 1, dw, dw, device=device) / dw).to(dtype),
+        cheap_scale=(torch.rand(cheap, device=device) + 0.5).to(dtype),
+        cheap_bias=(torch.randn(cheap, device=device) * 0.5).to(dtype),
+    )
+
+
+def _input(n, c_in, h, w, dtype, device, layout):
+    if layout == "slice":  # a channel slice of a bigger tensor: no dense layout at all
+        return torch.randn(n, c_in + 5, h, w, device=device).to(dtype)[:, 2:2 + c_in]
+    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _gate(n, out_channels, h, w, mode, dtype, device):
+    if mode is None:
+        return None
+    return torch.rand(n, out_channels, max(1, h // 2), max(1, w // 2), device=device).to(dtype)
+
+
+def _reference(x, p, out_channels, relu, gate, mode):
+    d = {k: v.double() for k, v in p.items()}
+    return reference.ghost_module_forward(x.double(), **d, out_channels=out_channels, relu=relu,
+                                          gate=None if gate is None else gate.double(), gate_mode=mode)
+
+
+def _skip_unsupported(dtype, device):
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter does not support bfloat16")
+
+
+# (N, C_in, H, W, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode): a covering set, not the product
+CASES = [
+    (2, 20, 7, 7, 8, 2, 3, 16, True, torch.float32, "contiguous", None),
+    (1, 3, 15, 13, 8, 3, 5, 23, False, torch.float32, "channels_last", "nearest"),  # odd out: last cheap cut
+    (1, 16, 1, 1, 16, 2, 3, 31, True, torch.float64, "contiguous", "bilinear"),
+    (2, 24, 2, 3, 8, 2, 7, 15, True, torch.float16, "slice", "nearest"),
+    (2, 17, 20, 37, 40, 2, 3, 80, True, torch.float32, "contiguous", "bilinear"),  # 2 channel blocks, 6 tiles
+    (1, 9, 7, 7, 16, 2, 3, 10, True, torch.float32, "slice", "nearest"),  # out < init: x1 itself is cut
+    (2, 12, 15, 13, 8, 3, 1, 24, False, torch.float16, "channels_last", "bilinear"),
+    (1, 5, 20, 37, 8, 2, 7, 16, True, torch.float32, "channels_last", None),  # 32-wide halo
+    (1, 33, 7, 7, 8, 2, 5, 13, False, torch.float64, "channels_last", "nearest"),
+    (2, 16, 15, 13, 12, 4, 3, 46, True, torch.float16, "contiguous", None),
+    (1, 8, 9, 6, 8, 2, 1, 16, True, torch.float64, "slice", None),
+    (1, 16, 8, 8, 16, 2, 3, 32, True, torch.bfloat16, "contiguous", "nearest"),
+]
+
+
+def _id(c):
+    n, ci, h, w, init, ratio, dw, oc, relu, dtype, layout, gm = c
+    return f"n{n}-cin{ci}-{h}x{w}-init{init}-r{ratio}-dw{dw}-out{oc}-{'relu' if relu else 'id'}-" \
+           f"{str(dtype).split('.')[-1]}-{layout}-{gm}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_ghost_module_kernel_matches_reference(case, device):
+    _check(*case, device)
+
+
+def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode, device):
+    _skip_unsupported(dtype, device)
+    x = _input(n, c_in, h, w, dtype, device, layout)
+    p = _params(c_in, init, ratio, dw, dtype, device)
+    gate = _gate(n, out_channels, h, w, gate_mode, dtype, device)
+    ref = _reference(x, p, out_channels, relu, gate, gate_mode or "nearest")
+    out = poisoned_like(ref.to(dtype))
+    res = ghost_module_forward(x, **p, out_channels=out_channels, relu=relu, gate=gate,
+                               gate_mode=gate_mode or "nearest", out=out)
+    assert res is out
+    assert_close_rel(res, ref, dtype)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("dw", [1, 3, 5, 7])
+def test_ghost_module_kernel_dw_ratio_sweep(dw, ratio, relu, device):
+    init = 8
+    _check(1, 11, 15, 13, init, ratio, dw, init * ratio - 1, relu, torch.float32, "contiguous", "nearest", device)
+
+
+@pytest.mark.parametrize("gate_mode", [None, "nearest", "bilinear"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_ghost_module_kernel_dtype_layout_gate_sweep(dtype, layout, gate_mode, device):
+    _check(2, 18, 9, 10, 16, 2, 3, 31, True, dtype, layout, gate_mode, device)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
+def test_ghost_module_kernel_allocates_in_input_format(layout, device):
+    x = _input(2, 12, 9, 7, torch.float32, device, layout)
+    p = _params(12, 8, 2, 3, torch.float32, device)
+    res = ghost_module_forward(x, **p, out_channels=15, relu=True)
+    if layout == "channels_last":
+        assert res.is_contiguous(memory_format=torch.channels_last) and not res.is_contiguous()
+    else:
+        assert res.is_contiguous()
+    assert_close_rel(res, _reference(x, p, 15, True, None, "nearest"), torch.float32)
+
+
+def test_ghost_module_kernel_strided_out_buffer(device):
+    # out is a channel slice of a bigger NaN buffer: the kernel must honour its strides and touch nothing else
+    x = _input(1, 10, 11, 9, torch.float32, device, "contiguous")
+    p = _params(10, 8, 2, 3, torch.float32, device)
+    gate = _gate(1, 16, 11, 9, "bilinear", torch.float32, device)
+    ref = _reference(x, p, 16, True, gate, "bilinear")
+    big = torch.full((1, 20, 11, 9), float("nan"), device=device)
+    res = ghost_module_forward(x, **p, out_channels=16, relu=True, gate=gate, gate_mode="bilinear",
+                               out=big[:, 3:19])
+    assert_close_rel(res, ref, torch.float32)
+    assert torch.isnan(big[:, :3]).all() and torch.isnan(big[:, 19:]).all()
+
+
+@pytest.mark.parametrize("gate_mode", ["nearest", "bilinear"])
+def test_ghost_module_kernel_gate_odd_upsample(gate_mode, device):
+    # non-integer scales (7/15, 4/13) and a gate wider than half the image: index math as F.interpolate's
+    x = _input(1, 6, 15, 13, torch.float32, device, "contiguous")
+    p = _params(6, 8, 2, 3, torch.float32, device)
+    gate = torch.rand(1, 16, 7, 4, device=device)
+    ref = _reference(x, p, 16, False, gate, gate_mode)
+    out = poisoned_like(ref.float())
+    res = ghost_module_forward(x, **p, out_channels=16, relu=False, gate=gate, gate_mode=gate_mode, out=out)
+    assert_close_rel(res, ref, torch.float32)
+
+
+def test_ghost_module_kernel_tf32_flag(device):
+    # with torch's TF32 flag on, fp32 may use TF32 for the 1x1 conv: still close at TF32 accuracy
+    x = _input(1, 32, 7, 7, torch.float32, device, "contiguous")
+    p = _params(32, 16, 2, 3, torch.float32, device)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        res = ghost_module_forward(x, **p, out_channels=32, relu=True)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert_close_rel(res, _reference(x, p, 32, True, None, "nearest"), torch.float32, factor=1e3)
+
+
+def test_ghost_module_kernel_nan_propagates(device):
+    x = _input(1, 8, 6, 6, torch.float32, device, "contiguous")
+    x[0, 3, 2, 4] = float("nan")
+    p = _params(8, 8, 2, 3, torch.float32, device)
+    ref = _reference(x, p, 16, True, None, "nearest")
+    res = ghost_module_forward(x, **p, out_channels=16, relu=True)
+    assert torch.equal(torch.isnan(res), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    assert_close_rel(res[fin], ref[fin], torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5)])
+def test_ghost_module_kernel_empty(shape, device):
+    x = torch.randn(*shape, device=device)
+    p = _params(8, 8, 2, 3, torch.float32, device)
+    res = ghost_module_forward(x, **p, out_channels=16, relu=True)
+    # eager conv2d rejects a 0-sized image, so the reference here is only the shape it would have
+    assert res.shape == (shape[0], 16, shape[2], shape[3])
