@@ -94,7 +94,7 @@ def cmd_demo(args) -> int:
             fn()
         eager_ms = _time_ms(lambda: model(x), reps, device)
         fast_ms = _time_ms(lambda: fast(x), reps, device)
-    backend = ghostfast.available_backends(device)[0] if args.backend == "auto" else args.backend
+    backend = ghostfast.backends.resolve_backend(args.backend, device)[0]
     if backend == "triton" and device.type == "cpu":
         backend = "triton (CPU interpreter: checks correctness, not speed)"
     rows = [("eager PyTorch", statistics.median(eager_ms)), (f"ghostfast [{backend}]", statistics.median(fast_ms))]
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     demo.add_argument("--batch", type=int, default=1)
     demo.add_argument("--size", type=int, default=None, help="input H=W (default 224 on GPU, 64 on CPU)")
     demo.add_argument("--device", default=None)
-    demo.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
+    demo.add_argument("--backend", default=None, choices=("auto", "triton", "reference"))
     demo.add_argument("--reps", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -60,15 +60,16 @@ def _plan(m: nn.Module):
     return GhostModule, {}
 
 
-def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", strict: Optional[bool] = None,
+def convert(model: nn.Module, *, inplace: bool = False, backend: Optional[str] = None, strict: Optional[bool] = None,
             gate_mode: str = "nearest", verbose: bool = False) -> nn.Module:
     """Replace every Ghost module in `model` with a fused ghostfast module and return the model.
 
-    `backend` ('auto', 'triton', 'reference') and `strict` (raise instead of falling back to eager; default from
-    GHOSTFAST_STRICT) apply to every converted module. Modules that look like Ghost modules but cannot run fused
+    `backend` ('auto', 'triton', 'reference'; default: env GHOSTFAST_BACKEND, else 'auto', read at call time) and
+    `strict` (raise instead of falling back to eager; default: env GHOSTFAST_STRICT) apply to every converted module. Modules that look like Ghost modules but cannot run fused
     are left as they are and listed in the report, with a one-time warning (strict: raise). The report is
     attached as `model.ghostfast_report` and logged to the `ghostfast` logger."""
-    check_backend_name(backend)
+    if backend is not None:
+        check_backend_name(backend)
     strict = default_strict() if strict is None else strict
     if not inplace:
         model = copy.deepcopy(model)

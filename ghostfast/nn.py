@@ -127,11 +127,12 @@ class _FusedGhostBase(nn.Module):
 
     def _analyse_ghost(self) -> Optional[str]:
         try:
-            conv1, self._bn1, act1 = _split_conv_bn_act(self.primary_conv, "primary_conv")
-            conv2, self._bn2, act2 = _split_conv_bn_act(self.cheap_operation, "cheap_operation")
+            conv1, bn1, act1 = _split_conv_bn_act(self.primary_conv, "primary_conv")
+            conv2, bn2, act2 = _split_conv_bn_act(self.cheap_operation, "cheap_operation")
         except StructureError as e:
             return str(e)
-        self._conv1, self._conv2 = conv1, conv2
+        # A tuple, not attributes: submodule attributes would add state_dict keys.
+        self._ghost_layers = (conv1, bn1, conv2, bn2)
         if act1 != act2:
             return f"primary activation {act1!r} differs from cheap activation {act2!r}"
         self.relu = act1 == "relu"
@@ -173,7 +174,8 @@ class _FusedGhostBase(nn.Module):
         return self._fold_value
 
     def _fold_ghost(self) -> tuple:
-        return _fold(self._conv1, self._bn1) + _fold(self._conv2, self._bn2)
+        conv1, bn1, conv2, bn2 = self._ghost_layers
+        return _fold(conv1, bn1) + _fold(conv2, bn2)
 
     # -- dispatch -----------------------------------------------------------------------------------------
     def _fused_backend(self, x: Tensor) -> Optional[str]:
@@ -339,7 +341,7 @@ class GhostModuleV2(_FusedGhostBase):
                 return f"{what} {why}"
         if any(layers[i].running_mean is None for i in (1, 3, 5)):
             return "short_conv BatchNorm2d without running statistics"
-        self._dfc_layers = layers
+        self._dfc_layers = tuple(layers)
         return None
 
     def _fold_all(self) -> tuple:

@@ -1,0 +1,130 @@
+"""ghostfast.convert on whole models: timm GhostNet V1/V2/V3 parity per module and end to end, users' own
+modules, the conversion report, torch.compile(fullgraph=True) and torch.export of converted modules."""
+import copy
+import warnings
+
+import pytest
+import timm.models.ghostnet as timm_ghost
+import torch
+from torch import nn
+
+import ghostfast
+from ghostfast.backends import GhostfastFallbackWarning, GhostfastUnsupported
+from ghostfast.models import TIMM_GHOSTNETS, randomize_batchnorm_, timm_ghostnet
+from ghostfast.nn import GhostModule, GhostModuleV2
+from numerics import assert_close_rel, rel_error
+from original_modules import HuaweiGhostModuleV2, PaperGhostModule, PaperGhostNetBlock
+
+# Ghost modules per model: 16 bottlenecks x 2; V2/V3 put attention on ghost1 of every block after the second.
+EXPECTED = {
+    "ghostnet_100": {"GhostModule": 32},
+    "ghostnetv2_100": {"GhostModule": 18, "GhostModuleV2": 14},
+    "ghostnetv3_100": {"GhostModule": 18, "GhostModuleV2": 14},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_GHOSTNETS)
+def test_convert_timm_model_matches_eager(name, device):
+    model = timm_ghostnet(name, seed=3).to(device)
+    fast = ghostfast.convert(model, backend="triton", strict=True)
+    report = fast.ghostfast_report
+    assert not report.skipped
+    kinds = {}
+    for _, kind in report.converted:
+        cls = kind.rsplit(".", 1)[-1]
+        kinds[cls] = kinds.get(cls, 0) + 1
+    assert kinds == EXPECTED[name]
+    assert fast.state_dict().keys() == model.state_dict().keys()
+
+    # Record what every eager Ghost module saw and produced (cloned: the bottleneck adds into it in place).
+    records = {}
+    names = {n for n, _ in report.converted}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: records.__setitem__(n, (inp[0].clone(), out.clone())))
+             for n, m in model.named_modules() if n in names]
+    x = torch.randn(2, 3, 64, 64, device=device)
+    with torch.no_grad():
+        ref = model(x)
+        for h in hooks:
+            h.remove()
+        out = fast(x)
+        worst = max(rel_error(fast.get_submodule(n)(inp), o) for n, (inp, o) in records.items())
+    assert len(records) == len(names)
+    assert worst <= 1e-5, f"worst per-module relative error {worst:.2e}"
+    assert_close_rel(out, ref, torch.float32, factor=10)  # 1e-4 for the whole model
+
+
+def test_convert_user_modules_and_report(device):
+    model = PaperGhostNetBlock().to(device)
+    randomize_batchnorm_(model, torch.Generator().manual_seed(1))
+    model.eval()
+    with pytest.warns(GhostfastFallbackWarning, match="unsupported"):
+        fast = ghostfast.convert(model, backend="triton")
+    report = fast.ghostfast_report
+    assert [n for n, _ in report.converted] == ["ghost1", "ghost2", "ghost3"]
+    assert report.skipped == [("unsupported", "primary conv kernel_size (3, 3) (fused needs (1, 1))")]
+    assert isinstance(fast.ghost1, GhostModule) and isinstance(fast.ghost2, GhostModuleV2)
+    assert isinstance(fast.ghost3, GhostModule) and isinstance(fast.unsupported, PaperGhostModule)
+    assert model.ghost1.__class__ is PaperGhostModule, "inplace=False must leave the input model alone"
+    assert "skipped" in str(report) and "unsupported" in str(report)
+    x = torch.randn(2, 3, 10, 11, device=device)
+    with torch.no_grad():
+        assert_close_rel(fast(x), model(x), torch.float32)
+    with pytest.raises(GhostfastUnsupported, match="kernel_size"):
+        ghostfast.convert(model, backend="triton", strict=True)
+
+
+def test_convert_inplace_and_idempotent(device):
+    model = nn.Sequential(timm_ghost.GhostModule(4, 8), timm_ghost.GhostModuleV2(8, 8)).to(device).eval()
+    out = ghostfast.convert(model, inplace=True)
+    assert out is model and isinstance(model[0], GhostModule) and isinstance(model[1], GhostModuleV2)
+    again = ghostfast.convert(model, inplace=True)
+    assert len(again.ghostfast_report.converted) == 0
+
+
+def test_convert_reports_unreparameterized_v3(device):
+    model = nn.Sequential(timm_ghost.GhostModuleV3(4, 8, mode="shortcut")).to(device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GhostfastFallbackWarning)
+        fast = ghostfast.convert(model)
+    assert fast.ghostfast_report.skipped and "reparameterize" in fast.ghostfast_report.skipped[0][1]
+
+
+def test_convert_backend_choice(monkeypatch, device):
+    model = nn.Sequential(timm_ghost.GhostModule(4, 8)).to(device).eval()
+    assert ghostfast.convert(model, backend="reference")[0].backend == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ghostfast.convert(model, backend="cudnn")
+    monkeypatch.setenv("GHOSTFAST_BACKEND", "reference")
+    fast = ghostfast.convert(model)
+    assert fast[0].backend is None  # read at call time
+    assert ghostfast.backends.resolve_backend(fast[0].backend, torch.device(device)) == ("reference", None)
+    monkeypatch.setenv("GHOSTFAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="GHOSTFAST_BACKEND"):
+        fast(torch.randn(1, 4, 3, 3, device=device))
+
+
+def _small_v2(device):
+    m = timm_ghost.GhostModuleV2(8, 12).to(device)
+    randomize_batchnorm_(m, torch.Generator().manual_seed(2))
+    m.eval()
+    return m, GhostModuleV2.from_module(copy.deepcopy(m), backend="triton", strict=True)
+
+
+def test_convert_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    eager, fast = _small_v2(device)
+    compiled = torch.compile(fast, fullgraph=True)
+    x = torch.randn(2, 8, 9, 7, device=device)
+    with torch.no_grad():
+        assert_close_rel(compiled(x), eager(x), torch.float32)
+
+
+def test_convert_torch_export(device):
+    eager, fast = _small_v2(device)
+    x = torch.randn(2, 8, 9, 7, device=device)
+    with torch.no_grad():
+        exported = torch.export.export(fast, (x,))
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        assert "ghostfast.dfc_gate.default" in targets and "ghostfast.ghost_module.default" in targets
+        assert_close_rel(exported.module()(x), eager(x), torch.float32)

@@ -1,0 +1,120 @@
+"""The op registry: opcheck of every custom op, backend selection, argument validation, float64 gradcheck of
+the op-level autograd."""
+import pytest
+import torch
+
+import ghostfast
+from ghostfast import ops, reference
+from ghostfast.backends import GhostfastFallbackWarning, GhostfastUnsupported
+from numerics import assert_close_rel
+
+
+def ghost_args(device, dtype=torch.float32, n=2, c_in=5, init=4, ratio=3, dw=3, h=6, w=5):
+    new = init * (ratio - 1)
+    return [torch.randn(n, c_in, h, w, device=device, dtype=dtype),
+            torch.randn(init, c_in, 1, 1, device=device, dtype=dtype),
+            torch.rand(init, device=device, dtype=dtype) + 0.5, torch.randn(init, device=device, dtype=dtype),
+            torch.randn(new, 1, dw, dw, device=device, dtype=dtype),
+            torch.rand(new, device=device, dtype=dtype) + 0.5, torch.randn(new, device=device, dtype=dtype)]
+
+
+def dfc_args(device, dtype=torch.float32, n=2, c_in=5, c=6, h=6, w=7):
+    def vec():
+        return torch.rand(c, device=device, dtype=dtype) + 0.5, torch.randn(c, device=device, dtype=dtype)
+
+    return [torch.randn(n, c_in, h, w, device=device, dtype=dtype),
+            torch.randn(c, c_in, 1, 1, device=device, dtype=dtype), *vec(),
+            torch.randn(c, 1, 1, 5, device=device, dtype=dtype), *vec(),
+            torch.randn(c, 1, 5, 1, device=device, dtype=dtype), *vec()]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_ops_opcheck_ghost_module(backend, device):
+    args = ghost_args(device)
+    gate = torch.rand(2, 11, 3, 2, device=device)
+    for a in args:
+        a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.ghostfast.ghost_module.default, (*args, 11, True, gate, "bilinear", backend))
+    torch.library.opcheck(torch.ops.ghostfast.ghost_module.default, (*args, 12, False, None, "nearest", backend))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_ops_opcheck_dfc(backend, device):
+    args = [a.requires_grad_(True) for a in dfc_args(device)]
+    torch.library.opcheck(torch.ops.ghostfast.dfc_gate.default, (*args, backend))
+    torch.library.opcheck(torch.ops.ghostfast.dfc_attention.default, (*args, "nearest", backend))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_ops_public_functions_match_reference(mode, device):
+    g_args = ghost_args(device)
+    d_args = dfc_args(device, c=11, h=6, w=5)
+    gate = ops.dfc_gate(*d_args, backend="triton")
+    assert_close_rel(gate, reference.dfc_gate_forward(*[a.double() for a in d_args]), torch.float32)
+    out = ops.ghost_module(*g_args, out_channels=11, gate=gate, gate_mode=mode, backend="triton")
+    ref = reference.ghost_module_forward(*[a.double() for a in g_args], 11, True, gate.double(), mode)
+    assert_close_rel(out, ref, torch.float32)
+    full = ops.dfc_attention(*d_args, mode=mode, backend="triton")
+    assert_close_rel(full, reference.dfc_attention_forward(*[a.double() for a in d_args], mode=mode), torch.float32)
+
+
+def test_ops_gradcheck_float64(device):
+    g_args = [a.requires_grad_(True) for a in ghost_args(device, torch.float64, n=1, c_in=3, init=2, h=4, w=3)]
+    gate = torch.rand(1, 5, 2, 1, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.ghost_module(*a[:7], out_channels=5, gate=a[7], gate_mode="bilinear", backend="triton"),
+        (*g_args, gate))
+    d_args = [a.requires_grad_(True) for a in dfc_args(device, torch.float64, n=1, c_in=3, c=2, h=4, w=5)]
+    assert torch.autograd.gradcheck(lambda *a: ops.dfc_attention(*a, mode="bilinear", backend="triton"), d_args)
+
+
+def test_ops_available_backends():
+    assert ghostfast.available_backends("cpu")[-1] == "reference"
+    cuda = ghostfast.available_backends("cuda")
+    assert ("triton" in cuda) == (torch.cuda.is_available() and not ghostfast.backends.triton_interpreting())
+
+
+def test_ops_strict_and_fallback_for_unavailable_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors then have no Triton backend
+    args = ghost_args("cpu")
+    ghostfast.backends._warned.clear()
+    with pytest.warns(GhostfastFallbackWarning, match="TRITON_INTERPRET"):
+        out = ops.ghost_module(*args, backend="triton")
+    assert_close_rel(out, reference.ghost_module_forward(*[a.double() for a in args], 12), torch.float32)
+    with pytest.raises(GhostfastUnsupported):
+        ops.ghost_module(*args, backend="triton", strict=True)
+
+
+def test_ops_bad_input_errors(device):
+    x, w1, s1, b1, w2, s2, b2 = ghost_args(device)
+    with pytest.raises(ValueError, match="expected input with 5 channels, got 4"):
+        ops.ghost_module(x[:, :4], w1, s1, b1, w2, s2, b2)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.ghost_module(x[0], w1, s1, b1, w2, s2, b2)
+    with pytest.raises(TypeError, match="primary_weight of dtype torch.float32"):
+        ops.ghost_module(x, w1.double(), s1, b1, w2, s2, b2)
+    with pytest.raises(ValueError, match="primary_scale of shape \\(4,\\)"):
+        ops.ghost_module(x, w1, s1[:3], b1, w2, s2, b2)
+    with pytest.raises(ValueError, match="depthwise size"):
+        ops.ghost_module(x, w1, s1, b1, torch.randn(8, 1, 9, 9, device=device), s2, b2)
+    with pytest.raises(ValueError, match="out_channels must be in"):
+        ops.ghost_module(x, w1, s1, b1, w2, s2, b2, out_channels=13)
+    with pytest.raises(ValueError, match="gate_mode"):
+        ops.ghost_module(x, w1, s1, b1, w2, s2, b2, gate=torch.rand(2, 12, 3, 2, device=device), gate_mode="cubic")
+    with pytest.raises(ValueError, match="on meta"):
+        ops.ghost_module(x, w1.to("meta"), s1, b1, w2, s2, b2)
+    with pytest.raises(TypeError, match="floating"):
+        ops.ghost_module(x.long(), w1, s1, b1, w2, s2, b2)
+    d = dfc_args(device)
+    with pytest.raises(ValueError, match="h_weight of shape \\(6, 1, 1, 5\\)"):
+        ops.dfc_gate(d[0], *d[1:4], d[7], *d[5:7], d[7], *d[8:])
+    with pytest.raises(ValueError, match="H and W >= 2"):
+        ops.dfc_gate(d[0][:, :, :1], *d[1:])
+
+
+def test_ops_empty_batch(device):
+    args = ghost_args(device, n=0)
+    out = ops.ghost_module(*args, backend="triton")
+    assert out.shape == (0, 12, 6, 5)
+    d = dfc_args(device, n=0)
+    assert ops.dfc_attention(*d, backend="triton").shape == (0, 6, 6, 7)
