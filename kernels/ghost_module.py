@@ -2,7 +2,6 @@
 and the optional upsampled DFC gate, read from and written to NCHW, channels_last or any strided layout."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
@@ -10,8 +9,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -25,7 +22,7 @@ def _axis_source(dst, out_size, in_size, scale32, BILINEAR: tl.constexpr, IS_FP6
             src = (d.to(tl.float64) + 0.5) * scale - 0.5
         else:
             src = (d.to(tl.float32) + 0.5) * scale32 - 0.5
-        pass
+        src = tl.maximum(src, 0.0)
         i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # src >= 0, so truncation is floor
         i1 = tl.minimum(i0 + 1, in_size - 1)
         lam = src - i0.to(src.dtype)
@@ -101,7 +98,8 @@ def _ghost_module_fwd_kernel(
     kr = tl.arange(0, BLOCK_K)
     n_x1_out = tl.minimum(init, out_channels)
     # one scratch slot per program, reused by every item it runs: the buffer does not grow with the grid
-    scr = scratch_ptr + pid.to(tl.int64) * (P * BLOCK_C) + p[:, None] * BLOCK_C + cr[None, :]
+    scr_base = scratch_ptr + pid.to(tl.int64) * (P * BLOCK_C)
+    scr_off = p[:, None] * BLOCK_C + cr[None, :]  # int32 offsets, not a [P, BLOCK_C] tile of 64-bit pointers
 
     for item in range(pid, total_items, nprog):
         # channel block innermost: consecutive items (on neighbouring programs) share x's tile in L2
@@ -133,7 +131,7 @@ def _ghost_module_fwd_kernel(
             xt = tl.load(x_pix[:, None] + k64[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(w1_ptr + c64[None, :] * sw1o + k64[:, None] * sw1k, mask=k_ok[:, None] & c_ok[None, :],
                          other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
         s1 = tl.load(s1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
         b1 = tl.load(b1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
         x1 = acc * s1[None, :] + b1[None, :]
@@ -167,7 +165,7 @@ def _ghost_module_fwd_kernel(
             if DW > 1:
                 # registers cannot be shifted: park the halo tile in this program's scratch slot and read the
                 # shifted windows back (it stays in L1/L2)
-                tl.store(scr, x1)
+                tl.store(scr_base + scr_off, x1)
                 tl.debug_barrier()
             for j in range(0, ratio_m1):
                 o2 = c * ratio_m1 + j
@@ -175,12 +173,13 @@ def _ghost_module_fwd_kernel(
                 m2c = c_ok & (init + o2 < out_channels)
                 if DW > 1:
                     acc2 = tl.zeros([P, BLOCK_C], dtype=ACC)
-                    for t in tl.static_range(DW * DW):
+                    # a rolled tap loop: unrolled, the compiler hoists all DW*DW window loads at once and spills
+                    for t in range(DW * DW):
                         dy = t // DW
                         dx = t % DW
                         wv = tl.load(w2_ptr + o2_64 * sw2o + dy * sw2h + dx * sw2w, mask=m2c, other=0.0).to(ACC)
-                        v = tl.load(scr + ((dy - R) * HALO_W + (dx - R)) * BLOCK_C, mask=interior[:, None],
-                                    other=0.0)
+                        shift = ((dy - R) * HALO_W + (dx - R)) * BLOCK_C
+                        v = tl.load(scr_base + (scr_off + shift), mask=interior[:, None], other=0.0)
                         acc2 += v * wv[None, :]
                 else:
                     wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
@@ -233,9 +232,10 @@ def _pick_config(H: int, W: int, dw: int, n_x1: int, dtype: torch.dtype):
         else:
             halo_h *= 2
     p = halo_h * halo_w
-    block_c = 16 if dtype == torch.float64 else min(64 if p <= 64 else 32, max(16, _next_pow2(n_x1)))
+    # about 16-32 accumulator elements per thread: larger blocks made ptxas spill (checked offline for sm_90)
+    block_c = 16 if p >= 256 else min(64, max(16, _next_pow2(n_x1)), 4096 // p)
     block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
-    num_warps = 4 if p * block_c <= 8192 else 8
+    num_warps = max(4, min(8, p * block_c // 1024))
     return halo_h, halo_w, block_c, block_k, num_warps
 
 

@@ -47,6 +47,19 @@ def _skip_unsupported(dtype, device):
         pytest.skip("the Triton interpreter does not support bfloat16")
 
 
+def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode, device):
+    _skip_unsupported(dtype, device)
+    x = _input(n, c_in, h, w, dtype, device, layout)
+    p = _params(c_in, init, ratio, dw, dtype, device)
+    gate = _gate(n, out_channels, h, w, gate_mode, dtype, device)
+    ref = _reference(x, p, out_channels, relu, gate, gate_mode or "nearest")
+    out = poisoned_like(ref.to(dtype))
+    res = ghost_module_forward(x, **p, out_channels=out_channels, relu=relu, gate=gate,
+                               gate_mode=gate_mode or "nearest", out=out)
+    assert res is out
+    assert_close_rel(res, ref, dtype)
+
+
 # (N, C_in, H, W, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode): a covering set, not the product
 CASES = [
     (2, 20, 7, 7, 8, 2, 3, 16, True, torch.float32, "contiguous", None),
@@ -73,19 +86,6 @@ def _id(c):
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_ghost_module_kernel_matches_reference(case, device):
     _check(*case, device)
-
-
-def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode, device):
-    _skip_unsupported(dtype, device)
-    x = _input(n, c_in, h, w, dtype, device, layout)
-    p = _params(c_in, init, ratio, dw, dtype, device)
-    gate = _gate(n, out_channels, h, w, gate_mode, dtype, device)
-    ref = _reference(x, p, out_channels, relu, gate, gate_mode or "nearest")
-    out = poisoned_like(ref.to(dtype))
-    res = ghost_module_forward(x, **p, out_channels=out_channels, relu=relu, gate=gate,
-                               gate_mode=gate_mode or "nearest", out=out)
-    assert res is out
-    assert_close_rel(res, ref, dtype)
 
 
 @pytest.mark.parametrize("relu", [True, False])
@@ -137,6 +137,18 @@ def test_ghost_module_kernel_gate_odd_upsample(gate_mode, device):
     ref = _reference(x, p, 16, False, gate, gate_mode)
     out = poisoned_like(ref.float())
     res = ghost_module_forward(x, **p, out_channels=16, relu=False, gate=gate, gate_mode=gate_mode, out=out)
+    assert_close_rel(res, ref, torch.float32)
+
+
+def test_ghost_module_kernel_gate_nearest_fp32_rounding(device):
+    # 46 -> 14 and 44 -> 26: floor(dst * fp32(in/out)) differs from the exact dst*in//out at dst 23 and 22,
+    # and F.interpolate follows the fp32 value
+    x = _input(1, 4, 46, 44, torch.float32, device, "contiguous")
+    p = _params(4, 8, 2, 1, torch.float32, device)
+    gate = torch.rand(1, 16, 14, 26, device=device)
+    ref = _reference(x, p, 16, True, gate, "nearest")
+    out = poisoned_like(ref.float())
+    res = ghost_module_forward(x, **p, out_channels=16, relu=True, gate=gate, gate_mode="nearest", out=out)
     assert_close_rel(res, ref, torch.float32)
 
 
