@@ -6,7 +6,6 @@ one-time warning naming the reason, or raise `GhostfastUnsupported` in strict mo
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -29,9 +28,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def _triton_runs_on(device_type: str) -> bool:
