@@ -1,0 +1,375 @@
+"""DFC attention forward as one Triton kernel: avgpool2x2 -> conv1x1+BN -> dw1x5+BN -> dw5x1+BN -> sigmoid, optionally
+upsampled back to H x W; x and out in NCHW, channels_last or any strides; fp32 accumulation (fp64 for fp64)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_UPSAMPLE = {None: 0, "nearest": 1, "bilinear": 2}
+
+
+@triton.jit
+def _dfc_kernel(
+    x_ptr,  # [N, CIN, H, W], any strides
+    cw_ptr,  # [C, CIN, 1, 1] conv1x1 weight
+    cs_ptr,  # [C] BN3 scale
+    cb_ptr,  # [C] BN3 bias
+    hw_ptr,  # [C, 1, 1, 5] dw 1x5 weight
+    hs_ptr,  # [C] BN4 scale
+    hb_ptr,  # [C] BN4 bias
+    vw_ptr,  # [C, 1, 5, 1] dw 5x1 weight
+    vs_ptr,  # [C] BN5 scale
+    vb_ptr,  # [C] BN5 bias
+    out_ptr,  # [N, C, HP, WP] gate, or [N, C, H, W] upsampled gate; any strides
+    scratch_ptr,  # [num_programs, 2, BLOCK_C, HALO_H * HALO_W] per-program tiles (y3 then gate; y4)
+    CIN,  # scalar: input channels
+    C,  # scalar: output channels
+    H,  # scalar: x height
+    W,  # scalar: x width
+    HP,  # scalar: pooled height, H // 2
+    WP,  # scalar: pooled width, W // 2
+    sxn, sxc, sxh, sxw,  # x strides
+    son, soc, soh, sow,  # out strides
+    scw_c, scw_k,  # conv weight strides (out channel, in channel)
+    shw_c, shw_t,  # h_weight strides (channel, tap)
+    svw_c, svw_t,  # v_weight strides (channel, tap)
+    s_cs, s_cb, s_hs, s_hb, s_vs, s_vb,  # scale / bias strides
+    scale_h,  # scalar fp32: HP / H, as F.interpolate computes it in float32
+    scale_w,  # scalar fp32: WP / W
+    row_span,  # scalar: full-res rows visited per tile (upsample only)
+    tiles_h,  # scalar: pooled tiles along H
+    tiles_w,  # scalar: pooled tiles along W
+    cblocks,  # scalar: channel blocks, cdiv(C, BLOCK_C)
+    total_items,  # scalar: N * tiles_h * tiles_w * cblocks
+    HALO_H: tl.constexpr,  # rows of the computed pooled tile (pow2), owned tile + margins
+    HALO_W: tl.constexpr,  # cols of the computed pooled tile (pow2)
+    MARGIN_H: tl.constexpr,  # 2 when tiled along H (halo of the 5-tap convs), 0 when one tile covers HP
+    MARGIN_W: tl.constexpr,  # 2 when tiled along W, 0 when one tile covers WP
+    TILE_H: tl.constexpr,  # owned pooled rows per tile
+    TILE_W: tl.constexpr,  # owned pooled cols per tile
+    BLOCK_C: tl.constexpr,  # output channels per item
+    BLOCK_K: tl.constexpr,  # input channels per dot step
+    UPSAMPLE: tl.constexpr,  # 0: write the gate, 1: nearest, 2: bilinear to H x W
+    FULL_ROWS: tl.constexpr,  # full-res rows per upsample step
+    FULL_W: tl.constexpr,  # full-res cols visited per tile (pow2)
+    IS_FP64: tl.constexpr,  # accumulate in fp64 (fp64 inputs), else fp32
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only)
+    INDEX64: tl.constexpr,  # offsets within one image of x / out / weights may pass int32
+):
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    # Offsets inside one image in int32 unless an image spans 2^31 elements (int64 pointer math costs registers).
+    IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    HALO_PIX: tl.constexpr = HALO_H * HALO_W
+    FULL_PIX: tl.constexpr = FULL_ROWS * FULL_W
+
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+
+    lane = tl.arange(0, HALO_PIX)
+    li = lane // HALO_W
+    lj = lane % HALO_W
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    # The scratch is indexed by program, not by item, so it does not grow with the batch.
+    scr_a = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_C * HALO_PIX)
+    scr_b = scr_a + BLOCK_C * HALO_PIX
+    scr_tile = offs_c[:, None] * HALO_PIX + lane[None, :]
+
+    if UPSAMPLE == 2:
+        if IS_FP64:
+            # F.interpolate's bilinear coefficients are in the accumulate type: fp64 for fp64.
+            bscale_h = tl.cast(HP, tl.float64) / tl.cast(H, tl.float64)
+            bscale_w = tl.cast(WP, tl.float64) / tl.cast(W, tl.float64)
+        else:
+            # Passed from the host: Triton's fp32 divide is not correctly rounded on the GPU.
+            bscale_h = scale_h
+            bscale_w = scale_w
+    fl = tl.arange(0, FULL_PIX)
+    fr = fl // FULL_W
+    fc = fl % FULL_W
+
+    for item in range(pid, total_items, nprog):
+        # Channel block innermost: neighbouring programs share the x tile in L2.
+        cb = item % cblocks
+        t = item // cblocks
+        tw = t % tiles_w
+        t = t // tiles_w
+        th = t % tiles_h
+        n = t // tiles_h
+
+        ph0 = th * TILE_H
+        pw0 = tw * TILE_W
+        ph = ph0 - MARGIN_H + li
+        pw = pw0 - MARGIN_W + lj
+        in_img = (ph >= 0) & (ph < HP) & (pw >= 0) & (pw < WP)
+        c = cb * BLOCK_C + offs_c
+        cmask = c < C
+        ci = c.to(IDX)
+
+        # ---- y3 = BN3(conv1x1(avgpool2x2(x))) on the whole halo tile, pooling while loading.
+        x_base = x_ptr + n.to(tl.int64) * sxn
+        x_pix = (2 * ph).to(IDX) * sxh + (2 * pw).to(IDX) * sxw
+        acc = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+        for k0 in range(0, CIN, BLOCK_K):
+            k = k0 + offs_k
+            kmask = k < CIN
+            m = kmask[:, None] & in_img[None, :]
+            p = x_base + (k.to(IDX)[:, None] * sxc + x_pix[None, :])
+            v = tl.load(p, mask=m, other=0.0).to(ACC)
+            v += tl.load(p + sxw, mask=m, other=0.0).to(ACC)
+            v += tl.load(p + sxh, mask=m, other=0.0).to(ACC)
+            v += tl.load(p + sxh + sxw, mask=m, other=0.0).to(ACC)
+            # Rounded to x's dtype like eager's pooled tensor, so fp16/bf16 take the tensor-core dot.
+            pooled = (v * 0.25).to(XDT)
+            wm = cmask[:, None] & kmask[None, :]
+            w = tl.load(cw_ptr + ci[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm, other=0.0)
+            acc = tl.dot(w.to(XDT), pooled, acc, input_precision=DOT_PRECISION)
+        s3 = tl.load(cs_ptr + ci * s_cs, mask=cmask, other=0.0).to(ACC)
+        b3 = tl.load(cb_ptr + ci * s_cb, mask=cmask, other=0.0).to(ACC)
+        y3 = acc * s3[:, None] + b3[:, None]
+        # Lanes outside the image hold the bias; the readers mask them, which is the zero padding of the
+        # biased output.
+        tl.store(scr_a + scr_tile, y3)
+        tl.debug_barrier()
+
+        # ---- y4 = BN4(dw1x5(y3)): five windows shifted along W, read back from the scratch.
+        y4 = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+        for tap in tl.static_range(5):
+            jj = lj + (tap - 2)
+            pww = pw + (tap - 2)
+            m = (jj >= 0) & (jj < HALO_W) & (pww >= 0) & (pww < WP)
+            wt = tl.load(hw_ptr + ci * shw_c + tap * shw_t, mask=cmask, other=0.0).to(ACC)
+            y3t = tl.load(scr_a + scr_tile + (tap - 2), mask=m[None, :], other=0.0)
+            y4 += wt[:, None] * y3t
+        s4 = tl.load(hs_ptr + ci * s_hs, mask=cmask, other=0.0).to(ACC)
+        b4 = tl.load(hb_ptr + ci * s_hb, mask=cmask, other=0.0).to(ACC)
+        y4 = y4 * s4[:, None] + b4[:, None]
+        tl.store(scr_b + scr_tile, y4)
+        tl.debug_barrier()
+
+        # ---- gate = sigmoid(BN5(dw5x1(y4))): five windows shifted along H.
+        y5 = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+        for tap in tl.static_range(5):
+            ii = li + (tap - 2)
+            phh = ph + (tap - 2)
+            m = (ii >= 0) & (ii < HALO_H) & (phh >= 0) & (phh < HP)
+            wt = tl.load(vw_ptr + ci * svw_c + tap * svw_t, mask=cmask, other=0.0).to(ACC)
+            y4t = tl.load(scr_b + scr_tile + (tap - 2) * HALO_W, mask=m[None, :], other=0.0)
+            y5 += wt[:, None] * y4t
+        s5 = tl.load(vs_ptr + ci * s_vs, mask=cmask, other=0.0).to(ACC)
+        b5 = tl.load(vb_ptr + ci * s_vb, mask=cmask, other=0.0).to(ACC)
+        gate = tl.sigmoid(y5 * s5[:, None] + b5[:, None])
+
+        o_base = out_ptr + n.to(tl.int64) * son + ci[:, None] * soc
+        if UPSAMPLE == 0:
+            own = in_img & (li >= MARGIN_H) & (li < MARGIN_H + TILE_H) & (lj >= MARGIN_W) & (lj < MARGIN_W + TILE_W)
+            o_pix = ph.to(IDX) * soh + pw.to(IDX) * sow
+            tl.store(o_base + o_pix[None, :], gate.to(out_ptr.dtype.element_ty),
+                     mask=cmask[:, None] & own[None, :])
+        else:
+            # y3 is dead after the second barrier: the gate reuses its slot, so the upsample can gather
+            # gate values at any lane of the tile (the owned tile plus, for bilinear, one ring after it).
+            tl.store(scr_a + scr_tile, gate)
+            tl.debug_barrier()
+            # A full-res pixel belongs to the tile that owns its source index (nearest: src, bilinear: the
+            # lower index i0), so every pixel is written exactly once. Columns [2*pw0 - 1, ...) and rows
+            # [2*ph0 - 1, ...) cover those sources; single-tile dims start at 0.
+            dw = 2 * pw0 - MARGIN_W // 2 + fc
+            col_ok = (dw >= 0) & (dw < W)
+            if UPSAMPLE == 1:
+                sw = tl.minimum((dw.to(tl.float32) * scale_w).to(tl.int32), WP - 1)
+                own_w = col_ok & (sw >= pw0) & (sw < pw0 + TILE_W)
+                gw0 = sw - pw0 + MARGIN_W
+            else:
+                # src >= 0 after the clamp, so the truncating cast is floor, as in PyTorch.
+                wr = tl.maximum((dw.to(bscale_w.dtype) + 0.5) * bscale_w - 0.5, 0.0)
+                w0 = wr.to(tl.int32)
+                wstep = (w0 < WP - 1).to(tl.int32)
+                w1l = wr - w0.to(wr.dtype)
+                w0l = 1.0 - w1l
+                own_w = col_ok & (w0 >= pw0) & (w0 < pw0 + TILE_W)
+                gw0 = w0 - pw0 + MARGIN_W
+            o_col = dw.to(IDX) * sow
+            for r0 in range(0, row_span, FULL_ROWS):
+                dh = 2 * ph0 - MARGIN_H // 2 + r0 + fr
+                row_ok = (dh >= 0) & (dh < H)
+                if UPSAMPLE == 1:
+                    sh = tl.minimum((dh.to(tl.float32) * scale_h).to(tl.int32), HP - 1)
+                    own = own_w & row_ok & (sh >= ph0) & (sh < ph0 + TILE_H)
+                    g_lane = (sh - ph0 + MARGIN_H) * HALO_W + gw0
+                    gm = cmask[:, None] & own[None, :]
+                    val = tl.load(scr_a + offs_c[:, None] * HALO_PIX + g_lane[None, :], mask=gm, other=0.0)
+                else:
+                    hr = tl.maximum((dh.to(bscale_h.dtype) + 0.5) * bscale_h - 0.5, 0.0)
+                    h0 = hr.to(tl.int32)
+                    hstep = (h0 < HP - 1).to(tl.int32)
+                    h1l = hr - h0.to(hr.dtype)
+                    h0l = 1.0 - h1l
+                    own = own_w & row_ok & (h0 >= ph0) & (h0 < ph0 + TILE_H)
+                    g00 = (h0 - ph0 + MARGIN_H) * HALO_W + gw0
+                    g10 = g00 + hstep * HALO_W
+                    gm = cmask[:, None] & own[None, :]
+                    s_c = scr_a + offs_c[:, None] * HALO_PIX
+                    v00 = tl.load(s_c + g00[None, :], mask=gm, other=0.0)
+                    v01 = tl.load(s_c + (g00 + wstep)[None, :], mask=gm, other=0.0)
+                    v10 = tl.load(s_c + g10[None, :], mask=gm, other=0.0)
+                    v11 = tl.load(s_c + (g10 + wstep)[None, :], mask=gm, other=0.0)
+                    # Same association as PyTorch's upsample_bilinear2d.
+                    val = h0l[None, :] * (w0l[None, :] * v00 + w1l[None, :] * v01) + \
+                        h1l[None, :] * (w0l[None, :] * v10 + w1l[None, :] * v11)
+                o_pix = dh.to(IDX) * soh + o_col
+                tl.store(o_base + o_pix[None, :], val.to(out_ptr.dtype.element_ty), mask=gm)
+        # The next item overwrites this program's scratch.
+        tl.debug_barrier()
+
+
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+_SM_COUNT = {}
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    # Persistent: a few programs per SM hide latency; more would only grow the scratch.
+    return _SM_COUNT[idx] * 4
+
+
+def _config(n, cin, c, h, w, upsample, device, override=None):
+    """Tile sizes and launch shape. One deterministic config per shape (no autotune: the interpreter needs it)."""
+    o = dict(override or {})
+    hp, wp = h // 2, w // 2
+    ring = 1 if upsample == 2 else 0
+
+    def dim(p, cap, tiled_halo, key):
+        # One tile covers the dim when it fits: no halo lanes are computed, the readers mask the border.
+        forced = o.get("halo_" + key)  # tests force the tiled path on small shapes
+        halo = forced or (tiled_halo if _pow2(p) > cap else None)
+        if halo is None:
+            return _pow2(p), 0, _pow2(p)
+        assert halo - 4 - ring >= 1, "halo too small for the 5-tap convs"
+        return halo, 2, halo - 4 - ring
+
+    # At most 256 lanes per tile: the chain keeps several [BLOCK_C, lanes] tensors and their addresses live,
+    # and bigger tiles spill on sm_90 (checked with ptxas, not yet timed). The interpreter tiles W at 16 so
+    # test-sized images already take the tiled path.
+    wide = 16 if _INTERPRET else 32
+    halo_w, margin_w, tile_w = dim(wp, wide, 16, "w")
+    cap_h = 256 // halo_w if margin_w == 0 else 16
+    halo_h, margin_h, tile_h = dim(hp, cap_h, min(max(cap_h, 8), 64), "h")
+    while halo_h * halo_w < 16:  # tl.dot needs >= 16 columns
+        if margin_w == 0:
+            halo_w *= 2
+            tile_w = halo_w
+        else:
+            halo_h *= 2
+            tile_h = halo_h if margin_h == 0 else halo_h - 4 - ring
+    pix = halo_h * halo_w
+    block_c = o.get("block_c") or min(max(16, _pow2(c)), 128, max(16, 4096 // pix))
+    block_k = o.get("block_k") or 16  # one MMA k-step; wider K only added registers (ptxas, sm_90)
+    tiles_h = triton.cdiv(hp, tile_h)
+    tiles_w = triton.cdiv(wp, tile_w)
+    if margin_w:
+        full_w = _pow2(2 * tile_w + 3)
+    else:
+        full_w = _pow2(w)
+    row_span = (2 * tile_h + 3) if margin_h else h
+    full_rows = o.get("full_rows") or max(1, min(_pow2(row_span), 2048 // (block_c * full_w)))
+    cblocks = triton.cdiv(c, block_c)
+    total = n * tiles_h * tiles_w * cblocks
+    grid = max(1, min(total, o.get("max_programs") or _max_programs(device)))
+    num_warps = o.get("num_warps") or min(16, max(4, block_c * pix // 256))  # ~8 elements per thread
+    return dict(halo_h=halo_h, halo_w=halo_w, margin_h=margin_h, margin_w=margin_w, tile_h=tile_h, tile_w=tile_w,
+                block_c=block_c, block_k=block_k, tiles_h=tiles_h, tiles_w=tiles_w, cblocks=cblocks, total=total,
+                grid=grid, full_w=full_w, full_rows=full_rows, row_span=row_span, num_warps=num_warps,
+                index64=bool(o.get("index64")))
+
+
+def _needs_index64(*tensors: Tensor) -> bool:
+    """Whether an offset inside one image (all dims but the batch, which the kernel offsets in int64) can pass
+    int32; the slack covers masked halo lanes up to 64 rows / cols outside the image."""
+    for t in tensors:
+        reach = sum((s - 1 + 64) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+        if reach >= 2 ** 31 - 1:
+            return True
+    return False
+
+
+def _out_like(x: Tensor, shape) -> Tensor:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
+            mode, out, _override=None):
+    assert x.dim() == 4 and conv_weight.dim() == 4 and h_weight.shape[-1] == 5 and v_weight.shape[-2] == 5
+    n, cin, h, w = x.shape
+    c = conv_weight.shape[0]
+    hp, wp = h // 2, w // 2
+    assert hp >= 1 and wp >= 1, "DFC needs H, W >= 2"
+    upsample = _UPSAMPLE[mode]
+    shape = (n, c, h, w) if upsample else (n, c, hp, wp)
+    if out is None:
+        out = _out_like(x, shape)
+    else:
+        assert tuple(out.shape) == shape and out.dtype == x.dtype and out.device == x.device
+    if out.numel() == 0:
+        return out
+    cfg = _config(n, cin, c, h, w, upsample, x.device, _override)  # _override: tests' small tiles, index64
+    is_fp64 = x.dtype == torch.float64
+    acc_dtype = torch.float64 if is_fp64 else torch.float32
+    scratch = torch.empty(cfg["grid"] * 2 * cfg["block_c"] * cfg["halo_h"] * cfg["halo_w"], dtype=acc_dtype,
+                          device=x.device)
+    precision = "ieee"
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"
+    _dfc_kernel[(cfg["grid"],)](
+        x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, out, scratch,
+        cin, c, h, w, hp, wp,
+        *x.stride(), *out.stride(),
+        conv_weight.stride(0), conv_weight.stride(1),
+        h_weight.stride(0), h_weight.stride(3),
+        v_weight.stride(0), v_weight.stride(2),
+        conv_scale.stride(0), conv_bias.stride(0), h_scale.stride(0), h_bias.stride(0),
+        v_scale.stride(0), v_bias.stride(0),
+        float(np.float32(hp) / np.float32(h)), float(np.float32(wp) / np.float32(w)),
+        cfg["row_span"], cfg["tiles_h"], cfg["tiles_w"], cfg["cblocks"], cfg["total"],
+        HALO_H=cfg["halo_h"], HALO_W=cfg["halo_w"], MARGIN_H=cfg["margin_h"], MARGIN_W=cfg["margin_w"],
+        TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
+        UPSAMPLE=upsample, FULL_ROWS=cfg["full_rows"], FULL_W=cfg["full_w"], IS_FP64=is_fp64,
+        DOT_PRECISION=precision, INDEX64=cfg["index64"] or _needs_index64(x, out, conv_weight),
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def dfc_gate_forward(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
+                     h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor,
+                     out: Optional[Tensor] = None) -> Tensor:
+    """The DFC gate at the pooled resolution [N, C, H//2, W//2], in one launch."""
+    return _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
+                   None, out)
+
+
+def dfc_attention_forward(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
+                          h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor,
+                          mode: str = "nearest", out: Optional[Tensor] = None) -> Tensor:
+    """The DFC gate upsampled to x's H x W ('nearest' or 'bilinear', as F.interpolate), in one launch."""
+    assert mode in ("nearest", "bilinear"), mode
+    return _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
+                   mode, out)

@@ -1,0 +1,227 @@
+"""The fused DFC Triton kernel (kernels/dfc.py) against the float64 eager reference.
+
+Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET), so shapes stay small; `_override`
+forces small tiles and few programs so the tiled path and the persistent loop run on those small shapes."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ghostfast import reference
+from ghostfast.kernels import dfc
+from numerics import REL_TOL, assert_close_rel, poisoned_like
+
+MODES = (None, "nearest", "bilinear")  # None: the pooled-resolution gate
+SMALL_TILES = dict(halo_h=8, halo_w=8, block_c=16, block_k=16, max_programs=3)
+
+
+def _params(cin, c, dtype, device):
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=torch.float64)
+
+    def pos(c):
+        return torch.rand(c, dtype=torch.float64) + 0.5
+
+    # Biases of ~1.5 make the border visibly different between "zero pad the biased output" (the spec)
+    # and "pad then add the bias" (see test_dfc_kernel_border_pads_biased_output).
+    p = [rnd(c, cin, 1, 1) / cin ** 0.5, pos(c), 1.5 * rnd(c),
+         rnd(c, 1, 1, 5) / 5 ** 0.5, pos(c), 1.5 * rnd(c),
+         rnd(c, 1, 5, 1) / 5 ** 0.5, pos(c), 1.5 * rnd(c)]
+    return [t.to(device=device, dtype=dtype) for t in p]
+
+
+def _reference(x, params, mode):
+    xd, pd = x.double(), [t.double() for t in params]
+    if mode is None:
+        return reference.dfc_gate_forward(xd, *pd)
+    return reference.dfc_attention_forward(xd, *pd, mode=mode)
+
+
+def _out_shape(x, c, mode):
+    n, _, h, w = x.shape
+    return (n, c, h, w) if mode else (n, c, h // 2, w // 2)
+
+
+def _run(x, params, mode, out=None, override=None):
+    if override is not None:
+        return dfc._launch(x, *params, mode, out, override)
+    if mode is None:
+        return dfc.dfc_gate_forward(x, *params, out=out)
+    return dfc.dfc_attention_forward(x, *params, mode=mode, out=out)
+
+
+def _check(x, params, mode, dtype=None, override=None):
+    dtype = dtype or x.dtype
+    c = params[0].shape[0]
+    out = poisoned_like(torch.empty(_out_shape(x, c, mode), dtype=x.dtype, device=x.device))
+    got = _run(x, params, mode, out=out, override=override)
+    assert got is out
+    assert_close_rel(got, _reference(x, params, mode), dtype)
+    return got
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n,cin,c,h,w", [
+    (1, 5, 7, 2, 2),
+    (2, 5, 7, 3, 3),
+    (1, 20, 40, 7, 7),  # Cin not a multiple of 16, C > BLOCK_C
+    (2, 5, 7, 15, 13),
+    (1, 5, 7, 4, 9),
+    (2, 20, 40, 40, 37),  # tiled in both dims (interpreter tiles are 16 x 16)
+])
+def test_dfc_kernel_shapes(device, n, cin, c, h, w, mode):
+    x = torch.randn(n, cin, h, w, device=device)
+    _check(x, _params(cin, c, torch.float32, device), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("h,w", [(15, 13), (4, 9), (40, 37), (8, 30)])
+def test_dfc_kernel_small_tiles(device, h, w, mode):
+    """Pooled tiles of 4 (3 for bilinear) with a 2-lane halo: many tiles, partial last tiles, odd sizes."""
+    x = torch.randn(2, 6, h, w, device=device)
+    _check(x, _params(6, 20, torch.float32, device), mode, override=SMALL_TILES)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
+def test_dfc_kernel_dtypes(device, dtype, mode):
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter does not support bfloat16")
+    x = torch.randn(2, 20, 15, 13, device=device, dtype=dtype)
+    got = _check(x, _params(20, 40, dtype, device), mode, override=dict(block_c=16))  # 3 channel blocks
+    assert got.dtype == dtype
+
+
+def test_dfc_kernel_fp16_input_fp32_params(device):
+    """Folded BN scale/bias may stay in fp32 while x is fp16."""
+    x = torch.randn(1, 20, 15, 13, device=device, dtype=torch.float16)
+    p = _params(20, 40, torch.float16, device)
+    for i in (1, 2, 4, 5, 7, 8):
+        p[i] = p[i].float()
+    _check(x, p, "bilinear", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_dfc_kernel_layouts(device, layout, mode):
+    n, cin, c, h, w = 2, 20, 40, 15, 13
+    if layout == "channels_last":
+        x = torch.randn(n, cin, h, w, device=device).to(memory_format=torch.channels_last)
+    else:  # a channel slice with every other column: no dense layout at all
+        x = torch.randn(n, cin + 5, h, 2 * w, device=device)[:, 3:3 + cin, :, ::2]
+    p = _params(cin, c, torch.float32, device)
+    got = _run(x, p, mode)
+    assert_close_rel(got, _reference(x, p, mode), torch.float32)
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    else:
+        assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dfc_kernel_strided_out(device, mode):
+    """`out` is a channel slice of a bigger NaN buffer: written through its strides, nothing outside touched."""
+    x = torch.randn(2, 6, 15, 13, device=device)
+    p = _params(6, 20, torch.float32, device)
+    big = torch.full((2, 26) + _out_shape(x, 20, mode)[2:], float("nan"), device=device)
+    out = big[:, 3:23]
+    got = _run(x, p, mode, out=out)
+    assert got is out
+    assert_close_rel(got, _reference(x, p, mode), torch.float32)
+    assert big[:, :3].isnan().all() and big[:, 23:].isnan().all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dfc_kernel_persistent_loop(device, mode):
+    """The default grid cap leaves several (n, tile, channel block) items per program."""
+    n, cin, c, h, w = 2, 20, 40, 40, 37
+    cfg = dfc._config(n, cin, c, h, w, dfc._UPSAMPLE[mode], torch.device(device))
+    if device == "cpu":
+        assert cfg["total"] >= 2 * cfg["grid"]
+    x = torch.randn(n, cin, h, w, device=device)
+    _check(x, _params(cin, c, torch.float32, device), mode)
+
+
+def test_dfc_kernel_border_pads_biased_output(device):
+    """The test data separates the spec from a kernel that zero-pads before adding the BN biases."""
+    x = torch.randn(1, 6, 15, 13, device=device)
+    p = _params(6, 20, torch.float32, device)
+    xd, (cw, cs, cb, hw, hs, hb, vw, vs, vb) = x.double(), [t.double() for t in p]
+    c = cw.shape[0]
+
+    def conv_pad_then_bias(y, b, weight, pad):  # the padded border carries the bias: the wrong rule
+        b = b.view(1, -1, 1, 1)
+        return F.conv2d(F.pad(y - b, pad) + b, weight, groups=c)
+
+    y = F.conv2d(F.avg_pool2d(xd, 2), cw) * cs.view(1, -1, 1, 1) + cb.view(1, -1, 1, 1)
+    y = conv_pad_then_bias(y, cb, hw, (2, 2, 0, 0)) * hs.view(1, -1, 1, 1) + hb.view(1, -1, 1, 1)
+    y = conv_pad_then_bias(y, hb, vw, (0, 0, 2, 2)) * vs.view(1, -1, 1, 1) + vb.view(1, -1, 1, 1)
+    wrong = torch.sigmoid(y)
+    right = _reference(x, p, None)
+    assert ((wrong - right).norm() / right.norm()).item() > 1e3 * REL_TOL[torch.float32]
+    _check(x, p, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dfc_kernel_nan_propagates(device, mode):
+    x = torch.randn(1, 6, 15, 13, device=device)
+    x[0, 2, 6, 5] = float("nan")
+    p = _params(6, 20, torch.float32, device)
+    got = _run(x, p, mode, override=SMALL_TILES)
+    ref = _reference(x, p, mode)
+    assert ref.isnan().any()
+    assert torch.equal(got.isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    assert_close_rel(got[ok], ref[ok], torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dfc_kernel_empty_batch(device, mode):
+    x = torch.randn(0, 6, 15, 13, device=device)
+    got = _run(x, _params(6, 20, torch.float32, device), mode)
+    assert got.shape == _out_shape(x, 20, mode)
+
+
+def test_dfc_kernel_tf32_flag(device):
+    """torch's own TF32 switch selects the tf32 dot; the default stays IEEE."""
+    x = torch.randn(1, 20, 15, 13, device=device)
+    p = _params(20, 40, torch.float32, device)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        got = _run(x, p, "nearest")
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert_close_rel(got, _reference(x, p, "nearest"), torch.float32, factor=100)
+
+
+def test_dfc_kernel_upsample_ownership_covers():
+    """The ownership rule: full-res pixel d belongs to the pooled tile [a, a+T) holding its source index
+    (nearest src / bilinear i0), and that tile visits d in [2a-1, 2a+2T+2). Checked for every size up to 200,
+    both source formulas, float32 and float64 coefficients, all tile sizes up to 28."""
+    for p in range(1, 200):
+        for size in (2 * p, 2 * p + 1):
+            d = np.arange(size)
+            s32 = np.float32(p) / np.float32(size)
+            sources = [np.minimum(np.floor(d.astype(np.float32) * s32).astype(np.int64), p - 1)]
+            for ft in (np.float32, np.float64):
+                src = np.maximum((d.astype(ft) + ft(0.5)) * (ft(p) / ft(size)) - ft(0.5), 0)
+                sources.append(src.astype(np.int64))
+            for src in sources:
+                for t in range(1, 29):
+                    a = (src // t) * t
+                    assert ((d >= 2 * a - 1) & (d < 2 * a + 2 * t + 2)).all(), (p, size, t)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dfc_kernel_index64(device, mode):
+    """The int64 offset path (taken when one image spans 2^31 elements) gives the same numbers."""
+    x = torch.randn(2, 6, 15, 13, device=device).to(memory_format=torch.channels_last)
+    _check(x, _params(6, 20, torch.float32, device), mode, override=dict(SMALL_TILES, index64=True))
+
+
+def test_dfc_kernel_index64_switch():
+    small = torch.empty(2, 8, 56, 56, device="meta")
+    huge = torch.empty(1, 1, 1, 1, device="meta").as_strided((2, 8, 56, 56), (2 ** 32, 2 ** 28, 56, 1))
+    assert not dfc._needs_index64(small)
+    assert dfc._needs_index64(huge)
