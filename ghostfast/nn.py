@@ -100,6 +100,17 @@ def _make_act(act_layer: Optional[Type[nn.Module]]) -> nn.Module:
     return act_layer(inplace=True)
 
 
+def _ghost_layers(in_chs, out_chs, kernel_size, ratio, dw_size, stride, act_layer, dd):
+    """`primary_conv` and `cheap_operation` laid out as timm's GhostModule lays them out."""
+    init = math.ceil(out_chs / ratio)
+    new = init * (ratio - 1)
+    primary = nn.Sequential(nn.Conv2d(in_chs, init, kernel_size, stride, kernel_size // 2, bias=False, **dd),
+                            nn.BatchNorm2d(init, **dd), _make_act(act_layer))
+    cheap = nn.Sequential(nn.Conv2d(init, new, dw_size, 1, dw_size // 2, groups=init, bias=False, **dd),
+                          nn.BatchNorm2d(new, **dd), _make_act(act_layer))
+    return primary, cheap
+
+
 class _FusedGhostBase(nn.Module):
     """Shared machinery: structure check, backend choice, fallback policy, the folded-parameter cache."""
 
@@ -117,6 +128,21 @@ class _FusedGhostBase(nn.Module):
         self._analyse()
         if self.unsupported_reason is not None and self._is_strict():
             fallback(self.unsupported_reason, True)
+
+    @classmethod
+    def _wrap(cls, m: nn.Module, submodules, out_chs, backend, strict, gate_mode="nearest"):
+        """A new module holding `m`'s own submodules (shared parameters, identical state_dict keys)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        for name in submodules:
+            setattr(self, name, getattr(m, name))
+        if out_chs is None:
+            out_chs = getattr(m, "out_chs", getattr(m, "oup", None))
+        if out_chs is None:
+            raise StructureError(f"{type(m).__name__} has neither out_chs nor oup; pass out_chs=")
+        self._init_options(out_chs, backend, strict, gate_mode)
+        self.train(m.training)
+        return self
 
     @property
     def oup(self) -> int:  # the name Huawei's and the paper's modules use
@@ -234,14 +260,8 @@ class GhostModule(_FusedGhostBase):
                  strict: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        init = math.ceil(out_chs / ratio)
-        new = init * (ratio - 1)
-        self.primary_conv = nn.Sequential(
-            nn.Conv2d(in_chs, init, kernel_size, stride, kernel_size // 2, bias=False, **dd),
-            nn.BatchNorm2d(init, **dd), _make_act(act_layer))
-        self.cheap_operation = nn.Sequential(
-            nn.Conv2d(init, new, dw_size, 1, dw_size // 2, groups=init, bias=False, **dd),
-            nn.BatchNorm2d(new, **dd), _make_act(act_layer))
+        self.primary_conv, self.cheap_operation = _ghost_layers(in_chs, out_chs, kernel_size, ratio, dw_size, stride,
+                                                                act_layer, dd)
         self._init_options(out_chs, backend, strict)
 
     @classmethod
@@ -249,17 +269,7 @@ class GhostModule(_FusedGhostBase):
                     strict: Optional[bool] = None) -> "GhostModule":
         """Wrap `m` (anything with `primary_conv` and `cheap_operation`), sharing its submodules and parameters.
         `out_chs` defaults to `m.out_chs` or `m.oup`."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.primary_conv = m.primary_conv
-        self.cheap_operation = m.cheap_operation
-        if out_chs is None:
-            out_chs = getattr(m, "out_chs", getattr(m, "oup", None))
-        if out_chs is None:
-            raise StructureError(f"{type(m).__name__} has neither out_chs nor oup; pass out_chs=")
-        self._init_options(out_chs, backend, strict)
-        self.train(m.training)
-        return self
+        return cls._wrap(m, ("primary_conv", "cheap_operation"), out_chs, backend, strict)
 
     def _fold_all(self) -> tuple:
         return self._fold_ghost()
@@ -283,14 +293,8 @@ class GhostModuleV2(_FusedGhostBase):
                  backend: Optional[str] = None, strict: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        init = math.ceil(out_chs / ratio)
-        new = init * (ratio - 1)
-        self.primary_conv = nn.Sequential(
-            nn.Conv2d(in_chs, init, kernel_size, stride, kernel_size // 2, bias=False, **dd),
-            nn.BatchNorm2d(init, **dd), _make_act(act_layer))
-        self.cheap_operation = nn.Sequential(
-            nn.Conv2d(init, new, dw_size, 1, dw_size // 2, groups=init, bias=False, **dd),
-            nn.BatchNorm2d(new, **dd), _make_act(act_layer))
+        self.primary_conv, self.cheap_operation = _ghost_layers(in_chs, out_chs, kernel_size, ratio, dw_size, stride,
+                                                                act_layer, dd)
         self.short_conv = nn.Sequential(
             nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=False, **dd),
             nn.BatchNorm2d(out_chs, **dd),
@@ -305,18 +309,7 @@ class GhostModuleV2(_FusedGhostBase):
     def from_module(cls, m: nn.Module, *, out_chs: Optional[int] = None, gate_mode: str = "nearest",
                     backend: Optional[str] = None, strict: Optional[bool] = None) -> "GhostModuleV2":
         """Wrap `m` (with `primary_conv`, `cheap_operation` and `short_conv`), sharing its submodules."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.primary_conv = m.primary_conv
-        self.cheap_operation = m.cheap_operation
-        self.short_conv = m.short_conv
-        if out_chs is None:
-            out_chs = getattr(m, "out_chs", getattr(m, "oup", None))
-        if out_chs is None:
-            raise StructureError(f"{type(m).__name__} has neither out_chs nor oup; pass out_chs=")
-        self._init_options(out_chs, backend, strict, gate_mode)
-        self.train(m.training)
-        return self
+        return cls._wrap(m, ("primary_conv", "cheap_operation", "short_conv"), out_chs, backend, strict, gate_mode)
 
     def _analyse(self) -> None:
         reason = self._analyse_ghost()
