@@ -6,7 +6,7 @@ into per-channel scale and bias (`ghostfast.reference.fold_bn`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -123,8 +123,98 @@ def _(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd. Until the fused backward kernels land, the backward differentiates the reference math (the
-# forward is recomputed in eager PyTorch), so gradients are exact but not fused.
+# Backward ops: the fused Triton backward kernels, as custom ops of their own so that a compiled training graph
+# keeps them opaque. They have no autograd formula: double backward through them raises a clear error.
+# Gradients that are not needed come back as empty placeholders (a custom op cannot return None in a list).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grads_or_placeholders(grads, x: Tensor) -> List[Tensor]:
+    """Custom-op outputs may not alias each other: kernels that reduce into views of one workspace get their
+    gradients cloned apart here (they are per-channel vectors and weights, small)."""
+    seen, out = set(), []
+    for g in grads:
+        if g is None:
+            out.append(x.new_empty(0))
+            continue
+        ptr = g.untyped_storage().data_ptr()
+        out.append(g.clone() if ptr in seen else g)
+        seen.add(ptr)
+    return out
+
+
+def _fake_grads(inputs: Sequence[Optional[Tensor]], needs: Sequence[bool], x: Tensor) -> List[Tensor]:
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=output_memory_format(t))
+            if (t is not None and need) else x.new_empty(0) for t, need in zip(inputs, needs)]
+
+
+@torch.library.custom_op("ghostfast::ghost_module_backward", mutates_args=())
+def _ghost_module_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    primary_weight: Tensor,
+    primary_scale: Tensor,
+    primary_bias: Tensor,
+    cheap_weight: Tensor,
+    cheap_scale: Tensor,
+    cheap_bias: Tensor,
+    out_channels: int,
+    relu: bool,
+    gate: Optional[Tensor],
+    gate_mode: str,
+    needs: List[bool],
+) -> List[Tensor]:
+    from .kernels.ghost_module import ghost_module_backward
+
+    grads = ghost_module_backward(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                                  cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode, needs=tuple(needs))
+    return _grads_or_placeholders(grads, x)
+
+
+@_ghost_module_backward_op.register_fake
+def _(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
+      out_channels, relu, gate, gate_mode, needs):
+    inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
+    return _fake_grads(inputs, needs, x)
+
+
+@torch.library.custom_op("ghostfast::dfc_backward", mutates_args=())
+def _dfc_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_scale: Tensor,
+    conv_bias: Tensor,
+    h_weight: Tensor,
+    h_scale: Tensor,
+    h_bias: Tensor,
+    v_weight: Tensor,
+    v_scale: Tensor,
+    v_bias: Tensor,
+    mode: str,
+    needs: List[bool],
+) -> List[Tensor]:
+    """Backward of dfc_gate (mode 'gate': `grad` at the pooled resolution) or of dfc_attention (mode 'nearest' or
+    'bilinear': `grad` at full resolution)."""
+    from .kernels.dfc import dfc_attention_backward, dfc_gate_backward
+
+    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    if mode == "gate":
+        grads = dfc_gate_backward(grad, x, *params, needs=tuple(needs))
+    else:
+        grads = dfc_attention_backward(grad, x, *params, mode=mode, needs=tuple(needs))
+    return _grads_or_placeholders(grads, x)
+
+
+@_dfc_backward_op.register_fake
+def _(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode, needs):
+    inputs = (x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    return _fake_grads(inputs, needs, x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd of the forward ops. The triton backend differentiates with the fused backward kernels; the reference
+# backend differentiates the reference math (the forward is recomputed in eager PyTorch).
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -136,44 +226,77 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*[tensors[i] for i in ctx.tensor_slots])
 
 
-def _reference_vjp(reference_fn):
-    def backward(ctx, grad_out):
-        args = [None] * ctx.num_inputs
-        for i, v in ctx.non_tensors.items():
-            args[i] = v
-        leaves = []
-        dt = _compute_dtype(ctx.saved_tensors[0])
-        with torch.enable_grad():
-            for slot, t in zip(ctx.tensor_slots, ctx.saved_tensors):
-                t = t.detach().requires_grad_(ctx.needs_input_grad[slot])
-                args[slot] = t.to(dt)  # differentiable: gradients come back in each input's own dtype
-                if t.requires_grad:
-                    leaves.append((slot, t))
-            out = reference_fn(*args[:-1])  # the last argument is the backend name
-            grads = torch.autograd.grad(out, [t for _, t in leaves], grad_out, allow_unused=True)
-        result = [None] * ctx.num_inputs
-        for (slot, t), g in zip(leaves, grads):
-            result[slot] = torch.zeros_like(t) if g is None else g
-        return tuple(result)
+def _saved_args(ctx) -> list:
+    args = [None] * ctx.num_inputs
+    for i, v in ctx.non_tensors.items():
+        args[i] = v
+    for slot, t in zip(ctx.tensor_slots, ctx.saved_tensors):
+        args[slot] = t
+    return args
+
+
+def _reference_vjp(ctx, grad_out, reference_fn):
+    args = _saved_args(ctx)
+    leaves = []
+    dt = _compute_dtype(args[0])
+    with torch.enable_grad():
+        for slot in ctx.tensor_slots:
+            t = args[slot].detach().requires_grad_(ctx.needs_input_grad[slot])
+            args[slot] = t.to(dt)  # differentiable: gradients come back in each input's own dtype
+            if t.requires_grad:
+                leaves.append((slot, t))
+        out = reference_fn(*args[:-1])  # the last argument is the backend name
+        grads = torch.autograd.grad(out, [t for _, t in leaves], grad_out.to(out.dtype), allow_unused=True)
+    result = [None] * ctx.num_inputs
+    for (slot, t), g in zip(leaves, grads):
+        result[slot] = torch.zeros_like(t) if g is None else g
+    return tuple(result)
+
+
+def _scatter_grads(ctx, slots: Sequence[int], grads: Sequence[Tensor]) -> tuple:
+    result = [None] * ctx.num_inputs
+    for slot, g in zip(slots, grads):
+        result[slot] = g if ctx.needs_input_grad[slot] else None
+    return tuple(result)
+
+
+_GHOST_GRAD_SLOTS = (0, 1, 2, 3, 4, 5, 6, 9)  # x, the six parameters, gate
+
+
+def _ghost_module_backward(ctx, grad_out):
+    args = _saved_args(ctx)
+    if args[-1] != "triton":
+        return _reference_vjp(ctx, grad_out, reference.ghost_module_forward)
+    x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode, _ = args
+    needs = [bool(ctx.needs_input_grad[i]) for i in _GHOST_GRAD_SLOTS]
+    grads = _ghost_module_backward_op(grad_out, x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode,
+                                      needs)
+    return _scatter_grads(ctx, _GHOST_GRAD_SLOTS, grads)
+
+
+def _dfc_backward(mode_of):
+    def backward(ctx, grad):
+        args = _saved_args(ctx)
+        mode = mode_of(args)
+        if args[-1] != "triton":
+            if mode == "gate":
+                return _reference_vjp(ctx, grad, reference.dfc_gate_forward)
+            return _reference_vjp(ctx, grad, lambda x, *rest: reference.dfc_attention_forward(x, *rest[:-1],
+                                                                                              mode=rest[-1]))
+        needs = [bool(ctx.needs_input_grad[i]) for i in range(10)]
+        grads = _dfc_backward_op(grad, *args[:10], mode, needs)
+        return _scatter_grads(ctx, range(10), grads)
 
     return backward
 
 
-def _ghost_reference_args(x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode):
-    return reference.ghost_module_forward(x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode)
+def _setup(ctx, inputs, output):
+    _save_inputs(ctx, inputs, output)
 
 
-def _dfc_attention_reference_args(x, *rest):
-    *params, mode = rest
-    return reference.dfc_attention_forward(x, *params, mode=mode)
-
-
-_ghost_module_op.register_autograd(_reference_vjp(_ghost_reference_args), setup_context=lambda ctx, inputs, output:
-                                   _save_inputs(ctx, inputs, output))
-_dfc_gate_op.register_autograd(_reference_vjp(reference.dfc_gate_forward), setup_context=lambda ctx, inputs, output:
-                               _save_inputs(ctx, inputs, output))
-_dfc_attention_op.register_autograd(_reference_vjp(_dfc_attention_reference_args),
-                                    setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs, output))
+_ghost_module_op.register_autograd(_ghost_module_backward, setup_context=_setup)
+_dfc_gate_op.register_autograd(_dfc_backward(lambda args: "gate"), setup_context=_setup)
+_dfc_attention_op.register_autograd(_dfc_backward(lambda args: args[10]), setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------
