@@ -373,3 +373,469 @@ def dfc_attention_forward(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, co
     assert mode in ("nearest", "bilinear"), mode
     return _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
                    mode, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward: the gradients of the DFC gate / attention w.r.t. x and all nine folded parameters, in one launch.
+#
+# A work item is (image, pooled tile). Per channel block it recomputes the forward chain on the tile plus a 4-lane
+# halo (a3 needs +-4 rows/cols so that a4, a5 and the sigmoid are exact on +-2, which the transposed 5-tap convs
+# read back), then walks the chain backwards through a per-program scratch (a3, a4 / gy4, gy5) with
+# tl.debug_barrier between writer and reader, as the forward does. gy3 = d/d(y3) of every channel block is kept in
+# the scratch, so a second phase loops over input-channel blocks and finishes grad_x of the tile (all C channels
+# summed in registers: no atomics, every grad_x element written once) and grad_W3.
+# Per-channel sums and weight grads go to a per-program partial row (stored by the program's first item, then
+# load-add-store; only that program touches it), summed over programs by one torch .sum(0): deterministic for a
+# given grid and no atomics. The grid is capped so all partial rows and scratch stay under _BWD_BUDGET_BYTES.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Per-program partial row: s3, b3, s4, b4, s5, b5 as [C] each, h taps [C, 5], v taps [C, 5], then W3 [C, CIN].
+_PART_ROWS = 16
+
+
+@triton.jit
+def _dfc_backward_kernel(
+    x_ptr,  # [N, CIN, H, W], any strides
+    cw_ptr,  # [C, CIN, 1, 1] conv1x1 weight
+    cs_ptr,  # [C] BN3 scale
+    cb_ptr,  # [C] BN3 bias
+    hw_ptr,  # [C, 1, 1, 5] dw 1x5 weight
+    hs_ptr,  # [C] BN4 scale
+    hb_ptr,  # [C] BN4 bias
+    vw_ptr,  # [C, 1, 5, 1] dw 5x1 weight
+    vs_ptr,  # [C] BN5 scale
+    vb_ptr,  # [C] BN5 bias
+    go_ptr,  # incoming grad: [N, C, HP, WP] (gate) or [N, C, H, W] (upsampled gate); any strides
+    gx_ptr,  # [N, CIN, H, W] grad of x, any strides; every element written here
+    part_ptr,  # [num_programs, PART_LEN] per-program partial sums (accumulate dtype), written before read
+    scratch_ptr,  # [num_programs, 3 * BLOCK_C + CPAD, HALO_H * HALO_W]: a3; a4 then gy4; gy5; gy3 of all C
+    CIN,  # scalar: input channels
+    C,  # scalar: output channels
+    H,  # scalar: x height
+    W,  # scalar: x width
+    HP,  # scalar: pooled height, H // 2
+    WP,  # scalar: pooled width, W // 2
+    sxn, sxc, sxh, sxw,  # x strides
+    sgn, sgc, sgh, sgw,  # incoming grad strides
+    sdn, sdc, sdh, sdw,  # grad_x strides
+    scw_c, scw_k,  # conv weight strides (out channel, in channel)
+    shw_c, shw_t,  # h_weight strides (channel, tap)
+    svw_c, svw_t,  # v_weight strides (channel, tap)
+    s_cs, s_cb, s_hs, s_hb, s_vs, s_vb,  # scale / bias strides
+    scale_h,  # scalar fp32: HP / H, as F.interpolate computes it in float32
+    scale_w,  # scalar fp32: WP / W
+    tiles_h,  # scalar: pooled tiles along H
+    tiles_w,  # scalar: pooled tiles along W
+    cblocks,  # scalar: channel blocks, cdiv(C, BLOCK_C)
+    total_items,  # scalar: N * tiles_h * tiles_w
+    PART_LEN,  # scalar: 16 * C, plus C * CIN when grad_W3 is needed
+    HALO_H: tl.constexpr,  # rows of the computed pooled tile (pow2), owned tile + margins
+    HALO_W: tl.constexpr,  # cols of the computed pooled tile (pow2)
+    MARGIN_H: tl.constexpr,  # 4 when tiled along H, 0 when one tile covers HP
+    MARGIN_W: tl.constexpr,  # 4 when tiled along W, 0 when one tile covers WP
+    TILE_H: tl.constexpr,  # owned pooled rows per tile
+    TILE_W: tl.constexpr,  # owned pooled cols per tile
+    BLOCK_C: tl.constexpr,  # output channels per step
+    BLOCK_K: tl.constexpr,  # input channels per dot step
+    CPAD: tl.constexpr,  # rows of the gy3 scratch: cblocks * BLOCK_C, or 0 when neither grad_x nor grad_W3 is needed
+    UPSAMPLE: tl.constexpr,  # 0: grad of the gate, 1: of the nearest-, 2: of the bilinear-upsampled gate
+    IS_FP64: tl.constexpr,  # accumulate in fp64 (fp64 inputs), else fp32
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only)
+    INDEX64: tl.constexpr,  # offsets within one image may pass int32
+    NEED_X: tl.constexpr,  # write grad_x
+    NEED_W3: tl.constexpr,  # accumulate grad_W3
+):
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    GDT: tl.constexpr = gx_ptr.dtype.element_ty
+    HALO_PIX: tl.constexpr = HALO_H * HALO_W
+
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+
+    lane = tl.arange(0, HALO_PIX)
+    li = lane // HALO_W
+    lj = lane % HALO_W
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    scr_1 = scratch_ptr + pid.to(tl.int64) * ((3 * BLOCK_C + CPAD) * HALO_PIX)
+    scr_2 = scr_1 + BLOCK_C * HALO_PIX
+    scr_3 = scr_2 + BLOCK_C * HALO_PIX
+    scr_gy3 = scr_3 + BLOCK_C * HALO_PIX
+    scr_tile = offs_c[:, None] * HALO_PIX + lane[None, :]
+    part = part_ptr + pid.to(tl.int64) * PART_LEN
+    part_w3 = part + 16 * C
+
+    if UPSAMPLE == 2:
+        if IS_FP64:
+            bscale_h = tl.cast(HP, tl.float64) / tl.cast(H, tl.float64)
+            bscale_w = tl.cast(WP, tl.float64) / tl.cast(W, tl.float64)
+        else:
+            bscale_h = scale_h
+            bscale_w = scale_w
+
+    for item in range(pid, total_items, nprog):
+        tw = item % tiles_w
+        t = item // tiles_w
+        th = t % tiles_h
+        n = t // tiles_h
+
+        ph0 = th * TILE_H
+        pw0 = tw * TILE_W
+        ph = ph0 - MARGIN_H + li
+        pw = pw0 - MARGIN_W + lj
+        in_img = (ph >= 0) & (ph < HP) & (pw >= 0) & (pw < WP)
+        own = in_img & (li >= MARGIN_H) & (li < MARGIN_H + TILE_H) & (lj >= MARGIN_W) & (lj < MARGIN_W + TILE_W)
+        x_base = x_ptr + n.to(tl.int64) * sxn
+        x_pix = (2 * ph).to(IDX) * sxh + (2 * pw).to(IDX) * sxw
+        g_base = go_ptr + n.to(tl.int64) * sgn
+        # The grid never exceeds the items, so a program's first item stores its partials (no zero-fill launch).
+        acc_part = item != pid
+
+        for cb in range(0, cblocks):
+            c = cb * BLOCK_C + offs_c
+            cmask = c < C
+            ci = c.to(IDX)
+
+            # ---- forward recompute: y3 (pre-BN) on the whole halo tile, as the forward kernel does.
+            acc = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+            for k0 in range(0, CIN, BLOCK_K):
+                k = k0 + offs_k
+                kmask = k < CIN
+                m = kmask[:, None] & in_img[None, :]
+                p = x_base + (k.to(IDX)[:, None] * sxc + x_pix[None, :])
+                v = tl.load(p, mask=m, other=0.0).to(ACC)
+                v += tl.load(p + sxw, mask=m, other=0.0).to(ACC)
+                v += tl.load(p + sxh, mask=m, other=0.0).to(ACC)
+                v += tl.load(p + sxh + sxw, mask=m, other=0.0).to(ACC)
+                pooled = (v * 0.25).to(XDT)
+                wm = cmask[:, None] & kmask[None, :]
+                w = tl.load(cw_ptr + ci[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm, other=0.0)
+                acc = tl.dot(w.to(XDT), pooled, acc, input_precision=DOT_PRECISION)
+            y3 = acc
+            s3 = tl.load(cs_ptr + ci * s_cs, mask=cmask, other=0.0).to(ACC)
+            b3 = tl.load(cb_ptr + ci * s_cb, mask=cmask, other=0.0).to(ACC)
+            # Zero outside the image: the zero padding of the biased output.
+            a3 = tl.where(in_img[None, :], y3 * s3[:, None] + b3[:, None], 0.0)
+            tl.store(scr_1 + scr_tile, a3)
+            tl.debug_barrier()
+
+            # ---- y4 = dw1x5(a3), exact on cols [2, HALO_W - 2) of the tile.
+            y4 = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+            for tap in tl.static_range(5):
+                jj = lj + (tap - 2)
+                m = (jj >= 0) & (jj < HALO_W)
+                wt = tl.load(hw_ptr + ci * shw_c + tap * shw_t, mask=cmask, other=0.0).to(ACC)
+                y4 += wt[:, None] * tl.load(scr_1 + scr_tile + (tap - 2), mask=m[None, :], other=0.0)
+            s4 = tl.load(hs_ptr + ci * s_hs, mask=cmask, other=0.0).to(ACC)
+            b4 = tl.load(hb_ptr + ci * s_hb, mask=cmask, other=0.0).to(ACC)
+            a4 = tl.where(in_img[None, :], y4 * s4[:, None] + b4[:, None], 0.0)
+            tl.store(scr_2 + scr_tile, a4)
+            tl.debug_barrier()
+
+            # ---- y5 = dw5x1(a4), gate: exact on rows and cols [2, HALO - 2).
+            y5 = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+            for tap in tl.static_range(5):
+                ii = li + (tap - 2)
+                m = (ii >= 0) & (ii < HALO_H)
+                wt = tl.load(vw_ptr + ci * svw_c + tap * svw_t, mask=cmask, other=0.0).to(ACC)
+                y5 += wt[:, None] * tl.load(scr_2 + scr_tile + (tap - 2) * HALO_W, mask=m[None, :], other=0.0)
+            s5 = tl.load(vs_ptr + ci * s_vs, mask=cmask, other=0.0).to(ACC)
+            b5 = tl.load(vb_ptr + ci * s_vb, mask=cmask, other=0.0).to(ACC)
+            gate = tl.sigmoid(y5 * s5[:, None] + b5[:, None])
+
+            # ---- grad of the gate at the pooled pixel: loaded, or gathered from the full-res grad (the adjoint
+            # of the upsample). A pooled index i receives full-res rows 2i + [0, 3) (nearest) or 2i + [-2, 4)
+            # (bilinear, as i0 or i1), checked exhaustively in the tests; membership is tested with the forward's
+            # own index math, so each full-res pixel adds into exactly the pooled pixels it was read from.
+            gcm = cmask[:, None] & in_img[None, :]
+            g_chan = g_base + ci[:, None] * sgc
+            if UPSAMPLE == 0:
+                gg = tl.load(g_chan + (ph.to(IDX) * sgh + pw.to(IDX) * sgw)[None, :], mask=gcm, other=0.0).to(ACC)
+            elif UPSAMPLE == 1:
+                gg = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+                for oh in tl.static_range(3):
+                    dh = 2 * ph + oh
+                    sh = tl.minimum((dh.to(tl.float32) * scale_h).to(tl.int32), HP - 1)
+                    rok = (dh < H) & (sh == ph)
+                    for ow in tl.static_range(3):
+                        dw = 2 * pw + ow
+                        sw = tl.minimum((dw.to(tl.float32) * scale_w).to(tl.int32), WP - 1)
+                        mm = rok & (dw < W) & (sw == pw)
+                        gg += tl.load(g_chan + (dh.to(IDX) * sgh + dw.to(IDX) * sgw)[None, :],
+                                      mask=gcm & mm[None, :], other=0.0).to(ACC)
+            else:
+                gg = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+                for oh in tl.static_range(6):
+                    dh = 2 * ph + (oh - 2)
+                    hr = tl.maximum((dh.to(bscale_h.dtype) + 0.5) * bscale_h - 0.5, 0.0)
+                    h0 = hr.to(tl.int32)
+                    h1 = h0 + (h0 < HP - 1).to(tl.int32)
+                    h1l = hr - h0.to(hr.dtype)
+                    wgt_h = tl.where(h0 == ph, 1.0 - h1l, 0.0) + tl.where(h1 == ph, h1l, 0.0)
+                    rok = (dh >= 0) & (dh < H) & ((h0 == ph) | (h1 == ph))
+                    for ow in tl.static_range(6):
+                        dw = 2 * pw + (ow - 2)
+                        wr = tl.maximum((dw.to(bscale_w.dtype) + 0.5) * bscale_w - 0.5, 0.0)
+                        w0 = wr.to(tl.int32)
+                        w1 = w0 + (w0 < WP - 1).to(tl.int32)
+                        w1l = wr - w0.to(wr.dtype)
+                        wgt_w = tl.where(w0 == pw, 1.0 - w1l, 0.0) + tl.where(w1 == pw, w1l, 0.0)
+                        mm = rok & (dw >= 0) & (dw < W) & ((w0 == pw) | (w1 == pw))
+                        gv = tl.load(g_chan + (dh.to(IDX) * sgh + dw.to(IDX) * sgw)[None, :],
+                                     mask=gcm & mm[None, :], other=0.0).to(ACC)
+                        gg += (wgt_h * wgt_w).to(ACC)[None, :] * gv
+
+            # ---- through the sigmoid and BN5.
+            ga5 = tl.where(gcm, gg * gate * (1.0 - gate), 0.0)
+            own2 = cmask[:, None] & own[None, :]
+            r_s5 = tl.sum(tl.where(own2, ga5 * y5, 0.0), axis=1)
+            r_b5 = tl.sum(tl.where(own2, ga5, 0.0), axis=1)
+            gy5 = ga5 * s5[:, None]
+            tl.store(scr_3 + scr_tile, gy5)
+            # grad_Wv[t] = sum gy5 * a4 shifted by t - 2 rows (a4 is zero outside the image).
+            for tap in tl.static_range(5):
+                ii = li + (tap - 2)
+                m = own & (ii >= 0) & (ii < HALO_H)
+                a4t = tl.load(scr_2 + scr_tile + (tap - 2) * HALO_W, mask=cmask[:, None] & m[None, :], other=0.0)
+                r_v = tl.sum(gy5 * a4t, axis=1)
+                pv = part + 11 * C + c * 5 + tap
+                tl.store(pv, tl.load(pv, mask=cmask & acc_part, other=0.0) + r_v, mask=cmask)
+            tl.debug_barrier()
+
+            # ---- ga4 = transposed 5x1 conv of gy5 (exact on the owned rows, cols [2, HALO_W - 2)).
+            ga4 = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+            for tap in tl.static_range(5):
+                ii = li - (tap - 2)
+                m = (ii >= 0) & (ii < HALO_H)
+                wt = tl.load(vw_ptr + ci * svw_c + tap * svw_t, mask=cmask, other=0.0).to(ACC)
+                ga4 += wt[:, None] * tl.load(scr_3 + scr_tile - (tap - 2) * HALO_W, mask=m[None, :], other=0.0)
+            ga4 = tl.where(gcm, ga4, 0.0)
+            r_s4 = tl.sum(tl.where(own2, ga4 * y4, 0.0), axis=1)
+            r_b4 = tl.sum(tl.where(own2, ga4, 0.0), axis=1)
+            gy4 = ga4 * s4[:, None]
+            # a4 was last read before the barrier above: its slot now takes gy4.
+            tl.store(scr_2 + scr_tile, gy4)
+            for tap in tl.static_range(5):
+                jj = lj + (tap - 2)
+                m = own & (jj >= 0) & (jj < HALO_W)
+                a3t = tl.load(scr_1 + scr_tile + (tap - 2), mask=cmask[:, None] & m[None, :], other=0.0)
+                r_h = tl.sum(gy4 * a3t, axis=1)
+                ph_ = part + 6 * C + c * 5 + tap
+                tl.store(ph_, tl.load(ph_, mask=cmask & acc_part, other=0.0) + r_h, mask=cmask)
+            tl.debug_barrier()
+
+            # ---- ga3 = transposed 1x5 conv of gy4, on the owned tile only.
+            ga3 = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+            for tap in tl.static_range(5):
+                jj = lj - (tap - 2)
+                m = (jj >= 0) & (jj < HALO_W)
+                wt = tl.load(hw_ptr + ci * shw_c + tap * shw_t, mask=cmask, other=0.0).to(ACC)
+                ga3 += wt[:, None] * tl.load(scr_2 + scr_tile - (tap - 2), mask=m[None, :], other=0.0)
+            ga3 = tl.where(own2, ga3, 0.0)
+            r_s3 = tl.sum(ga3 * y3, axis=1)
+            r_b3 = tl.sum(ga3, axis=1)
+            if CPAD > 0:
+                tl.store(scr_gy3 + cb * (BLOCK_C * HALO_PIX) + scr_tile, ga3 * s3[:, None])
+
+            pc = part + c
+            pm = cmask & acc_part
+            tl.store(pc, tl.load(pc, mask=pm, other=0.0) + r_s3, mask=cmask)
+            tl.store(pc + C, tl.load(pc + C, mask=pm, other=0.0) + r_b3, mask=cmask)
+            tl.store(pc + 2 * C, tl.load(pc + 2 * C, mask=pm, other=0.0) + r_s4, mask=cmask)
+            tl.store(pc + 3 * C, tl.load(pc + 3 * C, mask=pm, other=0.0) + r_b4, mask=cmask)
+            tl.store(pc + 4 * C, tl.load(pc + 4 * C, mask=pm, other=0.0) + r_s5, mask=cmask)
+            tl.store(pc + 5 * C, tl.load(pc + 5 * C, mask=pm, other=0.0) + r_b5, mask=cmask)
+            # The next channel block overwrites the a3 / gy4 / gy5 slots.
+            tl.debug_barrier()
+
+        if CPAD > 0:
+            # ---- phase 2, per input-channel block: gp = W3^T gy3 over all C (registers), grad_x = gp / 4 on each
+            # 2x2 window; grad_W3 += gy3 p^T over the owned pixels.
+            d_base = gx_ptr + n.to(tl.int64) * sdn
+            d_pix = (2 * ph).to(IDX) * sdh + (2 * pw).to(IDX) * sdw
+            for k0 in range(0, CIN, BLOCK_K):
+                k = k0 + offs_k
+                kmask = k < CIN
+                if NEED_W3:
+                    m = kmask[:, None] & own[None, :]
+                    p = x_base + (k.to(IDX)[:, None] * sxc + x_pix[None, :])
+                    v = tl.load(p, mask=m, other=0.0).to(ACC)
+                    v += tl.load(p + sxw, mask=m, other=0.0).to(ACC)
+                    v += tl.load(p + sxh, mask=m, other=0.0).to(ACC)
+                    v += tl.load(p + sxh + sxw, mask=m, other=0.0).to(ACC)
+                    pooled_t = tl.trans((v * 0.25).to(XDT))
+                gp = tl.zeros([BLOCK_K, HALO_PIX], dtype=ACC)
+                for cb in range(0, cblocks):
+                    c = cb * BLOCK_C + offs_c
+                    cmask = c < C
+                    gy3 = tl.load(scr_gy3 + cb * (BLOCK_C * HALO_PIX) + scr_tile).to(XDT)
+                    wm = cmask[:, None] & kmask[None, :]
+                    if NEED_W3:
+                        gw = tl.dot(gy3, pooled_t, tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC),
+                                    input_precision=DOT_PRECISION)
+                        pw3 = part_w3 + c[:, None] * CIN + k[None, :]
+                        tl.store(pw3, tl.load(pw3, mask=wm & acc_part, other=0.0) + gw, mask=wm)
+                    if NEED_X:
+                        w = tl.load(cw_ptr + c.to(IDX)[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm,
+                                    other=0.0)
+                        gp = tl.dot(tl.trans(w.to(XDT)), gy3, gp, input_precision=DOT_PRECISION)
+                if NEED_X:
+                    gv = (gp * 0.25).to(GDT)
+                    m = kmask[:, None] & own[None, :]
+                    d = d_base + (k.to(IDX)[:, None] * sdc + d_pix[None, :])
+                    tl.store(d, gv, mask=m)
+                    tl.store(d + sdw, gv, mask=m)
+                    tl.store(d + sdh, gv, mask=m)
+                    tl.store(d + sdh + sdw, gv, mask=m)
+                    # The row / col that avgpool floors off (odd H / W) gets zero, written by the tile owning the
+                    # last pooled row / col.
+                    zero = tl.zeros([BLOCK_K, HALO_PIX], dtype=GDT)
+                    last_r = own & (ph == HP - 1) & (H % 2 == 1)
+                    last_c = own & (pw == WP - 1) & (W % 2 == 1)
+                    mr = kmask[:, None] & last_r[None, :]
+                    mc = kmask[:, None] & last_c[None, :]
+                    tl.store(d + 2 * sdh, zero, mask=mr)
+                    tl.store(d + 2 * sdh + sdw, zero, mask=mr)
+                    tl.store(d + 2 * sdw, zero, mask=mc)
+                    tl.store(d + sdh + 2 * sdw, zero, mask=mc)
+                    tl.store(d + 2 * sdh + 2 * sdw, zero, mask=mr & mc)
+        # The next item overwrites this program's scratch.
+        tl.debug_barrier()
+
+
+_BWD_BUDGET_BYTES = 128 << 20  # partial sums + scratch of all programs; caps the grid for wide layers
+
+
+def _backward_config(n, cin, c, h, w, need_gy3, need_w3, elem, device, override=None):
+    """Tile sizes and launch shape of the backward (one deterministic config per shape, as the forward)."""
+    o = dict(override or {})
+    hp, wp = h // 2, w // 2
+
+    def dim(p, cap, key):
+        forced = o.get("halo_" + key)  # tests force the tiled path on small shapes
+        halo = forced or (cap if _pow2(p) > cap else None)
+        if halo is None:
+            return _pow2(p), 0, _pow2(p)
+        assert halo - 8 >= 1, "halo too small for the backward's 4-lane margins"
+        return halo, 4, halo - 8
+
+    # A 4-lane margin each side: a tile of 16 owns 8 (the interpreter tiles at 16 so tests take the tiled path).
+    wide = 16 if _INTERPRET else 32
+    halo_w, margin_w, tile_w = dim(wp, wide, "w")
+    cap_h = max(16, (256 if _INTERPRET else 512) // halo_w)
+    halo_h, margin_h, tile_h = dim(hp, cap_h, "h")
+    while halo_h * halo_w < 16:  # tl.dot needs >= 16 on every dim
+        if margin_w == 0:
+            halo_w *= 2
+            tile_w = halo_w
+        else:
+            halo_h *= 2
+            tile_h = halo_h if margin_h == 0 else halo_h - 8
+    pix = halo_h * halo_w
+    block_c = o.get("block_c") or min(max(16, _pow2(c)), 64, max(16, 4096 // pix))
+    block_k = o.get("block_k") or 16
+    tiles_h = triton.cdiv(hp, tile_h)
+    tiles_w = triton.cdiv(wp, tile_w)
+    cblocks = triton.cdiv(c, block_c)
+    cpad = cblocks * block_c if need_gy3 else 0
+    total = n * tiles_h * tiles_w
+    part_len = _PART_ROWS * c + (c * cin if need_w3 else 0)
+    per_program = elem * ((3 * block_c + cpad) * pix + part_len)
+    cap = max(1, _BWD_BUDGET_BYTES // per_program)
+    grid = max(1, min(total, o.get("max_programs") or _max_programs(device), cap))
+    num_warps = o.get("num_warps") or min(16, max(4, block_c * pix // 256))
+    return dict(halo_h=halo_h, halo_w=halo_w, margin_h=margin_h, margin_w=margin_w, tile_h=tile_h, tile_w=tile_w,
+                block_c=block_c, block_k=block_k, tiles_h=tiles_h, tiles_w=tiles_w, cblocks=cblocks, cpad=cpad,
+                part_len=part_len, total=total, grid=grid, num_warps=num_warps, index64=bool(o.get("index64")))
+
+
+def _launch_backward(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale,
+                     v_bias, mode, needs, _override=None):
+    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    assert x.dim() == 4 and conv_weight.dim() == 4 and h_weight.shape[-1] == 5 and v_weight.shape[-2] == 5
+    needs = tuple(bool(b) for b in needs)
+    assert len(needs) == 10, "needs: one flag per input (x and the nine parameters)"
+    n, cin, h, w = x.shape
+    c = conv_weight.shape[0]
+    hp, wp = h // 2, w // 2
+    assert hp >= 1 and wp >= 1, "DFC needs H, W >= 2"
+    upsample = _UPSAMPLE[mode]
+    shape = (n, c, h, w) if upsample else (n, c, hp, wp)
+    assert tuple(grad.shape) == shape, f"grad shape {tuple(grad.shape)} != output shape {shape}"
+    inputs = (x,) + params
+    if not any(needs):
+        return (None,) * 10
+    if n == 0:
+        return tuple(torch.zeros_like(t) if nd else None for t, nd in zip(inputs, needs))
+
+    is_fp64 = x.dtype == torch.float64
+    acc_dtype = torch.float64 if is_fp64 else torch.float32
+    need_x, need_w3 = needs[0], needs[1]
+    cfg = _backward_config(n, cin, c, h, w, need_x or need_w3, need_w3, 8 if is_fp64 else 4, x.device, _override)
+    grid = cfg["grid"]
+    gx = _out_like(x, x.shape) if need_x else x  # x stands in for an unused pointer; never written then
+    part = torch.empty(grid, cfg["part_len"], dtype=acc_dtype, device=x.device)
+    pix = cfg["halo_h"] * cfg["halo_w"]
+    scratch = torch.empty(grid * (3 * cfg["block_c"] + cfg["cpad"]) * pix, dtype=acc_dtype, device=x.device)
+    precision = "ieee"
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"
+    _dfc_backward_kernel[(grid,)](
+        x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, grad, gx, part,
+        scratch,
+        cin, c, h, w, hp, wp,
+        *x.stride(), *grad.stride(), *gx.stride(),
+        conv_weight.stride(0), conv_weight.stride(1),
+        h_weight.stride(0), h_weight.stride(3),
+        v_weight.stride(0), v_weight.stride(2),
+        conv_scale.stride(0), conv_bias.stride(0), h_scale.stride(0), h_bias.stride(0),
+        v_scale.stride(0), v_bias.stride(0),
+        float(np.float32(hp) / np.float32(h)), float(np.float32(wp) / np.float32(w)),
+        cfg["tiles_h"], cfg["tiles_w"], cfg["cblocks"], cfg["total"], cfg["part_len"],
+        HALO_H=cfg["halo_h"], HALO_W=cfg["halo_w"], MARGIN_H=cfg["margin_h"], MARGIN_W=cfg["margin_w"],
+        TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
+        CPAD=cfg["cpad"], UPSAMPLE=upsample, IS_FP64=is_fp64, DOT_PRECISION=precision,
+        INDEX64=cfg["index64"] or _needs_index64(x, grad, gx, conv_weight),
+        NEED_X=need_x, NEED_W3=need_w3, num_warps=cfg["num_warps"],
+    )
+    total = part.sum(0) if grid > 1 else part[0]
+    dtypes = {t.dtype for t, nd in zip(params, needs[1:]) if nd}
+    if len(dtypes) == 1 and acc_dtype not in dtypes:
+        total = total.to(dtypes.pop())  # one cast for all parameter grads (fp16 / bf16 parameters)
+    pos = [0]
+
+    def take(length, shape):
+        pos[0] += length
+        return total[pos[0] - length:pos[0]].view(shape)
+
+    # Views of one buffer in the partial-row layout: no copy when the dtypes match.
+    s3, b3, s4, b4, s5, b5 = (take(c, (c,)) for _ in range(6))
+    gh, gv = take(5 * c, (c, 5)), take(5 * c, (c, 5))
+    gw3 = take(c * cin, (c, cin)) if need_w3 else None
+    raw = (gw3, s3, b3, gh, s4, b4, gv, s5, b5)
+    out = [gx if need_x else None]
+    for t, g, nd in zip(params, raw, needs[1:]):
+        out.append(g.reshape(t.shape).to(t.dtype) if nd else None)
+    return tuple(out)
+
+
+def dfc_gate_backward(grad_gate: Tensor, x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor,
+                      h_weight: Tensor, h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor,
+                      v_bias: Tensor, needs=(True,) * 10) -> tuple:
+    """Grads of `dfc_gate_forward` w.r.t. (x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias,
+    v_weight, v_scale, v_bias), None where `needs` is False: one Triton launch, then one torch sum of the
+    per-program partials (and one cast when the parameters are fp16 / bf16)."""
+    return _launch_backward(grad_gate, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight,
+                            v_scale, v_bias, None, needs)
+
+
+def dfc_attention_backward(grad_full: Tensor, x: Tensor, conv_weight: Tensor, conv_scale: Tensor,
+                           conv_bias: Tensor, h_weight: Tensor, h_scale: Tensor, h_bias: Tensor, v_weight: Tensor,
+                           v_scale: Tensor, v_bias: Tensor, mode: str = "nearest", needs=(True,) * 10) -> tuple:
+    """Grads of `dfc_attention_forward` (the gate upsampled to H x W with `mode`); the upsample's adjoint is a
+    gather inside the same launch."""
+    assert mode in ("nearest", "bilinear"), mode
+    return _launch_backward(grad_full, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight,
+                            v_scale, v_bias, mode, needs)
