@@ -1,8 +1,9 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# `make bench` (quick, < 5 min on 2 CPU cores) and `make bench-full`: benchmarks -> benchmarks/results/<device>/.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test info venv
+.PHONY: demo test info venv bench-venv bench bench-full
 
 venv:
 	bash scripts/setup_venv.sh
@@ -16,3 +17,13 @@ info: venv
 # Triton runs under its CPU interpreter when no GPU is present (tests/conftest.py sets TRITON_INTERPRET).
 test: venv
 	$(PY) -m pytest -q -ra tests
+
+# The benchmarks also use matplotlib (plots) and tqdm (progress bar) when they can be installed; they run without.
+bench-venv:
+	GHOSTFAST_BENCH=1 bash scripts/setup_venv.sh
+
+bench: bench-venv
+	$(PY) -m ghostfast bench --quick
+
+bench-full: bench-venv
+	$(PY) -m ghostfast bench

@@ -1,4 +1,4 @@
-"""Command line: `python -m ghostfast info` and `python -m ghostfast demo`.
+"""Command line: `python -m ghostfast info`, `python -m ghostfast demo` and `python -m ghostfast bench`.
 
 The demo is the package's main job on a default model: build timm's ghostnetv2_100 with seeded random weights,
 convert it, check the converted model against eager PyTorch, time both, and print a table. Without a GPU the
@@ -109,6 +109,26 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def _benchmarks_module():
+    """`benchmarks.run` from the repository root (benchmarks/ is not part of the installed package; the editable
+    install leaves the repository beside the package), or None when this is not a repository checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
+        return None
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import benchmarks.run
+
+    return benchmarks.run
+
+
+def cmd_bench(args) -> int:
+    if getattr(args, "bench_import_error", None):
+        print(f"the benchmarks cannot be imported: {args.bench_import_error}", file=sys.stderr)
+        return 1
+    return _benchmarks_module().run(args)
+
+
 def main(argv=None) -> int:
     _prepare_triton_env()
     parser = argparse.ArgumentParser(prog="python -m ghostfast", description=__doc__.splitlines()[0])
@@ -123,8 +143,18 @@ def main(argv=None) -> int:
     demo.add_argument("--backend", default=None, choices=("auto", "triton", "reference"))
     demo.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 5 on CPU)")
     demo.add_argument("--seed", type=int, default=0)
+    try:
+        bench_module = _benchmarks_module()
+    except Exception as e:  # a broken benchmarks/ must not break info and demo; `bench` reports it
+        bench_module, bench_error = None, f"{type(e).__name__}: {e}"
+    else:
+        bench_error = None if bench_module is not None else "benchmarks/ is not beside the package (no checkout)"
+    bench = sub.add_parser("bench", help="op and model benchmarks -> CSV files and plots (see README)")
+    if bench_module is not None:
+        bench_module.add_arguments(bench)
+    bench.set_defaults(bench_import_error=bench_error)
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "demo": cmd_demo}[args.command](args)
+    return {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":
