@@ -310,3 +310,387 @@ def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tenso
         num_warps=num_warps,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_scatter(gg_ptr, gg_off_c, o00, o01, o10, o11, lh, lw, val, mask, BILINEAR: tl.constexpr,
+                  ACC: tl.constexpr):
+    """Adjoint of `_gate_at`: add a [P, BLOCK_C] block of full-res values into the low-res gate gradient."""
+    if BILINEAR:
+        lh2 = lh.to(ACC)[:, None]
+        lw2 = lw.to(ACC)[:, None]
+        # neighbouring tiles (and border lanes, where i0 == i1) hit the same gate pixel: atomics, not stores
+        tl.atomic_add(gg_ptr + (o00[:, None] + gg_off_c[None, :]), val * ((1.0 - lh2) * (1.0 - lw2)), mask=mask)
+        tl.atomic_add(gg_ptr + (o01[:, None] + gg_off_c[None, :]), val * ((1.0 - lh2) * lw2), mask=mask)
+        tl.atomic_add(gg_ptr + (o10[:, None] + gg_off_c[None, :]), val * (lh2 * (1.0 - lw2)), mask=mask)
+        tl.atomic_add(gg_ptr + (o11[:, None] + gg_off_c[None, :]), val * (lh2 * lw2), mask=mask)
+    else:
+        tl.atomic_add(gg_ptr + (o00[:, None] + gg_off_c[None, :]), val, mask=mask)
+
+
+@triton.jit
+def _ghost_module_bwd_kernel(
+    go_ptr,  # [N, out_channels, H, W] grad_out, strides sgon, sgoc, sgoh, sgow
+    x_ptr,  # [N, C_in, H, W], strides sxn, sxc, sxh, sxw
+    w1_ptr,  # [init, C_in] primary 1x1 weight (x's dtype), strides sw1o, sw1k
+    s1_ptr, b1_ptr,  # [init] primary BN scale / bias (contiguous)
+    w2_ptr,  # [init*(ratio-1), DW, DW] depthwise weight, strides sw2o, sw2h, sw2w
+    s2_ptr, b2_ptr,  # [init*(ratio-1)] cheap BN scale / bias (contiguous)
+    gate_ptr,  # [N, out_channels, Hg, Wg] low-res gate, strides sgn, sgc, sgh, sgw (x when HAS_GATE is False)
+    gx_ptr,  # [N, C_in, H, W] grad_x (x's dtype), strides sdxn, sdxc, sdxh, sdxw (x when NEED_GX is False)
+    gw1_ptr,  # [init, C_in] ACC, zeroed, contiguous: atomics
+    gs1_ptr, gb1_ptr,  # [init] ACC, zeroed: atomics
+    gw2_ptr,  # [init*(ratio-1), DW*DW] ACC, zeroed, contiguous: atomics
+    gs2_ptr, gb2_ptr,  # [init*(ratio-1)] ACC, zeroed: atomics
+    gg_ptr,  # [N, Cg, Hg, Wg] ACC, zeroed, contiguous grad of the gate: atomics (x when NEED_GATE is False)
+    scratch_ptr,  # [num_programs, slot] ACC: x1 halo tile, g2*s2 halo tile, g1*s1 for every x1 channel block
+    C_in, H, W,  # scalars: input channels and image size
+    init, ratio_m1, out_channels,  # scalars: x1 channels, cheap outputs per x1 channel, kept channels
+    Hg, Wg,  # scalars: gate size
+    gscale_h, gscale_w,  # fp32 scalars: Hg/H and Wg/W rounded to fp32
+    sgon, sgoc, sgoh, sgow,  # grad_out strides
+    sxn, sxc, sxh, sxw,  # x strides
+    sw1o, sw1k,  # primary weight strides
+    sw2o, sw2h, sw2w,  # depthwise weight strides
+    sgn, sgc, sgh, sgw,  # gate strides
+    sdxn, sdxc, sdxh, sdxw,  # grad_x strides
+    ggn, ggc,  # grad-gate batch and channel strides (its rows are Wg long)
+    tiles_h, tiles_w, n_cblocks, total_items, slot,  # scalars: work decomposition, scratch elements per program
+    HALO_H: tl.constexpr, HALO_W: tl.constexpr,  # halo tile, powers of two; the owned tile is HALO - 4R per side
+    DW: tl.constexpr,  # depthwise kernel size (odd)
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # x1 channels per block, C_in chunk of the dots
+    RELU: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,
+    NEED_GX: tl.constexpr, NEED_W1: tl.constexpr, NEED_GATE: tl.constexpr,  # which gradients to produce
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 only)
+    ACC: tl.constexpr, IS_FP64: tl.constexpr,  # accumulate dtype (fp32, or fp64 for fp64 inputs)
+):
+    # Regions of the halo tile: all of it holds x1 (recomputed), the inner band B (tile + R) holds y2 and
+    # g2*s2 (the transposed depthwise of a tile pixel reads them up to R away), the tile T (HALO - 4R) is owned:
+    # only its pixels contribute to reductions and are written to grad_x.
+    R: tl.constexpr = DW // 2
+    R2: tl.constexpr = 2 * R
+    P: tl.constexpr = HALO_H * HALO_W
+    TILE_H: tl.constexpr = HALO_H - 2 * R2
+    TILE_W: tl.constexpr = HALO_W - 2 * R2
+    KK: tl.constexpr = DW * DW
+
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+
+    p = tl.arange(0, P)
+    ph = p // HALO_W
+    pw = p % HALO_W
+    in_b = (ph >= R) & (ph < HALO_H - R) & (pw >= R) & (pw < HALO_W - R)
+    in_t = (ph >= R2) & (ph < HALO_H - R2) & (pw >= R2) & (pw < HALO_W - R2)
+    cr = tl.arange(0, BLOCK_C)
+    kr = tl.arange(0, BLOCK_K)
+    n_x1_out = tl.minimum(init, out_channels)  # x1 channels at or past this get no gradient at all
+    c_pad = n_cblocks * BLOCK_C
+    scr_x1 = scratch_ptr + pid.to(tl.int64) * slot
+    scr_g = scr_x1 + P * BLOCK_C
+    scr_gy1 = scr_g + P * BLOCK_C
+    scr_off = p[:, None] * BLOCK_C + cr[None, :]
+
+    for item in range(pid, total_items, nprog):
+        tw = item % tiles_w
+        rest = item // tiles_w
+        th = rest % tiles_h
+        n = (rest // tiles_h).to(tl.int64)
+
+        h = th * TILE_H - R2 + ph
+        w = tw * TILE_W - R2 + pw
+        in_img = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        t_pix = in_t & in_img
+        b_pix = in_b & in_img
+        h64 = h.to(tl.int64)
+        w64 = w.to(tl.int64)
+        x_pix = x_ptr + n * sxn + h64 * sxh + w64 * sxw
+        go_pix = go_ptr + n * sgon + h64 * sgoh + w64 * sgow
+
+        if HAS_GATE:
+            gh0, gh1, lh = _axis_source(h, H, Hg, gscale_h, GATE_BILINEAR, IS_FP64)
+            gw0, gw1, lw = _axis_source(w, W, Wg, gscale_w, GATE_BILINEAR, IS_FP64)
+            g_n = gate_ptr + n * sgn
+            o00 = gh0.to(tl.int64) * sgh + gw0.to(tl.int64) * sgw
+            o01 = gh0.to(tl.int64) * sgh + gw1.to(tl.int64) * sgw
+            o10 = gh1.to(tl.int64) * sgh + gw0.to(tl.int64) * sgw
+            o11 = gh1.to(tl.int64) * sgh + gw1.to(tl.int64) * sgw
+            if NEED_GATE:
+                gg_n = gg_ptr + n * ggn
+                q00 = gh0.to(tl.int64) * Wg + gw0
+                q01 = gh0.to(tl.int64) * Wg + gw1
+                q10 = gh1.to(tl.int64) * Wg + gw0
+                q11 = gh1.to(tl.int64) * Wg + gw1
+
+        for cb in range(0, n_cblocks):
+            c = cb * BLOCK_C + cr
+            c_ok = c < n_x1_out
+            c64 = c.to(tl.int64)
+
+            # ---- recompute y1 = W1 @ x and x1 = act(BN1(y1)) on the whole halo tile ----
+            y1 = tl.zeros([P, BLOCK_C], dtype=ACC)
+            for k0 in range(0, C_in, BLOCK_K):
+                k = k0 + kr
+                k_ok = k < C_in
+                k64 = k.to(tl.int64)
+                xt = tl.load(x_pix[:, None] + k64[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w1_ptr + c64[None, :] * sw1o + k64[:, None] * sw1k, mask=k_ok[:, None] & c_ok[None, :],
+                             other=0.0)
+                y1 = tl.dot(xt, wt, y1, input_precision=INPUT_PRECISION, out_dtype=ACC)
+            s1 = tl.load(s1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
+            b1 = tl.load(b1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
+            pre1 = y1 * s1[None, :] + b1[None, :]
+            x1 = pre1
+            if RELU:
+                x1 = tl.where(pre1 < 0, 0.0, pre1)
+            x1 = tl.where(in_img[:, None], x1, 0.0)  # the depthwise zero-pads the biased, activated x1
+
+            # ---- gradient reaching x1 directly (its channels that survive the cut) ----
+            m1 = t_pix[:, None] & c_ok[None, :]
+            go1 = tl.load(go_pix[:, None] + c64[None, :] * sgoc, mask=m1, other=0.0).to(ACC)
+            if HAS_GATE:
+                gx1 = go1 * _gate_at(g_n, c64 * sgc, o00, o01, o10, o11, lh, lw, m1, GATE_BILINEAR, ACC)
+                if NEED_GATE:
+                    _gate_scatter(gg_n, c64 * ggc, q00, q01, q10, q11, lh, lw, go1 * x1, m1, GATE_BILINEAR, ACC)
+            else:
+                gx1 = go1
+
+            # ---- cheap outputs: g2 on the band, reductions on the tile, transposed depthwise into gx1 ----
+            if init + cb * BLOCK_C * ratio_m1 < out_channels:
+                if DW > 1:
+                    tl.store(scr_x1 + scr_off, x1)
+                    tl.debug_barrier()
+                for j in range(0, ratio_m1):
+                    o2 = c * ratio_m1 + j
+                    o2_64 = o2.to(tl.int64)
+                    m2c = c_ok & (init + o2 < out_channels)
+                    if DW > 1:
+                        y2 = tl.zeros([P, BLOCK_C], dtype=ACC)
+                        for t in range(KK):
+                            dy = t // DW
+                            dx = t % DW
+                            wv = tl.load(w2_ptr + o2_64 * sw2o + dy * sw2h + dx * sw2w, mask=m2c, other=0.0).to(ACC)
+                            shift = ((dy - R) * HALO_W + (dx - R)) * BLOCK_C
+                            v = tl.load(scr_x1 + (scr_off + shift), mask=in_b[:, None], other=0.0)
+                            y2 += v * wv[None, :]
+                    else:
+                        wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
+                        y2 = x1 * wv[None, :]
+                    s2 = tl.load(s2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
+                    b2 = tl.load(b2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
+                    pre2 = y2 * s2[None, :] + b2[None, :]
+                    mb = b_pix[:, None] & m2c[None, :]
+                    oc = (init + o2).to(tl.int64)
+                    go2 = tl.load(go_pix[:, None] + oc[None, :] * sgoc, mask=mb, other=0.0).to(ACC)
+                    if HAS_GATE:
+                        g2 = go2 * _gate_at(g_n, oc * sgc, o00, o01, o10, o11, lh, lw, mb, GATE_BILINEAR, ACC)
+                        if NEED_GATE:
+                            x2 = pre2
+                            if RELU:
+                                x2 = tl.where(pre2 < 0, 0.0, pre2)
+                            mt = t_pix[:, None] & m2c[None, :]
+                            _gate_scatter(gg_n, oc * ggc, q00, q01, q10, q11, lh, lw, tl.where(mt, go2 * x2, 0.0),
+                                          mt, GATE_BILINEAR, ACC)
+                    else:
+                        g2 = go2
+                    if RELU:
+                        g2 = tl.where(pre2 > 0, g2, 0.0)  # torch's relu backward: 0 at exactly 0 (and at NaN)
+                    g2 = tl.where(mb, g2, 0.0)
+                    g2t = tl.where(in_t[:, None], g2, 0.0)
+                    tl.atomic_add(gs2_ptr + o2_64, tl.sum(g2t * y2, axis=0), mask=m2c)
+                    tl.atomic_add(gb2_ptr + o2_64, tl.sum(g2t, axis=0), mask=m2c)
+                    gy2 = g2 * s2[None, :]
+                    gy2t = g2t * s2[None, :]
+                    if DW > 1:
+                        tl.store(scr_g + scr_off, gy2)
+                        tl.debug_barrier()
+                        for t in range(KK):
+                            dy = t // DW
+                            dx = t % DW
+                            wv = tl.load(w2_ptr + o2_64 * sw2o + dy * sw2h + dx * sw2w, mask=m2c, other=0.0).to(ACC)
+                            shift = ((dy - R) * HALO_W + (dx - R)) * BLOCK_C
+                            xs = tl.load(scr_x1 + (scr_off + shift), mask=in_t[:, None], other=0.0)
+                            tl.atomic_add(gw2_ptr + o2_64 * KK + t, tl.sum(gy2t * xs, axis=0), mask=m2c)
+                            gs = tl.load(scr_g + (scr_off - shift), mask=in_t[:, None], other=0.0)
+                            gx1 += gs * wv[None, :]
+                        # the next output (or channel block, or item) rewrites the slots
+                        tl.debug_barrier()
+                    else:
+                        tl.atomic_add(gw2_ptr + o2_64, tl.sum(gy2t * x1, axis=0), mask=m2c)
+                        gx1 += gy2 * wv[None, :]
+
+            # ---- g1 = gx1 * act'(pre1) on the tile; BN1 and W1 reductions ----
+            g1 = gx1
+            if RELU:
+                # recomputed rather than kept live across the cheap-output loop (registers are the limit here)
+                g1 = tl.where(y1 * s1[None, :] + b1[None, :] > 0, g1, 0.0)
+            g1 = tl.where(m1, g1, 0.0)
+            tl.atomic_add(gs1_ptr + c64, tl.sum(g1 * y1, axis=0), mask=c_ok)
+            tl.atomic_add(gb1_ptr + c64, tl.sum(g1, axis=0), mask=c_ok)
+            gy1 = g1 * s1[None, :]
+            if NEED_W1:
+                for k0 in range(0, C_in, BLOCK_K):
+                    k = k0 + kr
+                    k_ok = k < C_in
+                    k64 = k.to(tl.int64)
+                    xt = tl.load(x_pix[:, None] + k64[None, :] * sxc, mask=t_pix[:, None] & k_ok[None, :],
+                                 other=0.0).to(ACC)
+                    part = tl.dot(tl.trans(gy1), xt, input_precision=INPUT_PRECISION, out_dtype=ACC)
+                    tl.atomic_add(gw1_ptr + c64[:, None] * C_in + k64[None, :], part,
+                                  mask=c_ok[:, None] & k_ok[None, :])
+            if NEED_GX:
+                tl.store(scr_gy1 + (p[:, None] * c_pad + c[None, :]), gy1)
+
+        # ---- grad_x = W1^T (g1*s1), summed over every x1 channel block here: complete, no atomics ----
+        if NEED_GX:
+            tl.debug_barrier()
+            for k0 in range(0, C_in, BLOCK_K):
+                k = k0 + kr
+                k_ok = k < C_in
+                k64 = k.to(tl.int64)
+                gx = tl.zeros([P, BLOCK_K], dtype=ACC)
+                for cb in range(0, n_cblocks):
+                    c = cb * BLOCK_C + cr
+                    c_ok = c < n_x1_out
+                    gy1 = tl.load(scr_gy1 + (p[:, None] * c_pad + c[None, :]))
+                    wt = tl.load(w1_ptr + c[:, None].to(tl.int64) * sw1o + k64[None, :] * sw1k,
+                                 mask=c_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+                    gx = tl.dot(gy1, wt, gx, input_precision=INPUT_PRECISION, out_dtype=ACC)
+                gx_pix = gx_ptr + n * sdxn + h64 * sdxh + w64 * sdxw
+                tl.store(gx_pix[:, None] + k64[None, :] * sdxc, gx.to(gx_ptr.dtype.element_ty),
+                         mask=t_pix[:, None] & k_ok[None, :])
+            tl.debug_barrier()  # the next item rewrites the g1*s1 slot
+
+
+def _pick_bwd_config(H: int, W: int, dw: int, n_x1: int):
+    # the halo is 2R per side here (y2 and g2 are needed R past the tile, and they read x1 R further)
+    r2 = 2 * (dw // 2)
+    halo_h = _halo_side(H, r2)
+    halo_w = _halo_side(W, r2)
+    if dw >= 5 and W + 2 * r2 > 16:
+        halo_w = 32  # a 16-wide halo would leave only 4-8 useful columns out of 16
+    while halo_h * halo_w < 16:  # tl.dot needs M >= 16
+        if halo_w <= halo_h:
+            halo_w *= 2
+        else:
+            halo_h *= 2
+    p = halo_h * halo_w
+    # the backward keeps several [P, BLOCK_C] tiles live (y1, pre1, gx1, y2, g2): half the forward's block
+    block_c = 16 if p >= 128 else min(32, max(16, _next_pow2(n_x1)))
+    block_k = 16
+    num_warps = max(4, min(8, p * block_c // 512))  # more live tiles than the forward: spread them wider
+    return halo_h, halo_w, block_c, block_k, num_warps
+
+
+def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor,
+                          primary_bias: Tensor, cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
+                          out_channels: int, relu: bool, gate: Optional[Tensor], gate_mode: str,
+                          needs: tuple = (True,) * 8) -> tuple:
+    """Fused Ghost module backward (eval, BN folded): gradients of `ghost_module_forward` for every input.
+
+    Returns (grad_x, grad_primary_weight, grad_primary_scale, grad_primary_bias, grad_cheap_weight,
+    grad_cheap_scale, grad_cheap_bias, grad_gate), None where `needs` says so (grad_gate None without a gate).
+    Launches: one multi-tensor zero-fill of the ACC accumulators and one Triton kernel (plus a cast per returned
+    parameter gradient for half inputs). The weight, BN and gate gradients are reduced with fp32 (fp64) atomics,
+    so on a GPU their last bits depend on the order programs finish; grad_x is complete in one program, no atomics."""
+    N, C_in, H, W = x.shape
+    init = primary_weight.shape[0]
+    dw = cheap_weight.shape[-1]
+    ratio_m1 = cheap_weight.shape[0] // init
+    cheap = init * ratio_m1
+    assert cheap_weight.shape[0] == cheap and ratio_m1 >= 1 and dw % 2 == 1
+    assert 0 < out_channels <= init + cheap
+    assert gate_mode in ("nearest", "bilinear")
+    assert grad_out.shape == (N, out_channels, H, W)
+    assert gate is None or (gate.dim() == 4 and gate.shape[:2] == (N, out_channels))
+    needs = tuple(needs) + (True,) * (8 - len(needs))
+    dtype = x.dtype
+    is_fp64 = dtype == torch.float64
+    acc_t = torch.float64 if is_fp64 else torch.float32
+    need_gate = gate is not None and needs[7]
+
+    # the atomically reduced gradients accumulate in ACC buffers, zeroed by one multi-tensor launch; separate
+    # tensors, not views of one workspace: a custom op's outputs may not alias each other
+    n_gate = gate.numel() if need_gate else 0
+    sizes = [init * C_in, init, init, cheap * dw * dw, cheap, cheap, n_gate]
+    bufs = [torch.empty(sz, dtype=acc_t, device=x.device) for sz in sizes]
+    torch._foreach_zero_(bufs)
+    gw1, gs1, gb1, gw2, gs2, gb2, gg = bufs
+
+    grad_x = None
+    if needs[0]:
+        cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        # fully written by the kernel (and empty when N * H * W == 0)
+        grad_x = torch.empty((N, C_in, H, W), dtype=dtype, device=x.device, memory_format=fmt)
+
+    if N * H * W > 0:
+        w1 = primary_weight if primary_weight.dtype == dtype else primary_weight.to(dtype)
+        w1 = w1.reshape(init, C_in)
+        w2 = cheap_weight
+        s1, b1, s2, b2 = primary_scale, primary_bias, cheap_scale, cheap_bias
+        assert all(t.dim() == 1 and t.stride(0) == 1 for t in (s1, b1, s2, b2))
+        if gate is not None:
+            Hg, Wg = gate.shape[-2:]
+            sg = gate.stride()
+            g = gate
+        else:
+            Hg, Wg = H, W
+            sg = (0, 0, 0, 0)
+            g = x
+        gscale_h = float(np.float32(Hg) / np.float32(H))
+        gscale_w = float(np.float32(Wg) / np.float32(W))
+        if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            precision = "tf32"
+        else:
+            precision = "ieee"
+
+        n_x1 = min(init, out_channels)
+        halo_h, halo_w, block_c, block_k, num_warps = _pick_bwd_config(H, W, dw, n_x1)
+        r2 = 2 * (dw // 2)
+        tiles_h = triton.cdiv(H, halo_h - 2 * r2)
+        tiles_w = triton.cdiv(W, halo_w - 2 * r2)
+        n_cblocks = triton.cdiv(n_x1, block_c)
+        total = N * tiles_h * tiles_w
+        grid = min(total, _max_programs(x.device))
+        p = halo_h * halo_w
+        slot = 2 * p * block_c + (p * n_cblocks * block_c if needs[0] else 0)
+        scratch = torch.empty((grid, slot), dtype=acc_t, device=x.device)
+        gx_t = grad_x if needs[0] else x
+        gg_t = gg if need_gate else gs1  # never touched
+        Cg = gate.shape[1] if gate is not None else 0
+
+        _ghost_module_bwd_kernel[(grid,)](
+            grad_out, x, w1, s1, b1, w2, s2, b2, g, gx_t, gw1, gs1, gb1, gw2, gs2, gb2, gg_t, scratch,
+            C_in, H, W, init, ratio_m1, out_channels, Hg, Wg, gscale_h, gscale_w,
+            *grad_out.stride(), *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(2), w2.stride(3),
+            *sg, *gx_t.stride(), Cg * Hg * Wg, Hg * Wg,
+            tiles_h, tiles_w, n_cblocks, total, slot,
+            HALO_H=halo_h, HALO_W=halo_w, DW=dw, BLOCK_C=block_c, BLOCK_K=block_k,
+            RELU=bool(relu), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
+            NEED_GX=bool(needs[0]), NEED_W1=bool(needs[1]), NEED_GATE=need_gate,
+            INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
+            num_warps=num_warps,
+        )
+
+    def _out(flag, t, like):
+        if not flag:
+            return None
+        t = t.view(like.shape)
+        return t if t.dtype == like.dtype else t.to(like.dtype)
+
+    return (
+        grad_x,
+        _out(needs[1], gw1, primary_weight),
+        _out(needs[2], gs1, primary_scale),
+        _out(needs[3], gb1, primary_bias),
+        _out(needs[4], gw2, cheap_weight),
+        _out(needs[5], gs2, cheap_scale),
+        _out(needs[6], gb2, cheap_bias),
+        _out(need_gate, gg, gate) if gate is not None else None,
+    )
