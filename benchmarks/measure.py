@@ -138,6 +138,9 @@ def device_name(device: torch.device) -> str:
 
 
 def _git_sha() -> str:
+    # A lent GPU machine gets a copy of the work tree without .git: the caller passes the sha in GHOSTFAST_GIT_SHA.
+    if os.environ.get("GHOSTFAST_GIT_SHA"):
+        return os.environ["GHOSTFAST_GIT_SHA"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -3,7 +3,8 @@
 # test suite on CUDA, the demo and the benchmarks, writing everything under one folder.
 #   bash scripts/gpu_run.sh OUT [STAGE...]     stages: tests demo bench (default: all three)
 # One device command may run 10 minutes at most: run the stages in separate calls if together they take longer
-# (e.g. `bash scripts/gpu_run.sh $OUT tests`, then `bash scripts/gpu_run.sh $OUT demo bench`).
+# (e.g. `bash scripts/gpu_run.sh $OUT tests`, then `bash scripts/gpu_run.sh $OUT demo bench`). The device gets the
+# work tree without .git: pass the commit as GHOSTFAST_GIT_SHA=<sha> so results record it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/gpu}
@@ -14,7 +15,7 @@ unset TRITON_INTERPRET
 python -c "import ghostfast.kernels" 2>/dev/null ||
   pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 {
-  echo "sha $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "sha ${GHOSTFAST_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   date -u +%FT%TZ
   python -m ghostfast info
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
