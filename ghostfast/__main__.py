@@ -78,6 +78,9 @@ def cmd_demo(args) -> int:
     from ghostfast.models import timm_ghostnet
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Eager float32 convs on a GPU default to TF32 (~1e-3 error); ghostfast computes IEEE float32 unless the user
+    # lowers torch's matmul precision. Compare and time both in IEEE float32.
+    torch.backends.cudnn.allow_tf32 = False
     size = args.size or (224 if device.type == "cuda" else 64)
     print(f"ghostfast demo: {args.model}, seeded random weights, batch {args.batch}, {size}x{size}, {device}")
     model = timm_ghostnet(args.model, seed=args.seed).to(device)

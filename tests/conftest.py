@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# Eager float32 convolutions on a GPU default to TF32 (torch.backends.cudnn.allow_tf32), ~1e-3 relative error:
+# the eager modules the kernels are compared with must compute in IEEE float32, as the kernels do by default.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 @pytest.fixture
 def device():
