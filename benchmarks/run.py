@@ -253,6 +253,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    # float32 is compared in IEEE precision on every provider: ghostfast's kernels use IEEE dots by default, while
+    # eager cuDNN convolutions would silently use TF32 (a different, ~1e-3 accurate, computation).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     suites = SUITES if args.suite == "all" else (args.suite,)
     models = tuple(args.models.split(",")) if args.models else TIMM_GHOSTNETS
     max_shapes = args.max_shapes or int(os.environ.get("GHOSTFAST_BENCH_MAX_SHAPES", "0")) or None
