@@ -17,6 +17,50 @@ _UPSAMPLE = {None: 0, "nearest": 1, "bilinear": 2}
 
 
 @triton.jit
+def _pooled_conv1x1(x_base, x_pix, in_img, cw_ptr, ci, cmask, CIN, sxc, sxh, sxw, scw_c, scw_k,
+                    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HALO_PIX: tl.constexpr, ACC: tl.constexpr,
+                    XDT: tl.constexpr, IDX: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """conv1x1(avgpool2x2(x)) before BN on one halo tile: the forward and the backward's recompute must agree."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
+    for k0 in range(0, CIN, BLOCK_K):
+        k = k0 + offs_k
+        kmask = k < CIN
+        m = kmask[:, None] & in_img[None, :]
+        p = x_base + (k.to(IDX)[:, None] * sxc + x_pix[None, :])
+        v = tl.load(p, mask=m, other=0.0).to(ACC)
+        v += tl.load(p + sxw, mask=m, other=0.0).to(ACC)
+        v += tl.load(p + sxh, mask=m, other=0.0).to(ACC)
+        v += tl.load(p + sxh + sxw, mask=m, other=0.0).to(ACC)
+        # Rounded to x's dtype like eager's pooled tensor, so fp16/bf16 take the tensor-core dot.
+        pooled = (v * 0.25).to(XDT)
+        wm = cmask[:, None] & kmask[None, :]
+        w = tl.load(cw_ptr + ci[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm, other=0.0)
+        acc = tl.dot(w.to(XDT), pooled, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _load_bn(scale_ptr, bias_ptr, ci, s_scale, s_bias, cmask, ACC: tl.constexpr):
+    scale = tl.load(scale_ptr + ci * s_scale, mask=cmask, other=0.0).to(ACC)
+    bias = tl.load(bias_ptr + ci * s_bias, mask=cmask, other=0.0).to(ACC)
+    return scale, bias
+
+
+@triton.jit
+def _bilinear_scales(H, W, HP, WP, scale_h, scale_w, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        # F.interpolate's bilinear coefficients are in the accumulate type: fp64 for fp64.
+        bscale_h = tl.cast(HP, tl.float64) / tl.cast(H, tl.float64)
+        bscale_w = tl.cast(WP, tl.float64) / tl.cast(W, tl.float64)
+    else:
+        # Passed from the host: Triton's fp32 divide is not correctly rounded on the GPU.
+        bscale_h = scale_h
+        bscale_w = scale_w
+    return bscale_h, bscale_w
+
+
+@triton.jit
 def _dfc_kernel(
     x_ptr,  # [N, CIN, H, W], any strides
     cw_ptr,  # [C, CIN, 1, 1] conv1x1 weight
@@ -78,21 +122,13 @@ def _dfc_kernel(
     li = lane // HALO_W
     lj = lane % HALO_W
     offs_c = tl.arange(0, BLOCK_C)
-    offs_k = tl.arange(0, BLOCK_K)
     # The scratch is indexed by program, not by item, so it does not grow with the batch.
     scr_a = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_C * HALO_PIX)
     scr_b = scr_a + BLOCK_C * HALO_PIX
     scr_tile = offs_c[:, None] * HALO_PIX + lane[None, :]
 
     if UPSAMPLE == 2:
-        if IS_FP64:
-            # F.interpolate's bilinear coefficients are in the accumulate type: fp64 for fp64.
-            bscale_h = tl.cast(HP, tl.float64) / tl.cast(H, tl.float64)
-            bscale_w = tl.cast(WP, tl.float64) / tl.cast(W, tl.float64)
-        else:
-            # Passed from the host: Triton's fp32 divide is not correctly rounded on the GPU.
-            bscale_h = scale_h
-            bscale_w = scale_w
+        bscale_h, bscale_w = _bilinear_scales(H, W, HP, WP, scale_h, scale_w, IS_FP64)
     fl = tl.arange(0, FULL_PIX)
     fr = fl // FULL_W
     fc = fl % FULL_W
@@ -118,23 +154,9 @@ def _dfc_kernel(
         # ---- y3 = BN3(conv1x1(avgpool2x2(x))) on the whole halo tile, pooling while loading.
         x_base = x_ptr + n.to(tl.int64) * sxn
         x_pix = (2 * ph).to(IDX) * sxh + (2 * pw).to(IDX) * sxw
-        acc = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
-        for k0 in range(0, CIN, BLOCK_K):
-            k = k0 + offs_k
-            kmask = k < CIN
-            m = kmask[:, None] & in_img[None, :]
-            p = x_base + (k.to(IDX)[:, None] * sxc + x_pix[None, :])
-            v = tl.load(p, mask=m, other=0.0).to(ACC)
-            v += tl.load(p + sxw, mask=m, other=0.0).to(ACC)
-            v += tl.load(p + sxh, mask=m, other=0.0).to(ACC)
-            v += tl.load(p + sxh + sxw, mask=m, other=0.0).to(ACC)
-            # Rounded to x's dtype like eager's pooled tensor, so fp16/bf16 take the tensor-core dot.
-            pooled = (v * 0.25).to(XDT)
-            wm = cmask[:, None] & kmask[None, :]
-            w = tl.load(cw_ptr + ci[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm, other=0.0)
-            acc = tl.dot(w.to(XDT), pooled, acc, input_precision=DOT_PRECISION)
-        s3 = tl.load(cs_ptr + ci * s_cs, mask=cmask, other=0.0).to(ACC)
-        b3 = tl.load(cb_ptr + ci * s_cb, mask=cmask, other=0.0).to(ACC)
+        acc = _pooled_conv1x1(x_base, x_pix, in_img, cw_ptr, ci, cmask, CIN, sxc, sxh, sxw, scw_c, scw_k,
+                              BLOCK_C, BLOCK_K, HALO_PIX, ACC, XDT, IDX, DOT_PRECISION)
+        s3, b3 = _load_bn(cs_ptr, cb_ptr, ci, s_cs, s_cb, cmask, ACC)
         y3 = acc * s3[:, None] + b3[:, None]
         # Lanes outside the image hold the bias; the readers mask them, which is the zero padding of the
         # biased output.
@@ -150,8 +172,7 @@ def _dfc_kernel(
             wt = tl.load(hw_ptr + ci * shw_c + tap * shw_t, mask=cmask, other=0.0).to(ACC)
             y3t = tl.load(scr_a + scr_tile + (tap - 2), mask=m[None, :], other=0.0)
             y4 += wt[:, None] * y3t
-        s4 = tl.load(hs_ptr + ci * s_hs, mask=cmask, other=0.0).to(ACC)
-        b4 = tl.load(hb_ptr + ci * s_hb, mask=cmask, other=0.0).to(ACC)
+        s4, b4 = _load_bn(hs_ptr, hb_ptr, ci, s_hs, s_hb, cmask, ACC)
         y4 = y4 * s4[:, None] + b4[:, None]
         tl.store(scr_b + scr_tile, y4)
         tl.debug_barrier()
@@ -165,8 +186,7 @@ def _dfc_kernel(
             wt = tl.load(vw_ptr + ci * svw_c + tap * svw_t, mask=cmask, other=0.0).to(ACC)
             y4t = tl.load(scr_b + scr_tile + (tap - 2) * HALO_W, mask=m[None, :], other=0.0)
             y5 += wt[:, None] * y4t
-        s5 = tl.load(vs_ptr + ci * s_vs, mask=cmask, other=0.0).to(ACC)
-        b5 = tl.load(vb_ptr + ci * s_vb, mask=cmask, other=0.0).to(ACC)
+        s5, b5 = _load_bn(vs_ptr, vb_ptr, ci, s_vs, s_vb, cmask, ACC)
         gate = tl.sigmoid(y5 * s5[:, None] + b5[:, None])
 
         o_base = out_ptr + n.to(tl.int64) * son + ci[:, None] * soc
@@ -315,8 +335,8 @@ def _out_like(x: Tensor, shape) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
-def _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
-            mode, out, _override=None):
+def _dims(x, conv_weight, h_weight, v_weight, mode):
+    """(n, cin, c, h, w, hp, wp, upsample, output shape), checked as both directions require."""
     assert x.dim() == 4 and conv_weight.dim() == 4 and h_weight.shape[-1] == 5 and v_weight.shape[-2] == 5
     n, cin, h, w = x.shape
     c = conv_weight.shape[0]
@@ -324,6 +344,31 @@ def _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_
     assert hp >= 1 and wp >= 1, "DFC needs H, W >= 2"
     upsample = _UPSAMPLE[mode]
     shape = (n, c, h, w) if upsample else (n, c, hp, wp)
+    return n, cin, c, h, w, hp, wp, upsample, shape
+
+
+def _dot_precision(x: Tensor) -> str:
+    # torch's own TF32 switch decides, as it does for eager conv.
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _param_args(conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
+                h, w, hp, wp):
+    """The kernels' shared scalar arguments after the image strides: parameter strides, then the upsample scales
+    computed in float32 as F.interpolate does (Triton's fp32 divide is not correctly rounded on the GPU)."""
+    return (conv_weight.stride(0), conv_weight.stride(1),
+            h_weight.stride(0), h_weight.stride(3),
+            v_weight.stride(0), v_weight.stride(2),
+            conv_scale.stride(0), conv_bias.stride(0), h_scale.stride(0), h_bias.stride(0),
+            v_scale.stride(0), v_bias.stride(0),
+            float(np.float32(hp) / np.float32(h)), float(np.float32(wp) / np.float32(w)))
+
+
+def _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
+            mode, out, _override=None):
+    n, cin, c, h, w, hp, wp, upsample, shape = _dims(x, conv_weight, h_weight, v_weight, mode)
     if out is None:
         out = _out_like(x, shape)
     else:
@@ -335,24 +380,17 @@ def _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_
     acc_dtype = torch.float64 if is_fp64 else torch.float32
     scratch = torch.empty(cfg["grid"] * 2 * cfg["block_c"] * cfg["halo_h"] * cfg["halo_w"], dtype=acc_dtype,
                           device=x.device)
-    precision = "ieee"
-    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        precision = "tf32"
     _dfc_kernel[(cfg["grid"],)](
         x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, out, scratch,
         cin, c, h, w, hp, wp,
         *x.stride(), *out.stride(),
-        conv_weight.stride(0), conv_weight.stride(1),
-        h_weight.stride(0), h_weight.stride(3),
-        v_weight.stride(0), v_weight.stride(2),
-        conv_scale.stride(0), conv_bias.stride(0), h_scale.stride(0), h_bias.stride(0),
-        v_scale.stride(0), v_bias.stride(0),
-        float(np.float32(hp) / np.float32(h)), float(np.float32(wp) / np.float32(w)),
+        *_param_args(conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
+                     h, w, hp, wp),
         cfg["row_span"], cfg["tiles_h"], cfg["tiles_w"], cfg["cblocks"], cfg["total"],
         HALO_H=cfg["halo_h"], HALO_W=cfg["halo_w"], MARGIN_H=cfg["margin_h"], MARGIN_W=cfg["margin_w"],
         TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
         UPSAMPLE=upsample, FULL_ROWS=cfg["full_rows"], FULL_W=cfg["full_w"], IS_FP64=is_fp64,
-        DOT_PRECISION=precision, INDEX64=cfg["index64"] or _needs_index64(x, out, conv_weight),
+        DOT_PRECISION=_dot_precision(x), INDEX64=cfg["index64"] or _needs_index64(x, out, conv_weight),
         num_warps=cfg["num_warps"],
     )
     return out
@@ -468,12 +506,7 @@ def _dfc_backward_kernel(
     part_w3 = part + 16 * C
 
     if UPSAMPLE == 2:
-        if IS_FP64:
-            bscale_h = tl.cast(HP, tl.float64) / tl.cast(H, tl.float64)
-            bscale_w = tl.cast(WP, tl.float64) / tl.cast(W, tl.float64)
-        else:
-            bscale_h = scale_h
-            bscale_w = scale_w
+        bscale_h, bscale_w = _bilinear_scales(H, W, HP, WP, scale_h, scale_w, IS_FP64)
 
     for item in range(pid, total_items, nprog):
         tw = item % tiles_w
@@ -499,23 +532,9 @@ def _dfc_backward_kernel(
             ci = c.to(IDX)
 
             # ---- forward recompute: y3 (pre-BN) on the whole halo tile, as the forward kernel does.
-            acc = tl.zeros([BLOCK_C, HALO_PIX], dtype=ACC)
-            for k0 in range(0, CIN, BLOCK_K):
-                k = k0 + offs_k
-                kmask = k < CIN
-                m = kmask[:, None] & in_img[None, :]
-                p = x_base + (k.to(IDX)[:, None] * sxc + x_pix[None, :])
-                v = tl.load(p, mask=m, other=0.0).to(ACC)
-                v += tl.load(p + sxw, mask=m, other=0.0).to(ACC)
-                v += tl.load(p + sxh, mask=m, other=0.0).to(ACC)
-                v += tl.load(p + sxh + sxw, mask=m, other=0.0).to(ACC)
-                pooled = (v * 0.25).to(XDT)
-                wm = cmask[:, None] & kmask[None, :]
-                w = tl.load(cw_ptr + ci[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm, other=0.0)
-                acc = tl.dot(w.to(XDT), pooled, acc, input_precision=DOT_PRECISION)
-            y3 = acc
-            s3 = tl.load(cs_ptr + ci * s_cs, mask=cmask, other=0.0).to(ACC)
-            b3 = tl.load(cb_ptr + ci * s_cb, mask=cmask, other=0.0).to(ACC)
+            y3 = _pooled_conv1x1(x_base, x_pix, in_img, cw_ptr, ci, cmask, CIN, sxc, sxh, sxw, scw_c, scw_k,
+                                 BLOCK_C, BLOCK_K, HALO_PIX, ACC, XDT, IDX, DOT_PRECISION)
+            s3, b3 = _load_bn(cs_ptr, cb_ptr, ci, s_cs, s_cb, cmask, ACC)
             # Zero outside the image: the zero padding of the biased output.
             a3 = tl.where(in_img[None, :], y3 * s3[:, None] + b3[:, None], 0.0)
             tl.store(scr_1 + scr_tile, a3)
@@ -528,8 +547,7 @@ def _dfc_backward_kernel(
                 m = (jj >= 0) & (jj < HALO_W)
                 wt = tl.load(hw_ptr + ci * shw_c + tap * shw_t, mask=cmask, other=0.0).to(ACC)
                 y4 += wt[:, None] * tl.load(scr_1 + scr_tile + (tap - 2), mask=m[None, :], other=0.0)
-            s4 = tl.load(hs_ptr + ci * s_hs, mask=cmask, other=0.0).to(ACC)
-            b4 = tl.load(hb_ptr + ci * s_hb, mask=cmask, other=0.0).to(ACC)
+            s4, b4 = _load_bn(hs_ptr, hb_ptr, ci, s_hs, s_hb, cmask, ACC)
             a4 = tl.where(in_img[None, :], y4 * s4[:, None] + b4[:, None], 0.0)
             tl.store(scr_2 + scr_tile, a4)
             tl.debug_barrier()
@@ -541,8 +559,7 @@ def _dfc_backward_kernel(
                 m = (ii >= 0) & (ii < HALO_H)
                 wt = tl.load(vw_ptr + ci * svw_c + tap * svw_t, mask=cmask, other=0.0).to(ACC)
                 y5 += wt[:, None] * tl.load(scr_2 + scr_tile + (tap - 2) * HALO_W, mask=m[None, :], other=0.0)
-            s5 = tl.load(vs_ptr + ci * s_vs, mask=cmask, other=0.0).to(ACC)
-            b5 = tl.load(vb_ptr + ci * s_vb, mask=cmask, other=0.0).to(ACC)
+            s5, b5 = _load_bn(vs_ptr, vb_ptr, ci, s_vs, s_vb, cmask, ACC)
             gate = tl.sigmoid(y5 * s5[:, None] + b5[:, None])
 
             # ---- grad of the gate at the pooled pixel: loaded, or gathered from the full-res grad (the adjoint
@@ -754,15 +771,9 @@ def _backward_config(n, cin, c, h, w, need_gy3, need_w3, elem, device, override=
 def _launch_backward(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale,
                      v_bias, mode, needs, _override=None):
     params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    assert x.dim() == 4 and conv_weight.dim() == 4 and h_weight.shape[-1] == 5 and v_weight.shape[-2] == 5
+    n, cin, c, h, w, hp, wp, upsample, shape = _dims(x, conv_weight, h_weight, v_weight, mode)
     needs = tuple(bool(b) for b in needs)
     assert len(needs) == 10, "needs: one flag per input (x and the nine parameters)"
-    n, cin, h, w = x.shape
-    c = conv_weight.shape[0]
-    hp, wp = h // 2, w // 2
-    assert hp >= 1 and wp >= 1, "DFC needs H, W >= 2"
-    upsample = _UPSAMPLE[mode]
-    shape = (n, c, h, w) if upsample else (n, c, hp, wp)
     assert tuple(grad.shape) == shape, f"grad shape {tuple(grad.shape)} != output shape {shape}"
     inputs = (x,) + params
     if not any(needs):
@@ -779,24 +790,17 @@ def _launch_backward(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_sc
     part = torch.empty(grid, cfg["part_len"], dtype=acc_dtype, device=x.device)
     pix = cfg["halo_h"] * cfg["halo_w"]
     scratch = torch.empty(grid * (3 * cfg["block_c"] + cfg["cpad"]) * pix, dtype=acc_dtype, device=x.device)
-    precision = "ieee"
-    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        precision = "tf32"
     _dfc_backward_kernel[(grid,)](
         x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, grad, gx, part,
         scratch,
         cin, c, h, w, hp, wp,
         *x.stride(), *grad.stride(), *gx.stride(),
-        conv_weight.stride(0), conv_weight.stride(1),
-        h_weight.stride(0), h_weight.stride(3),
-        v_weight.stride(0), v_weight.stride(2),
-        conv_scale.stride(0), conv_bias.stride(0), h_scale.stride(0), h_bias.stride(0),
-        v_scale.stride(0), v_bias.stride(0),
-        float(np.float32(hp) / np.float32(h)), float(np.float32(wp) / np.float32(w)),
+        *_param_args(conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
+                     h, w, hp, wp),
         cfg["tiles_h"], cfg["tiles_w"], cfg["cblocks"], cfg["total"], cfg["part_len"],
         HALO_H=cfg["halo_h"], HALO_W=cfg["halo_w"], MARGIN_H=cfg["margin_h"], MARGIN_W=cfg["margin_w"],
         TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
-        CPAD=cfg["cpad"], UPSAMPLE=upsample, IS_FP64=is_fp64, DOT_PRECISION=precision,
+        CPAD=cfg["cpad"], UPSAMPLE=upsample, IS_FP64=is_fp64, DOT_PRECISION=_dot_precision(x),
         INDEX64=cfg["index64"] or _needs_index64(x, grad, gx, conv_weight),
         NEED_X=need_x, NEED_W3=need_w3, num_warps=cfg["num_warps"],
     )

@@ -54,6 +54,57 @@ def _gate_at(gate_ptr, g_off_c, o00, o01, o10, o11, lh, lw, mask, BILINEAR: tl.c
 
 
 @triton.jit
+def _primary_conv(x_pix, in_img, w1_ptr, c64, c_ok, C_in, sxc, sw1o, sw1k, P: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """W1 @ x (before BN1) on a [P] pixel tile: the forward and the backward's recompute must agree."""
+    kr = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([P, BLOCK_C], dtype=ACC)
+    for k0 in range(0, C_in, BLOCK_K):
+        k = k0 + kr
+        k_ok = k < C_in
+        k64 = k.to(tl.int64)
+        xt = tl.load(x_pix[:, None] + k64[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w1_ptr + c64[None, :] * sw1o + k64[:, None] * sw1k, mask=k_ok[:, None] & c_ok[None, :],
+                     other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _depthwise(scr, scr_off, w2_ptr, o2_64, m2c, sw2o, sw2h, sw2w, lanes, DW: tl.constexpr, HALO_W: tl.constexpr,
+               P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """One cheap output channel per x1 channel: the DW x DW depthwise of the x1 tile parked at `scr`, exact on
+    `lanes` (those at least R from the tile edge)."""
+    R: tl.constexpr = DW // 2
+    acc = tl.zeros([P, BLOCK_C], dtype=ACC)
+    # a rolled tap loop: unrolled, the compiler hoists all DW*DW window loads at once and spills
+    for t in range(DW * DW):
+        dy = t // DW
+        dx = t % DW
+        wv = tl.load(w2_ptr + o2_64 * sw2o + dy * sw2h + dx * sw2w, mask=m2c, other=0.0).to(ACC)
+        shift = ((dy - R) * HALO_W + (dx - R)) * BLOCK_C
+        v = tl.load(scr + (scr_off + shift), mask=lanes[:, None], other=0.0)
+        acc += v * wv[None, :]
+    return acc
+
+
+@triton.jit
+def _corner_offsets(h0, h1, w0, w1, sh, sw):
+    """int64 offsets of the four gate pixels a full-res pixel reads (nearest: h0 == h1, w0 == w1)."""
+    h0s = h0.to(tl.int64) * sh
+    h1s = h1.to(tl.int64) * sh
+    w0s = w0.to(tl.int64) * sw
+    w1s = w1.to(tl.int64) * sw
+    return h0s + w0s, h0s + w1s, h1s + w0s, h1s + w1s
+
+
+@triton.jit
+def _load_bn(scale_ptr, bias_ptr, off, mask, ACC: tl.constexpr):
+    return (tl.load(scale_ptr + off, mask=mask, other=0.0).to(ACC),
+            tl.load(bias_ptr + off, mask=mask, other=0.0).to(ACC))
+
+
+@triton.jit
 def _ghost_module_fwd_kernel(
     x_ptr,  # [N, C_in, H, W], strides sxn, sxc, sxh, sxw
     w1_ptr,  # [init, C_in] primary 1x1 weight, strides sw1o, sw1k
@@ -95,7 +146,6 @@ def _ghost_module_fwd_kernel(
     pw = p % HALO_W
     interior = (ph >= R) & (ph < HALO_H - R) & (pw >= R) & (pw < HALO_W - R)
     cr = tl.arange(0, BLOCK_C)
-    kr = tl.arange(0, BLOCK_K)
     n_x1_out = tl.minimum(init, out_channels)
     # one scratch slot per program, reused by every item it runs: the buffer does not grow with the grid
     scr_base = scratch_ptr + pid.to(tl.int64) * (P * BLOCK_C)
@@ -123,17 +173,9 @@ def _ghost_module_fwd_kernel(
 
         # ---- x1 = act(BN1(W1 @ x)) on the halo tile ----
         x_pix = x_ptr + n * sxn + h64 * sxh + w64 * sxw
-        acc = tl.zeros([P, BLOCK_C], dtype=ACC)
-        for k0 in range(0, C_in, BLOCK_K):
-            k = k0 + kr
-            k_ok = k < C_in
-            k64 = k.to(tl.int64)
-            xt = tl.load(x_pix[:, None] + k64[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w1_ptr + c64[None, :] * sw1o + k64[:, None] * sw1k, mask=k_ok[:, None] & c_ok[None, :],
-                         other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
-        s1 = tl.load(s1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
-        b1 = tl.load(b1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
+        acc = _primary_conv(x_pix, in_img, w1_ptr, c64, c_ok, C_in, sxc, sw1o, sw1k, P, BLOCK_C, BLOCK_K,
+                            INPUT_PRECISION, ACC)
+        s1, b1 = _load_bn(s1_ptr, b1_ptr, c64, c_ok, ACC)
         x1 = acc * s1[None, :] + b1[None, :]
         if RELU:
             x1 = tl.where(x1 < 0, 0.0, x1)  # not maximum(): NaN must pass through as in F.relu
@@ -144,14 +186,7 @@ def _ghost_module_fwd_kernel(
             gh0, gh1, lh = _axis_source(h, H, Hg, gscale_h, GATE_BILINEAR, IS_FP64)
             gw0, gw1, lw = _axis_source(w, W, Wg, gscale_w, GATE_BILINEAR, IS_FP64)
             g_n = gate_ptr + n * sgn
-            gh0s = gh0.to(tl.int64) * sgh
-            gh1s = gh1.to(tl.int64) * sgh
-            gw0s = gw0.to(tl.int64) * sgw
-            gw1s = gw1.to(tl.int64) * sgw
-            o00 = gh0s + gw0s
-            o01 = gh0s + gw1s
-            o10 = gh1s + gw0s
-            o11 = gh1s + gw1s
+            o00, o01, o10, o11 = _corner_offsets(gh0, gh1, gw0, gw1, sgh, sgw)
 
         out_pix = out_ptr + n * son + h64 * soh + w64 * sow
         m1 = store_pix[:, None] & (c < n_x1_out)[None, :]
@@ -172,20 +207,12 @@ def _ghost_module_fwd_kernel(
                 o2_64 = o2.to(tl.int64)
                 m2c = c_ok & (init + o2 < out_channels)
                 if DW > 1:
-                    acc2 = tl.zeros([P, BLOCK_C], dtype=ACC)
-                    # a rolled tap loop: unrolled, the compiler hoists all DW*DW window loads at once and spills
-                    for t in range(DW * DW):
-                        dy = t // DW
-                        dx = t % DW
-                        wv = tl.load(w2_ptr + o2_64 * sw2o + dy * sw2h + dx * sw2w, mask=m2c, other=0.0).to(ACC)
-                        shift = ((dy - R) * HALO_W + (dx - R)) * BLOCK_C
-                        v = tl.load(scr_base + (scr_off + shift), mask=interior[:, None], other=0.0)
-                        acc2 += v * wv[None, :]
+                    acc2 = _depthwise(scr_base, scr_off, w2_ptr, o2_64, m2c, sw2o, sw2h, sw2w, interior, DW, HALO_W,
+                                      P, BLOCK_C, ACC)
                 else:
                     wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
                     acc2 = x1 * wv[None, :]
-                s2 = tl.load(s2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
-                b2 = tl.load(b2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
+                s2, b2 = _load_bn(s2_ptr, b2_ptr, o2_64, m2c, ACC)
                 y2 = acc2 * s2[None, :] + b2[None, :]
                 if RELU:
                     y2 = tl.where(y2 < 0, 0.0, y2)
@@ -239,11 +266,8 @@ def _pick_config(H: int, W: int, dw: int, n_x1: int, dtype: torch.dtype):
     return halo_h, halo_w, block_c, block_k, num_warps
 
 
-def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
-                         cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
-                         out_channels: int, relu: bool, gate: Optional[Tensor] = None, gate_mode: str = "nearest",
-                         out: Optional[Tensor] = None) -> Tensor:
-    """Fused Ghost module forward (eval, BN folded); same math as `ghostfast.reference.ghost_module_forward`."""
+def _dims(x: Tensor, primary_weight: Tensor, cheap_weight: Tensor, out_channels: int, gate_mode: str):
+    """(N, C_in, H, W, init, dw, ratio - 1), checked as both directions require."""
     N, C_in, H, W = x.shape
     init = primary_weight.shape[0]
     dw = cheap_weight.shape[-1]
@@ -251,12 +275,55 @@ def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tenso
     assert cheap_weight.shape[0] == init * ratio_m1 and ratio_m1 >= 1 and dw % 2 == 1
     assert 0 < out_channels <= init * (ratio_m1 + 1)
     assert gate_mode in ("nearest", "bilinear")
+    return N, C_in, H, W, init, dw, ratio_m1
+
+
+def _empty_like_x(x: Tensor, shape) -> Tensor:
+    """An uninitialised tensor of x's dtype and memory format (channels_last stays channels_last)."""
+    cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _bn_vectors(s1: Tensor, b1: Tensor, s2: Tensor, b2: Tensor):
+    # the kernels index the folded BN vectors without strides
+    assert all(t.dim() == 1 and t.stride(0) == 1 for t in (s1, b1, s2, b2))
+    return s1, b1, s2, b2
+
+
+def _gate_args(gate: Optional[Tensor], x: Tensor):
+    """(gate pointer, Hg, Wg, gate strides, fp32 scale Hg / H, fp32 scale Wg / W). Without a gate, x stands in
+    for the pointer (never read) with zero strides. The scales are computed here in float32 as F.interpolate does:
+    Triton's fp32 divide is not correctly rounded on the GPU."""
+    H, W = x.shape[-2:]
+    if gate is not None:
+        Hg, Wg = gate.shape[-2:]
+        sg = gate.stride()
+        g = gate
+    else:
+        Hg, Wg = H, W
+        sg = (0, 0, 0, 0)
+        g = x
+    return g, Hg, Wg, sg, float(np.float32(Hg) / np.float32(H)), float(np.float32(Wg) / np.float32(W))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # torch's own TF32 switch decides, as it does for eager conv
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+                         cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
+                         out_channels: int, relu: bool, gate: Optional[Tensor] = None, gate_mode: str = "nearest",
+                         out: Optional[Tensor] = None) -> Tensor:
+    """Fused Ghost module forward (eval, BN folded); same math as `ghostfast.reference.ghost_module_forward`."""
+    N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
     dtype = x.dtype
 
     if out is None:
-        cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        out = torch.empty((N, out_channels, H, W), dtype=dtype, device=x.device, memory_format=fmt)
+        out = _empty_like_x(x, (N, out_channels, H, W))
     else:
         assert out.shape == (N, out_channels, H, W) and out.dtype == dtype
     if N == 0 or H * W == 0:
@@ -267,26 +334,12 @@ def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tenso
 
     w1 = _as(primary_weight)
     w2 = cheap_weight
-    s1, b1, s2, b2 = primary_scale, primary_bias, cheap_scale, cheap_bias
-    assert all(t.dim() == 1 and t.stride(0) == 1 for t in (s1, b1, s2, b2))
-
-    if gate is not None:
-        Hg, Wg = gate.shape[-2:]
-        sg = gate.stride()
-        g = gate
-    else:
-        Hg, Wg = H, W
-        sg = (0, 0, 0, 0)
-        g = x
-    gscale_h = float(np.float32(Hg) / np.float32(H))
-    gscale_w = float(np.float32(Wg) / np.float32(W))
+    s1, b1, s2, b2 = _bn_vectors(primary_scale, primary_bias, cheap_scale, cheap_bias)
+    g, Hg, Wg, sg, gscale_h, gscale_w = _gate_args(gate, x)
 
     is_fp64 = dtype == torch.float64
     acc_t = torch.float64 if is_fp64 else torch.float32
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        precision = "tf32"
-    else:
-        precision = "ieee"
+    precision = _input_precision(dtype)
 
     n_x1 = min(init, out_channels)  # cheap outputs that survive only exist for x1 channels below this
     halo_h, halo_w, block_c, block_k, num_warps = _pick_config(H, W, dw, n_x1, dtype)
@@ -416,10 +469,7 @@ def _ghost_module_bwd_kernel(
             gh0, gh1, lh = _axis_source(h, H, Hg, gscale_h, GATE_BILINEAR, IS_FP64)
             gw0, gw1, lw = _axis_source(w, W, Wg, gscale_w, GATE_BILINEAR, IS_FP64)
             g_n = gate_ptr + n * sgn
-            o00 = gh0.to(tl.int64) * sgh + gw0.to(tl.int64) * sgw
-            o01 = gh0.to(tl.int64) * sgh + gw1.to(tl.int64) * sgw
-            o10 = gh1.to(tl.int64) * sgh + gw0.to(tl.int64) * sgw
-            o11 = gh1.to(tl.int64) * sgh + gw1.to(tl.int64) * sgw
+            o00, o01, o10, o11 = _corner_offsets(gh0, gh1, gw0, gw1, sgh, sgw)
             if NEED_GATE:
                 gg_n = gg_ptr + n * ggn
                 q00 = gh0.to(tl.int64) * Wg + gw0
@@ -433,17 +483,9 @@ def _ghost_module_bwd_kernel(
             c64 = c.to(tl.int64)
 
             # ---- recompute y1 = W1 @ x and x1 = act(BN1(y1)) on the whole halo tile ----
-            y1 = tl.zeros([P, BLOCK_C], dtype=ACC)
-            for k0 in range(0, C_in, BLOCK_K):
-                k = k0 + kr
-                k_ok = k < C_in
-                k64 = k.to(tl.int64)
-                xt = tl.load(x_pix[:, None] + k64[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w1_ptr + c64[None, :] * sw1o + k64[:, None] * sw1k, mask=k_ok[:, None] & c_ok[None, :],
-                             other=0.0)
-                y1 = tl.dot(xt, wt, y1, input_precision=INPUT_PRECISION, out_dtype=ACC)
-            s1 = tl.load(s1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
-            b1 = tl.load(b1_ptr + c64, mask=c_ok, other=0.0).to(ACC)
+            y1 = _primary_conv(x_pix, in_img, w1_ptr, c64, c_ok, C_in, sxc, sw1o, sw1k, P, BLOCK_C, BLOCK_K,
+                               INPUT_PRECISION, ACC)
+            s1, b1 = _load_bn(s1_ptr, b1_ptr, c64, c_ok, ACC)
             pre1 = y1 * s1[None, :] + b1[None, :]
             x1 = pre1
             if RELU:
@@ -470,19 +512,12 @@ def _ghost_module_bwd_kernel(
                     o2_64 = o2.to(tl.int64)
                     m2c = c_ok & (init + o2 < out_channels)
                     if DW > 1:
-                        y2 = tl.zeros([P, BLOCK_C], dtype=ACC)
-                        for t in range(KK):
-                            dy = t // DW
-                            dx = t % DW
-                            wv = tl.load(w2_ptr + o2_64 * sw2o + dy * sw2h + dx * sw2w, mask=m2c, other=0.0).to(ACC)
-                            shift = ((dy - R) * HALO_W + (dx - R)) * BLOCK_C
-                            v = tl.load(scr_x1 + (scr_off + shift), mask=in_b[:, None], other=0.0)
-                            y2 += v * wv[None, :]
+                        y2 = _depthwise(scr_x1, scr_off, w2_ptr, o2_64, m2c, sw2o, sw2h, sw2w, in_b, DW, HALO_W, P,
+                                        BLOCK_C, ACC)
                     else:
                         wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
                         y2 = x1 * wv[None, :]
-                    s2 = tl.load(s2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
-                    b2 = tl.load(b2_ptr + o2_64, mask=m2c, other=0.0).to(ACC)
+                    s2, b2 = _load_bn(s2_ptr, b2_ptr, o2_64, m2c, ACC)
                     pre2 = y2 * s2[None, :] + b2[None, :]
                     mb = b_pix[:, None] & m2c[None, :]
                     oc = (init + o2).to(tl.int64)
@@ -598,14 +633,8 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
     Launches: one multi-tensor zero-fill of the ACC accumulators and one Triton kernel (plus a cast per returned
     parameter gradient for half inputs). The weight, BN and gate gradients are reduced with fp32 (fp64) atomics,
     so on a GPU their last bits depend on the order programs finish; grad_x is complete in one program, no atomics."""
-    N, C_in, H, W = x.shape
-    init = primary_weight.shape[0]
-    dw = cheap_weight.shape[-1]
-    ratio_m1 = cheap_weight.shape[0] // init
+    N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
     cheap = init * ratio_m1
-    assert cheap_weight.shape[0] == cheap and ratio_m1 >= 1 and dw % 2 == 1
-    assert 0 < out_channels <= init + cheap
-    assert gate_mode in ("nearest", "bilinear")
     assert grad_out.shape == (N, out_channels, H, W)
     assert gate is None or (gate.dim() == 4 and gate.shape[:2] == (N, out_channels))
     needs = tuple(needs) + (True,) * (8 - len(needs))
@@ -624,31 +653,15 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
 
     grad_x = None
     if needs[0]:
-        cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        # fully written by the kernel (and empty when N * H * W == 0)
-        grad_x = torch.empty((N, C_in, H, W), dtype=dtype, device=x.device, memory_format=fmt)
+        grad_x = _empty_like_x(x, (N, C_in, H, W))  # fully written by the kernel (and empty when N * H * W == 0)
 
     if N * H * W > 0:
         w1 = primary_weight if primary_weight.dtype == dtype else primary_weight.to(dtype)
         w1 = w1.reshape(init, C_in)
         w2 = cheap_weight
-        s1, b1, s2, b2 = primary_scale, primary_bias, cheap_scale, cheap_bias
-        assert all(t.dim() == 1 and t.stride(0) == 1 for t in (s1, b1, s2, b2))
-        if gate is not None:
-            Hg, Wg = gate.shape[-2:]
-            sg = gate.stride()
-            g = gate
-        else:
-            Hg, Wg = H, W
-            sg = (0, 0, 0, 0)
-            g = x
-        gscale_h = float(np.float32(Hg) / np.float32(H))
-        gscale_w = float(np.float32(Wg) / np.float32(W))
-        if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-            precision = "tf32"
-        else:
-            precision = "ieee"
+        s1, b1, s2, b2 = _bn_vectors(primary_scale, primary_bias, cheap_scale, cheap_bias)
+        g, Hg, Wg, sg, gscale_h, gscale_w = _gate_args(gate, x)
+        precision = _input_precision(dtype)
 
         n_x1 = min(init, out_channels)
         halo_h, halo_w, block_c, block_k, num_warps = _pick_bwd_config(H, W, dw, n_x1)

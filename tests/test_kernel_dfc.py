@@ -5,41 +5,12 @@ forces small tiles and few programs so the tiled path and the persistent loop ru
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ghostfast import reference
 from ghostfast.kernels import dfc
+from kernel_inputs import DFC_MODES as MODES, dfc_out_shape, dfc_pad_then_bias_logits, dfc_reference, make_dfc_params
 from numerics import REL_TOL, assert_close_rel, poisoned_like
 
-MODES = (None, "nearest", "bilinear")  # None: the pooled-resolution gate
 SMALL_TILES = dict(halo_h=8, halo_w=8, block_c=16, block_k=16, max_programs=3)
-
-
-def _params(cin, c, dtype, device):
-    def rnd(*shape):
-        return torch.randn(*shape, dtype=torch.float64)
-
-    def pos(c):
-        return torch.rand(c, dtype=torch.float64) + 0.5
-
-    # Biases of ~1.5 make the border visibly different between "zero pad the biased output" (the spec)
-    # and "pad then add the bias" (see test_dfc_kernel_border_pads_biased_output).
-    p = [rnd(c, cin, 1, 1) / cin ** 0.5, pos(c), 1.5 * rnd(c),
-         rnd(c, 1, 1, 5) / 5 ** 0.5, pos(c), 1.5 * rnd(c),
-         rnd(c, 1, 5, 1) / 5 ** 0.5, pos(c), 1.5 * rnd(c)]
-    return [t.to(device=device, dtype=dtype) for t in p]
-
-
-def _reference(x, params, mode):
-    xd, pd = x.double(), [t.double() for t in params]
-    if mode is None:
-        return reference.dfc_gate_forward(xd, *pd)
-    return reference.dfc_attention_forward(xd, *pd, mode=mode)
-
-
-def _out_shape(x, c, mode):
-    n, _, h, w = x.shape
-    return (n, c, h, w) if mode else (n, c, h // 2, w // 2)
 
 
 def _run(x, params, mode, out=None, override=None):
@@ -53,10 +24,10 @@ def _run(x, params, mode, out=None, override=None):
 def _check(x, params, mode, dtype=None, override=None):
     dtype = dtype or x.dtype
     c = params[0].shape[0]
-    out = poisoned_like(torch.empty(_out_shape(x, c, mode), dtype=x.dtype, device=x.device))
+    out = poisoned_like(torch.empty(dfc_out_shape(x, c, mode), dtype=x.dtype, device=x.device))
     got = _run(x, params, mode, out=out, override=override)
     assert got is out
-    assert_close_rel(got, _reference(x, params, mode), dtype)
+    assert_close_rel(got, dfc_reference(x, params, mode), dtype)
     return got
 
 
@@ -71,7 +42,7 @@ def _check(x, params, mode, dtype=None, override=None):
 ])
 def test_dfc_kernel_shapes(device, n, cin, c, h, w, mode):
     x = torch.randn(n, cin, h, w, device=device)
-    _check(x, _params(cin, c, torch.float32, device), mode)
+    _check(x, make_dfc_params(cin, c, torch.float32, device), mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -79,7 +50,7 @@ def test_dfc_kernel_shapes(device, n, cin, c, h, w, mode):
 def test_dfc_kernel_small_tiles(device, h, w, mode):
     """Pooled tiles of 4 (3 for bilinear) with a 2-lane halo: many tiles, partial last tiles, odd sizes."""
     x = torch.randn(2, 6, h, w, device=device)
-    _check(x, _params(6, 20, torch.float32, device), mode, override=SMALL_TILES)
+    _check(x, make_dfc_params(6, 20, torch.float32, device), mode, override=SMALL_TILES)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -88,14 +59,14 @@ def test_dfc_kernel_dtypes(device, dtype, mode):
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the Triton interpreter does not support bfloat16")
     x = torch.randn(2, 20, 15, 13, device=device, dtype=dtype)
-    got = _check(x, _params(20, 40, dtype, device), mode, override=dict(block_c=16))  # 3 channel blocks
+    got = _check(x, make_dfc_params(20, 40, dtype, device), mode, override=dict(block_c=16))  # 3 channel blocks
     assert got.dtype == dtype
 
 
 def test_dfc_kernel_fp16_input_fp32_params(device):
     """Folded BN scale/bias may stay in fp32 while x is fp16."""
     x = torch.randn(1, 20, 15, 13, device=device, dtype=torch.float16)
-    p = _params(20, 40, torch.float16, device)
+    p = make_dfc_params(20, 40, torch.float16, device)
     for i in (1, 2, 4, 5, 7, 8):
         p[i] = p[i].float()
     _check(x, p, "bilinear", dtype=torch.float16)
@@ -109,9 +80,9 @@ def test_dfc_kernel_layouts(device, layout, mode):
         x = torch.randn(n, cin, h, w, device=device).to(memory_format=torch.channels_last)
     else:  # a channel slice with every other column: no dense layout at all
         x = torch.randn(n, cin + 5, h, 2 * w, device=device)[:, 3:3 + cin, :, ::2]
-    p = _params(cin, c, torch.float32, device)
+    p = make_dfc_params(cin, c, torch.float32, device)
     got = _run(x, p, mode)
-    assert_close_rel(got, _reference(x, p, mode), torch.float32)
+    assert_close_rel(got, dfc_reference(x, p, mode), torch.float32)
     if layout == "channels_last":
         assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
     else:
@@ -122,12 +93,12 @@ def test_dfc_kernel_layouts(device, layout, mode):
 def test_dfc_kernel_strided_out(device, mode):
     """`out` is a channel slice of a bigger NaN buffer: written through its strides, nothing outside touched."""
     x = torch.randn(2, 6, 15, 13, device=device)
-    p = _params(6, 20, torch.float32, device)
-    big = torch.full((2, 26) + _out_shape(x, 20, mode)[2:], float("nan"), device=device)
+    p = make_dfc_params(6, 20, torch.float32, device)
+    big = torch.full((2, 26) + dfc_out_shape(x, 20, mode)[2:], float("nan"), device=device)
     out = big[:, 3:23]
     got = _run(x, p, mode, out=out)
     assert got is out
-    assert_close_rel(got, _reference(x, p, mode), torch.float32)
+    assert_close_rel(got, dfc_reference(x, p, mode), torch.float32)
     assert big[:, :3].isnan().all() and big[:, 23:].isnan().all()
 
 
@@ -139,25 +110,15 @@ def test_dfc_kernel_persistent_loop(device, mode):
     if device == "cpu":
         assert cfg["total"] >= 2 * cfg["grid"]
     x = torch.randn(n, cin, h, w, device=device)
-    _check(x, _params(cin, c, torch.float32, device), mode)
+    _check(x, make_dfc_params(cin, c, torch.float32, device), mode)
 
 
 def test_dfc_kernel_border_pads_biased_output(device):
     """The test data separates the spec from a kernel that zero-pads before adding the BN biases."""
     x = torch.randn(1, 6, 15, 13, device=device)
-    p = _params(6, 20, torch.float32, device)
-    xd, (cw, cs, cb, hw, hs, hb, vw, vs, vb) = x.double(), [t.double() for t in p]
-    c = cw.shape[0]
-
-    def conv_pad_then_bias(y, b, weight, pad):  # the padded border carries the bias: the wrong rule
-        b = b.view(1, -1, 1, 1)
-        return F.conv2d(F.pad(y - b, pad) + b, weight, groups=c)
-
-    y = F.conv2d(F.avg_pool2d(xd, 2), cw) * cs.view(1, -1, 1, 1) + cb.view(1, -1, 1, 1)
-    y = conv_pad_then_bias(y, cb, hw, (2, 2, 0, 0)) * hs.view(1, -1, 1, 1) + hb.view(1, -1, 1, 1)
-    y = conv_pad_then_bias(y, hb, vw, (0, 0, 2, 2)) * vs.view(1, -1, 1, 1) + vb.view(1, -1, 1, 1)
-    wrong = torch.sigmoid(y)
-    right = _reference(x, p, None)
+    p = make_dfc_params(6, 20, torch.float32, device)
+    wrong = torch.sigmoid(dfc_pad_then_bias_logits(x.double(), [t.double() for t in p]))
+    right = dfc_reference(x, p, None)
     assert ((wrong - right).norm() / right.norm()).item() > 1e3 * REL_TOL[torch.float32]
     _check(x, p, None)
 
@@ -166,9 +127,9 @@ def test_dfc_kernel_border_pads_biased_output(device):
 def test_dfc_kernel_nan_propagates(device, mode):
     x = torch.randn(1, 6, 15, 13, device=device)
     x[0, 2, 6, 5] = float("nan")
-    p = _params(6, 20, torch.float32, device)
+    p = make_dfc_params(6, 20, torch.float32, device)
     got = _run(x, p, mode, override=SMALL_TILES)
-    ref = _reference(x, p, mode)
+    ref = dfc_reference(x, p, mode)
     assert ref.isnan().any()
     assert torch.equal(got.isnan(), ref.isnan())
     ok = ~ref.isnan()
@@ -178,21 +139,21 @@ def test_dfc_kernel_nan_propagates(device, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_dfc_kernel_empty_batch(device, mode):
     x = torch.randn(0, 6, 15, 13, device=device)
-    got = _run(x, _params(6, 20, torch.float32, device), mode)
-    assert got.shape == _out_shape(x, 20, mode)
+    got = _run(x, make_dfc_params(6, 20, torch.float32, device), mode)
+    assert got.shape == dfc_out_shape(x, 20, mode)
 
 
 def test_dfc_kernel_tf32_flag(device):
     """torch's own TF32 switch selects the tf32 dot; the default stays IEEE."""
     x = torch.randn(1, 20, 15, 13, device=device)
-    p = _params(20, 40, torch.float32, device)
+    p = make_dfc_params(20, 40, torch.float32, device)
     prev = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
         got = _run(x, p, "nearest")
     finally:
         torch.set_float32_matmul_precision(prev)
-    assert_close_rel(got, _reference(x, p, "nearest"), torch.float32, factor=100)
+    assert_close_rel(got, dfc_reference(x, p, "nearest"), torch.float32, factor=100)
 
 
 def test_dfc_kernel_upsample_ownership_covers():
@@ -217,7 +178,7 @@ def test_dfc_kernel_upsample_ownership_covers():
 def test_dfc_kernel_index64(device, mode):
     """The int64 offset path (taken when one image spans 2^31 elements) gives the same numbers."""
     x = torch.randn(2, 6, 15, 13, device=device).to(memory_format=torch.channels_last)
-    _check(x, _params(6, 20, torch.float32, device), mode, override=dict(SMALL_TILES, index64=True))
+    _check(x, make_dfc_params(6, 20, torch.float32, device), mode, override=dict(SMALL_TILES, index64=True))
 
 
 def test_dfc_kernel_index64_switch():

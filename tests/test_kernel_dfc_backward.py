@@ -6,47 +6,19 @@ forces small tiles and few programs so the tiled path and the persistent loop ru
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ghostfast import reference
 from ghostfast.kernels import dfc
+from kernel_inputs import DFC_MODES as MODES, dfc_out_shape, dfc_pad_then_bias_logits, dfc_reference, make_dfc_params
 from numerics import REL_TOL, assert_close_rel, rel_error
 
-MODES = (None, "nearest", "bilinear")  # None: the pooled-resolution gate
 NAMES = ("x", "conv_weight", "conv_scale", "conv_bias", "h_weight", "h_scale", "h_bias", "v_weight", "v_scale",
          "v_bias")
 SMALL_TILES = dict(halo_h=16, halo_w=16, block_c=16, block_k=16, max_programs=3)  # tiles of 8 x 8 pooled pixels
 
 
-def _params(cin, c, dtype, device):
-    def rnd(*shape):
-        return torch.randn(*shape, dtype=torch.float64)
-
-    def pos(c):
-        return torch.rand(c, dtype=torch.float64) + 0.5
-
-    # Biases of ~1.5 make the border differ between "zero pad the biased output" (the spec) and "pad then add
-    # the bias" (see test_dfc_backward_border_pads_biased_output).
-    p = [rnd(c, cin, 1, 1) / cin ** 0.5, pos(c), 1.5 * rnd(c),
-         rnd(c, 1, 1, 5) / 5 ** 0.5, pos(c), 1.5 * rnd(c),
-         rnd(c, 1, 5, 1) / 5 ** 0.5, pos(c), 1.5 * rnd(c)]
-    return [t.to(device=device, dtype=dtype) for t in p]
-
-
-def _out_shape(x, c, mode):
-    n, _, h, w = x.shape
-    return (n, c, h, w) if mode else (n, c, h // 2, w // 2)
-
-
-def _forward(x, params, mode):
-    if mode is None:
-        return reference.dfc_gate_forward(x, *params)
-    return reference.dfc_attention_forward(x, *params, mode=mode)
-
-
 def _reference_grads(grad, x, params, mode):
     inputs = [t.detach().double().requires_grad_() for t in [x] + list(params)]
-    out = _forward(inputs[0], inputs[1:], mode)
+    out = dfc_reference(inputs[0], inputs[1:], mode)
     return torch.autograd.grad(out, inputs, grad.double())
 
 
@@ -62,7 +34,7 @@ def _check(x, params, mode, dtype=None, override=None, grad=None, factor=1.0):
     dtype = dtype or x.dtype
     c = params[0].shape[0]
     if grad is None:
-        grad = torch.randn(_out_shape(x, c, mode), device=x.device, dtype=x.dtype)
+        grad = torch.randn(dfc_out_shape(x, c, mode), device=x.device, dtype=x.dtype)
     got = _run(grad, x, params, mode, override=override)
     ref = _reference_grads(grad, x, params, mode)
     assert len(got) == 10
@@ -84,14 +56,14 @@ def _check(x, params, mode, dtype=None, override=None, grad=None, factor=1.0):
 ])
 def test_dfc_backward_shapes(device, n, cin, c, h, w, mode):
     x = torch.randn(n, cin, h, w, device=device)
-    _check(x, _params(cin, c, torch.float32, device), mode)
+    _check(x, make_dfc_params(cin, c, torch.float32, device), mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_dfc_backward_small_tiles(device, mode):
     """Forced 8 x 8 pooled tiles on a small odd image: partial last tiles in both dims, 3 programs for 12 items."""
     x = torch.randn(2, 4, 19, 35, device=device)
-    _check(x, _params(4, 20, torch.float32, device), mode, override=SMALL_TILES)
+    _check(x, make_dfc_params(4, 20, torch.float32, device), mode, override=SMALL_TILES)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -100,13 +72,13 @@ def test_dfc_backward_dtypes(device, dtype, mode):
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the Triton interpreter does not support bfloat16")
     x = torch.randn(2, 20, 15, 13, device=device, dtype=dtype)
-    _check(x, _params(20, 40, dtype, device), mode, override=dict(block_c=16))  # 3 channel blocks
+    _check(x, make_dfc_params(20, 40, dtype, device), mode, override=dict(block_c=16))  # 3 channel blocks
 
 
 def test_dfc_backward_fp16_input_fp32_params(device):
     """Folded BN scale/bias may stay in fp32 while x is fp16: each grad comes back in its input's dtype."""
     x = torch.randn(1, 20, 15, 13, device=device, dtype=torch.float16)
-    p = _params(20, 40, torch.float16, device)
+    p = make_dfc_params(20, 40, torch.float16, device)
     for i in (1, 2, 4, 5, 7, 8):
         p[i] = p[i].float()
     _check(x, p, "bilinear", dtype=torch.float16)
@@ -116,14 +88,14 @@ def test_dfc_backward_fp16_input_fp32_params(device):
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_dfc_backward_layouts(device, layout, mode):
     n, cin, c, h, w = 2, 20, 40, 15, 13
-    shape = _out_shape(torch.empty(n, cin, h, w, device="meta"), c, mode)
+    shape = dfc_out_shape(torch.empty(n, cin, h, w, device="meta"), c, mode)
     if layout == "channels_last":
         x = torch.randn(n, cin, h, w, device=device).to(memory_format=torch.channels_last)
         grad = torch.randn(shape, device=device).to(memory_format=torch.channels_last)
     else:  # channel slices with every other column: no dense layout at all
         x = torch.randn(n, cin + 5, h, 2 * w, device=device)[:, 3:3 + cin, :, ::2]
         grad = torch.randn(n, c + 3, shape[2], 2 * shape[3], device=device)[:, 1:1 + c, :, 1::2]
-    got = _check(x, _params(cin, c, torch.float32, device), mode, grad=grad)
+    got = _check(x, make_dfc_params(cin, c, torch.float32, device), mode, grad=grad)
     if layout == "channels_last":
         assert got[0].is_contiguous(memory_format=torch.channels_last) and not got[0].is_contiguous()
     else:
@@ -137,7 +109,7 @@ def test_dfc_backward_layouts(device, layout, mode):
 ])
 def test_dfc_backward_needs(device, needs):
     x = torch.randn(2, 6, 15, 13, device=device)
-    p = _params(6, 20, torch.float32, device)
+    p = make_dfc_params(6, 20, torch.float32, device)
     grad = torch.randn(2, 20, 15, 13, device=device)
     got = _run(grad, x, p, "bilinear", needs=needs)
     ref = _reference_grads(grad, x, p, "bilinear")
@@ -152,8 +124,8 @@ def test_dfc_backward_needs(device, needs):
 @pytest.mark.parametrize("mode", MODES)
 def test_dfc_backward_empty_batch(device, mode):
     x = torch.randn(0, 6, 15, 13, device=device)
-    p = _params(6, 20, torch.float32, device)
-    got = _run(torch.randn(_out_shape(x, 20, mode), device=device), x, p, mode)
+    p = make_dfc_params(6, 20, torch.float32, device)
+    got = _run(torch.randn(dfc_out_shape(x, 20, mode), device=device), x, p, mode)
     for g, t in zip(got, [x] + p):
         assert g.shape == t.shape and g.dtype == t.dtype and not g.any()
 
@@ -162,8 +134,8 @@ def test_dfc_backward_empty_batch(device, mode):
 def test_dfc_backward_deterministic(device, mode):
     """Per-program partials summed by one .sum(): bitwise equal run to run (no atomics)."""
     x = torch.randn(1, 4, 19, 35, device=device)
-    p = _params(4, 20, torch.float32, device)
-    grad = torch.randn(_out_shape(x, 20, mode), device=device)
+    p = make_dfc_params(4, 20, torch.float32, device)
+    grad = torch.randn(dfc_out_shape(x, 20, mode), device=device)
     a = _run(grad, x, p, mode, override=SMALL_TILES)
     b = _run(grad, x, p, mode, override=SMALL_TILES)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
@@ -173,25 +145,16 @@ def test_dfc_backward_deterministic(device, mode):
 def test_dfc_backward_index64(device, mode):
     """The int64 offset path (taken when one image spans 2^31 elements) gives the same numbers."""
     x = torch.randn(2, 4, 19, 35, device=device).to(memory_format=torch.channels_last)
-    _check(x, _params(4, 20, torch.float32, device), mode, override=dict(SMALL_TILES, index64=True))
+    _check(x, make_dfc_params(4, 20, torch.float32, device), mode, override=dict(SMALL_TILES, index64=True))
 
 
 def test_dfc_backward_border_pads_biased_output(device):
     """The test data separates the spec's weight grads from those of a chain that zero-pads before the biases."""
     x = torch.randn(1, 6, 15, 13, device=device, dtype=torch.float64)
-    p = [t.requires_grad_() for t in _params(6, 20, torch.float64, device)]
-    cw, cs, cb, hw, hs, hb, vw, vs, vb = p
-    c = cw.shape[0]
-
-    def conv_pad_then_bias(y, b, weight, pad):  # the padded border carries the bias: the wrong rule
-        b = b.view(1, -1, 1, 1)
-        return F.conv2d(F.pad(y - b, pad) + b, weight, groups=c)
-
-    y = F.conv2d(F.avg_pool2d(x, 2), cw) * cs.view(1, -1, 1, 1) + cb.view(1, -1, 1, 1)
-    y = conv_pad_then_bias(y, cb, hw, (2, 2, 0, 0)) * hs.view(1, -1, 1, 1) + hb.view(1, -1, 1, 1)
-    y = conv_pad_then_bias(y, hb, vw, (0, 0, 2, 2)) * vs.view(1, -1, 1, 1) + vb.view(1, -1, 1, 1)
+    p = [t.requires_grad_() for t in make_dfc_params(6, 20, torch.float64, device)]
+    y = dfc_pad_then_bias_logits(x, p)
     grad = torch.randn_like(y)
-    wrong = torch.autograd.grad(torch.sigmoid(y), [hw, vw], grad)
+    wrong = torch.autograd.grad(torch.sigmoid(y), [p[3], p[6]], grad)
     got = _run(grad, x, [t.detach() for t in p], None)
     for w_, g in zip(wrong, (got[4], got[7])):
         assert rel_error(g, w_) > 1e3 * REL_TOL[torch.float32]

@@ -1,33 +1,11 @@
 """The fused Triton Ghost module forward against the float64 eager reference."""
-import math
-
 import pytest
 import torch
 
 from ghostfast import reference
 from ghostfast.kernels.ghost_module import ghost_module_forward
+from kernel_inputs import ghost_case_id, make_ghost_params, make_input, skip_unsupported
 from numerics import assert_close_rel, poisoned_like
-
-
-def _params(c_in, init, ratio, dw, dtype, device):
-    cheap = init * (ratio - 1)
-    return dict(
-        primary_weight=torch.randn(init, c_in, 1, 1, device=device).div(math.sqrt(c_in)).to(dtype),
-        primary_scale=(torch.rand(init, device=device) + 0.5).to(dtype),
-        primary_bias=(torch.randn(init, device=device) * 0.5).to(dtype),
-        cheap_weight=(torch.randn(cheap, 1, dw, dw, device=device) / dw).to(dtype),
-        cheap_scale=(torch.rand(cheap, device=device) + 0.5).to(dtype),
-        cheap_bias=(torch.randn(cheap, device=device) * 0.5).to(dtype),
-    )
-
-
-def _input(n, c_in, h, w, dtype, device, layout):
-    if layout == "slice":  # a channel slice of a bigger tensor: no dense layout at all
-        return torch.randn(n, c_in + 5, h, w, device=device).to(dtype)[:, 2:2 + c_in]
-    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def _gate(n, out_channels, h, w, mode, dtype, device):
@@ -42,15 +20,10 @@ def _reference(x, p, out_channels, relu, gate, mode):
                                           gate=None if gate is None else gate.double(), gate_mode=mode)
 
 
-def _skip_unsupported(dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("the Triton interpreter does not support bfloat16")
-
-
 def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode, device):
-    _skip_unsupported(dtype, device)
-    x = _input(n, c_in, h, w, dtype, device, layout)
-    p = _params(c_in, init, ratio, dw, dtype, device)
+    skip_unsupported(dtype, device)
+    x = make_input(n, c_in, h, w, dtype, device, layout)
+    p = make_ghost_params(c_in, init, ratio, dw, dtype, device)
     gate = _gate(n, out_channels, h, w, gate_mode, dtype, device)
     ref = _reference(x, p, out_channels, relu, gate, gate_mode or "nearest")
     out = poisoned_like(ref.to(dtype))
@@ -77,13 +50,7 @@ CASES = [
 ]
 
 
-def _id(c):
-    n, ci, h, w, init, ratio, dw, oc, relu, dtype, layout, gm = c
-    return f"n{n}-cin{ci}-{h}x{w}-init{init}-r{ratio}-dw{dw}-out{oc}-{'relu' if relu else 'id'}-" \
-           f"{str(dtype).split('.')[-1]}-{layout}-{gm}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[ghost_case_id(c) for c in CASES])
 def test_ghost_module_kernel_matches_reference(case, device):
     _check(*case, device)
 
@@ -105,8 +72,8 @@ def test_ghost_module_kernel_dtype_layout_gate_sweep(dtype, layout, gate_mode, d
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
 def test_ghost_module_kernel_allocates_in_input_format(layout, device):
-    x = _input(2, 12, 9, 7, torch.float32, device, layout)
-    p = _params(12, 8, 2, 3, torch.float32, device)
+    x = make_input(2, 12, 9, 7, torch.float32, device, layout)
+    p = make_ghost_params(12, 8, 2, 3, torch.float32, device)
     res = ghost_module_forward(x, **p, out_channels=15, relu=True)
     if layout == "channels_last":
         assert res.is_contiguous(memory_format=torch.channels_last) and not res.is_contiguous()
@@ -117,8 +84,8 @@ def test_ghost_module_kernel_allocates_in_input_format(layout, device):
 
 def test_ghost_module_kernel_strided_out_buffer(device):
     # out is a channel slice of a bigger NaN buffer: the kernel must honour its strides and touch nothing else
-    x = _input(1, 10, 11, 9, torch.float32, device, "contiguous")
-    p = _params(10, 8, 2, 3, torch.float32, device)
+    x = make_input(1, 10, 11, 9, torch.float32, device, "contiguous")
+    p = make_ghost_params(10, 8, 2, 3, torch.float32, device)
     gate = _gate(1, 16, 11, 9, "bilinear", torch.float32, device)
     ref = _reference(x, p, 16, True, gate, "bilinear")
     big = torch.full((1, 20, 11, 9), float("nan"), device=device)
@@ -131,8 +98,8 @@ def test_ghost_module_kernel_strided_out_buffer(device):
 @pytest.mark.parametrize("gate_mode", ["nearest", "bilinear"])
 def test_ghost_module_kernel_gate_odd_upsample(gate_mode, device):
     # non-integer scales (7/15, 4/13) and a gate wider than half the image: index math as F.interpolate's
-    x = _input(1, 6, 15, 13, torch.float32, device, "contiguous")
-    p = _params(6, 8, 2, 3, torch.float32, device)
+    x = make_input(1, 6, 15, 13, torch.float32, device, "contiguous")
+    p = make_ghost_params(6, 8, 2, 3, torch.float32, device)
     gate = torch.rand(1, 16, 7, 4, device=device)
     ref = _reference(x, p, 16, False, gate, gate_mode)
     out = poisoned_like(ref.float())
@@ -143,8 +110,8 @@ def test_ghost_module_kernel_gate_odd_upsample(gate_mode, device):
 def test_ghost_module_kernel_gate_nearest_fp32_rounding(device):
     # 46 -> 14 and 44 -> 26: floor(dst * fp32(in/out)) differs from the exact dst*in//out at dst 23 and 22,
     # and F.interpolate follows the fp32 value
-    x = _input(1, 4, 46, 44, torch.float32, device, "contiguous")
-    p = _params(4, 8, 2, 1, torch.float32, device)
+    x = make_input(1, 4, 46, 44, torch.float32, device, "contiguous")
+    p = make_ghost_params(4, 8, 2, 1, torch.float32, device)
     gate = torch.rand(1, 16, 14, 26, device=device)
     ref = _reference(x, p, 16, True, gate, "nearest")
     out = poisoned_like(ref.float())
@@ -154,8 +121,8 @@ def test_ghost_module_kernel_gate_nearest_fp32_rounding(device):
 
 def test_ghost_module_kernel_tf32_flag(device):
     # with torch's TF32 flag on, fp32 may use TF32 for the 1x1 conv: still close at TF32 accuracy
-    x = _input(1, 32, 7, 7, torch.float32, device, "contiguous")
-    p = _params(32, 16, 2, 3, torch.float32, device)
+    x = make_input(1, 32, 7, 7, torch.float32, device, "contiguous")
+    p = make_ghost_params(32, 16, 2, 3, torch.float32, device)
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
@@ -166,9 +133,9 @@ def test_ghost_module_kernel_tf32_flag(device):
 
 
 def test_ghost_module_kernel_nan_propagates(device):
-    x = _input(1, 8, 6, 6, torch.float32, device, "contiguous")
+    x = make_input(1, 8, 6, 6, torch.float32, device, "contiguous")
     x[0, 3, 2, 4] = float("nan")
-    p = _params(8, 8, 2, 3, torch.float32, device)
+    p = make_ghost_params(8, 8, 2, 3, torch.float32, device)
     ref = _reference(x, p, 16, True, None, "nearest")
     res = ghost_module_forward(x, **p, out_channels=16, relu=True)
     assert torch.equal(torch.isnan(res), torch.isnan(ref))
@@ -179,7 +146,7 @@ def test_ghost_module_kernel_nan_propagates(device):
 @pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5)])
 def test_ghost_module_kernel_empty(shape, device):
     x = torch.randn(*shape, device=device)
-    p = _params(8, 8, 2, 3, torch.float32, device)
+    p = make_ghost_params(8, 8, 2, 3, torch.float32, device)
     res = ghost_module_forward(x, **p, out_channels=16, relu=True)
     # eager conv2d rejects a 0-sized image, so the reference here is only the shape it would have
     assert res.shape == (shape[0], 16, shape[2], shape[3])

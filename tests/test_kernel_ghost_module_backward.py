@@ -1,38 +1,14 @@
 """The fused Triton Ghost module backward against torch.autograd through the float64 eager reference."""
-import math
-
 import pytest
 import torch
 
 from ghostfast import reference
 from ghostfast.kernels.ghost_module import ghost_module_backward
+from kernel_inputs import ghost_case_id, make_ghost_params, skip_unsupported, to_layout
 from numerics import assert_close_rel
 
 NAMES = ("x", "primary_weight", "primary_scale", "primary_bias", "cheap_weight", "cheap_scale", "cheap_bias",
          "gate")
-
-
-def _params(c_in, init, ratio, dw, dtype, device):
-    cheap = init * (ratio - 1)
-    return dict(
-        primary_weight=torch.randn(init, c_in, 1, 1, device=device).div(math.sqrt(c_in)).to(dtype),
-        primary_scale=(torch.rand(init, device=device) + 0.5).to(dtype),
-        primary_bias=(torch.randn(init, device=device) * 0.5).to(dtype),
-        cheap_weight=(torch.randn(cheap, 1, dw, dw, device=device) / dw).to(dtype),
-        cheap_scale=(torch.rand(cheap, device=device) + 0.5).to(dtype),
-        cheap_bias=(torch.randn(cheap, device=device) * 0.5).to(dtype),
-    )
-
-
-def _strided(t, layout):
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "slice":  # a channel slice of a bigger tensor: no dense layout at all
-        n, c, h, w = t.shape
-        big = torch.randn(n, c + 5, h, w, device=t.device, dtype=t.dtype)
-        big[:, 2:2 + c] = t
-        return big[:, 2:2 + c]
-    return t
 
 
 def _autograd(x, p, grad_out, out_channels, relu, gate, mode, dtype):
@@ -45,11 +21,6 @@ def _autograd(x, p, grad_out, out_channels, relu, gate, mode, dtype):
                                          gate=leaves[7] if gate is not None else None, gate_mode=mode)
     grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
     return list(grads) + ([None] if gate is None else [])
-
-
-def _skip_unsupported(dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("the Triton interpreter does not support bfloat16")
 
 
 def _compare(res, ref, inputs, dtype, needs=(True,) * 8):
@@ -68,13 +39,13 @@ def _compare(res, ref, inputs, dtype, needs=(True,) * 8):
 
 def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_shape, gate_mode, device,
            go_layout=None, needs=(True,) * 8):
-    _skip_unsupported(dtype, device)
-    x = _strided(torch.randn(n, c_in, h, w, device=device).to(dtype), layout)
-    p = _params(c_in, init, ratio, dw, dtype, device)
+    skip_unsupported(dtype, device)
+    x = to_layout(torch.randn(n, c_in, h, w, device=device).to(dtype), layout)
+    p = make_ghost_params(c_in, init, ratio, dw, dtype, device)
     gate = None
     if gate_mode is not None:
         gate = torch.rand(n, out_channels, *gate_shape, device=device).to(dtype)
-    grad_out = _strided(torch.randn(n, out_channels, h, w, device=device).to(dtype), go_layout or layout)
+    grad_out = to_layout(torch.randn(n, out_channels, h, w, device=device).to(dtype), go_layout or layout)
     mode = gate_mode or "nearest"
     res = ghost_module_backward(grad_out, x, **p, out_channels=out_channels, relu=relu, gate=gate, gate_mode=mode,
                                 needs=needs)
@@ -98,13 +69,7 @@ CASES = [
 ]
 
 
-def _id(c):
-    n, ci, h, w, init, ratio, dw, oc, relu, dtype, layout, gs, gm = c
-    return f"n{n}-cin{ci}-{h}x{w}-init{init}-r{ratio}-dw{dw}-out{oc}-{'relu' if relu else 'id'}-" \
-           f"{str(dtype).split('.')[-1]}-{layout}-{gm}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[ghost_case_id(c) for c in CASES])
 def test_ghost_module_backward_matches_autograd(case, device):
     _check(*case, device)
 
@@ -135,7 +100,7 @@ def test_ghost_module_backward_mixed_layouts(x_layout, go_layout, device):
 def test_ghost_module_backward_expanded_grad_out(device):
     # out.sum().backward() hands over a stride-0 grad_out: read through its strides, never copied
     x = torch.randn(2, 7, 9, 11, device=device)
-    p = _params(7, 8, 3, 5, torch.float32, device)
+    p = make_ghost_params(7, 8, 3, 5, torch.float32, device)
     gate = torch.rand(2, 20, 4, 5, device=device)
     grad_out = torch.ones((), device=device).expand(2, 20, 9, 11)
     res = ghost_module_backward(grad_out, x, **p, out_channels=20, relu=True, gate=gate, gate_mode="bilinear")
@@ -171,7 +136,7 @@ def test_ghost_module_backward_relu_grad_at_zero(device):
     # backward passes no gradient at 0
     x = torch.randn(1, 6, 8, 8, device=device)
     x[:, :, 2:5, 3:6] = 0
-    p = _params(6, 8, 2, 3, torch.float32, device)
+    p = make_ghost_params(6, 8, 2, 3, torch.float32, device)
     p["primary_bias"][[1, 4]] = 0
     grad_out = torch.randn(1, 16, 8, 8, device=device)
     res = ghost_module_backward(grad_out, x, **p, out_channels=16, relu=True, gate=None, gate_mode="nearest")
@@ -184,7 +149,7 @@ def test_ghost_module_backward_relu_grad_at_zero(device):
 def test_ghost_module_backward_empty(shape, gate_mode, device):
     n, c, h, w = shape
     x = torch.randn(*shape, device=device)
-    p = _params(c, 8, 2, 3, torch.float32, device)
+    p = make_ghost_params(c, 8, 2, 3, torch.float32, device)
     gate = None if gate_mode is None else torch.rand(n, 16, 2, 2, device=device)
     res = ghost_module_backward(torch.randn(n, 16, h, w, device=device), x, **p, out_channels=16, relu=True,
                                 gate=gate, gate_mode=gate_mode or "nearest")
@@ -200,7 +165,7 @@ def test_ghost_module_backward_empty(shape, gate_mode, device):
 def test_ghost_module_backward_outputs_do_not_alias(dtype, device):
     # the custom op wrapping this may not return tensors that share storage
     x = torch.randn(1, 4, 5, 5, device=device).to(dtype)
-    p = _params(4, 8, 2, 3, dtype, device)
+    p = make_ghost_params(4, 8, 2, 3, dtype, device)
     gate = torch.rand(1, 16, 2, 2, device=device).to(dtype)
     res = ghost_module_backward(torch.randn(1, 16, 5, 5, device=device).to(dtype), x, **p, out_channels=16,
                                 relu=True, gate=gate, gate_mode="bilinear")
