@@ -12,6 +12,6 @@ setup(
     packages=["ghostfast", "ghostfast.kernels"],
     package_dir={"ghostfast": "ghostfast", "ghostfast.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "timm"], "bench": ["pytest-benchmark", "matplotlib", "tqdm"]},
 )
