@@ -1,0 +1,24 @@
+// Schema of the fused DFC attention kernels. The public ops `ghostfast::dfc_gate` and `ghostfast::dfc_attention`
+// (ghostfast/ops.py) call these for the `cpu` and `cuda` backends; implementations in cpu/dfc.cpp, cuda/dfc.cu.
+//
+// mode: 'gate' -> out is the gate at the pooled resolution [N, C, H/2, W/2];
+//       'nearest' | 'bilinear' -> out is the gate upsampled to x's [N, C, H, W] as F.interpolate does.
+// Conventions (checked by the implementations, arranged by ghostfast/ops.py):
+//  - x is contiguous in NCHW or in channels_last; `out`, `grad` and grad_x have x's memory format.
+//  - conv_weight [C, C_in, 1, 1], h_weight [C, 1, 1, 5], v_weight [C, 1, 5, 1]: contiguous, x's dtype.
+//  - scales and biases are contiguous vectors in the accumulation dtype (float32; float64 for float64 inputs).
+//  - the kernels write every element of `out` and of every non-empty tensor in `grads` (order: x, conv_weight,
+//    conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias); an empty tensor marks a
+//    gradient that is not needed.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(ghostfast, m) {
+  m.def(
+      "_dfc_kernel(Tensor x, Tensor conv_weight, Tensor conv_scale, Tensor conv_bias, Tensor h_weight, "
+      "Tensor h_scale, Tensor h_bias, Tensor v_weight, Tensor v_scale, Tensor v_bias, str mode, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "_dfc_backward_kernel(Tensor grad, Tensor x, Tensor conv_weight, Tensor conv_scale, Tensor conv_bias, "
+      "Tensor h_weight, Tensor h_scale, Tensor h_bias, Tensor v_weight, Tensor v_scale, Tensor v_bias, str mode, "
+      "Tensor(a!)[] grads) -> ()");
+}

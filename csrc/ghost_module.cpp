@@ -1,0 +1,24 @@
+// Schema of the fused Ghost module kernels. The public op `ghostfast::ghost_module` (ghostfast/ops.py: fake
+// kernel, autograd, backend choice) calls these for the `cpu` and `cuda` backends; the CPU and CUDA
+// implementations live in cpu/ghost_module.cpp and cuda/ghost_module.cu.
+//
+// Conventions (checked by the implementations, arranged by ghostfast/ops.py):
+//  - x is contiguous in NCHW or in channels_last; `out` and grad_x have x's memory format.
+//  - primary_weight [init, C_in, 1, 1] and cheap_weight [init*(ratio-1), 1, k, k] are contiguous, x's dtype.
+//  - scales and biases are contiguous vectors in the accumulation dtype (float32; float64 for float64 inputs).
+//  - gate, when given, is [N, out_channels, Hg, Wg], contiguous NCHW, x's dtype; gate_mode 'nearest'|'bilinear'.
+//  - the kernels write every element of `out` and of every non-empty tensor in `grads`
+//    (order: x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate);
+//    an empty tensor in `grads` marks a gradient that is not needed.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(ghostfast, m) {
+  m.def(
+      "_ghost_module_kernel(Tensor x, Tensor primary_weight, Tensor primary_scale, Tensor primary_bias, "
+      "Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, bool relu, Tensor? gate, "
+      "str gate_mode, Tensor(a!) out) -> ()");
+  m.def(
+      "_ghost_module_backward_kernel(Tensor grad_out, Tensor x, Tensor primary_weight, Tensor primary_scale, "
+      "Tensor primary_bias, Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, "
+      "bool relu, Tensor? gate, str gate_mode, Tensor(a!)[] grads) -> ()");
+}
