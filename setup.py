@@ -3,7 +3,8 @@
 `kernels/` (the Triton kernels) is installed as the subpackage `ghostfast.kernels`. The compiled backends live in
 csrc/ and build into `ghostfast._C` with torch.utils.cpp_extension (ninja when present): the C++ CPU kernels
 always, the CUDA kernels when torch is a CUDA build and a CUDA toolkit is found. Switches (GHOSTFAST_CUDA,
-GHOSTFAST_CPU_ISA, TORCH_CUDA_ARCH_LIST, MAX_JOBS) are documented in ghostfast/_build.py. Install with
+GHOSTFAST_CPU_ISA, TORCH_CUDA_ARCH_LIST, MAX_JOBS) are documented in ghostfast/_build.py; GHOSTFAST_BUILD_C=0
+installs the pure-Python package (Triton and reference backends only). Install with
 `pip install --no-build-isolation -e .` so the extension is built against the torch already installed.
 """
 import importlib.util
@@ -23,6 +24,9 @@ def _load_build_config():
 
 
 def _extensions():
+    if os.environ.get("GHOSTFAST_BUILD_C", "1").strip() == "0":
+        print("ghostfast: GHOSTFAST_BUILD_C=0: installing without the compiled backends (triton and reference only)")
+        return [], {}
     build = _load_build_config()
     build.configure_cuda_home()  # before cpp_extension reads CUDA_HOME
     try:

@@ -49,6 +49,11 @@ def cmd_info(args) -> int:
             print(f"{'backends on ' + device:20s} {', '.join(ghostfast.available_backends(device))}")
         except Exception as e:  # a CUDA query on a machine without a driver
             print(f"{'backends on ' + device:20s} unavailable ({e})")
+    info = ghostfast.backends.build_info()
+    if info is None:
+        print(f"{'ghostfast._C':20s} not available ({ghostfast.backends.extension_error()})")
+    else:
+        print(f"{'ghostfast._C':20s} " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return 0
 
 
@@ -81,7 +86,9 @@ def cmd_demo(args) -> int:
     # Eager float32 convs on a GPU default to TF32 (~1e-3 error); ghostfast computes IEEE float32 unless the user
     # lowers torch's matmul precision. Compare and time both in IEEE float32.
     torch.backends.cudnn.allow_tf32 = False
-    size = args.size or (224 if device.type == "cuda" else 64)
+    backend = ghostfast.backends.resolve_backend(args.backend, device)[0]
+    interpreted = backend == "triton" and device.type == "cpu"
+    size = args.size or (64 if interpreted else 224)  # the Triton interpreter is far too slow for 224x224
     print(f"ghostfast demo: {args.model}, seeded random weights, batch {args.batch}, {size}x{size}, {device}")
     model = timm_ghostnet(args.model, seed=args.seed).to(device)
     fast = ghostfast.convert(model, backend=args.backend)
@@ -94,8 +101,6 @@ def cmd_demo(args) -> int:
         out = fast(x)
         first_call_ms = (time.perf_counter() - t0) * 1e3
         rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-        backend = ghostfast.backends.resolve_backend(args.backend, device)[0]
-        interpreted = backend == "triton" and device.type == "cpu"
         reps = args.reps or (20 if device.type == "cuda" else 5)
         model(x)  # warm-up; the converted model was warmed up (and its kernels compiled) by the check above
         eager_ms = _time_ms(lambda: model(x), reps, device)
@@ -134,6 +139,12 @@ def cmd_bench(args) -> int:
     return _benchmarks_module().run(args)
 
 
+def ghostfast_backend_names() -> tuple:
+    from ghostfast.backends import BACKEND_NAMES
+
+    return BACKEND_NAMES
+
+
 def main(argv=None) -> int:
     _prepare_triton_env()
     parser = argparse.ArgumentParser(prog="python -m ghostfast", description=__doc__.splitlines()[0])
@@ -143,9 +154,10 @@ def main(argv=None) -> int:
     demo.add_argument("--model", default="ghostnetv2_100", choices=("ghostnet_100", "ghostnetv2_100",
                                                                      "ghostnetv3_100"))
     demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--size", type=int, default=None, help="input H=W (default 224 on GPU, 64 on CPU)")
+    demo.add_argument("--size", type=int, default=None,
+                      help="input H=W (default 224; 64 when the Triton interpreter runs the kernels)")
     demo.add_argument("--device", default=None)
-    demo.add_argument("--backend", default=None, choices=("auto", "triton", "reference"))
+    demo.add_argument("--backend", default=None, choices=ghostfast_backend_names())
     demo.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 5 on CPU)")
     demo.add_argument("--seed", type=int, default=0)
     try:

@@ -11,8 +11,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
-from .backends import fallback, resolve_backend, default_strict, triton_interpreting
+from . import compiled, reference
+from .backends import default_strict, dtype_unsupported, fallback, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SUPPORTED_DW_SIZES = (1, 3, 5, 7)
@@ -30,7 +30,7 @@ def _empty_output(x: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Custom ops. `backend` is a resolved name ('triton' or 'reference'), a compile-time constant for the graph.
+# Custom ops. `backend` is a concrete name ('triton', 'cpu', 'cuda' or 'reference'), a constant for the graph.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -54,6 +54,9 @@ def _ghost_module_op(
 
         return ghost_module_forward(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
                                     cheap_bias, out_channels, relu, gate, gate_mode)
+    if backend in ("cpu", "cuda"):
+        return compiled.ghost_module_forward(x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                                             cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode)
     tensors = (primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias)
     if gate is None:
         return _run_reference(reference.ghost_module_forward, x, tensors, out_channels, relu)
@@ -86,6 +89,8 @@ def _dfc_gate_op(
         from .kernels.dfc import dfc_gate_forward
 
         return dfc_gate_forward(x, *params)
+    if backend in ("cpu", "cuda"):
+        return compiled.dfc_forward(x, *params, mode="gate")
     return _run_reference(reference.dfc_gate_forward, x, params)
 
 
@@ -114,6 +119,8 @@ def _dfc_attention_op(
         from .kernels.dfc import dfc_attention_forward
 
         return dfc_attention_forward(x, *params, mode=mode)
+    if backend in ("cpu", "cuda"):
+        return compiled.dfc_forward(x, *params, mode=mode)
     return _run_reference(reference.dfc_attention_forward, x, params, mode=mode)
 
 
@@ -123,7 +130,7 @@ def _(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Backward ops: the fused Triton backward kernels, as custom ops of their own so that a compiled training graph
+# Backward ops: the fused backward kernels (Triton or compiled), as custom ops of their own so that a compiled training graph
 # keeps them opaque. They have no autograd formula: double backward through them raises a clear error.
 # Gradients that are not needed come back as empty placeholders (a custom op cannot return None in a list).
 # ----------------------------------------------------------------------------------------------------------
@@ -163,17 +170,22 @@ def _ghost_module_backward_op(
     gate: Optional[Tensor],
     gate_mode: str,
     needs: List[bool],
+    backend: str,
 ) -> List[Tensor]:
-    from .kernels.ghost_module import ghost_module_backward
+    args = (grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
+            out_channels, relu, gate, gate_mode)
+    if backend == "triton":
+        from .kernels.ghost_module import ghost_module_backward
 
-    grads = ghost_module_backward(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                                  cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode, needs=tuple(needs))
+        grads = ghost_module_backward(*args, needs=tuple(needs))
+    else:
+        grads = compiled.ghost_module_backward(*args, needs)
     return _grads_or_placeholders(grads, x)
 
 
 @_ghost_module_backward_op.register_fake
 def _(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
-      out_channels, relu, gate, gate_mode, needs):
+      out_channels, relu, gate, gate_mode, needs, backend):
     inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
     return _fake_grads(inputs, needs, x)
 
@@ -193,13 +205,16 @@ def _dfc_backward_op(
     v_bias: Tensor,
     mode: str,
     needs: List[bool],
+    backend: str,
 ) -> List[Tensor]:
     """Backward of dfc_gate (mode 'gate': `grad` at the pooled resolution) or of dfc_attention (mode 'nearest' or
     'bilinear': `grad` at full resolution)."""
     from .kernels.dfc import dfc_attention_backward, dfc_gate_backward
 
     params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    if mode == "gate":
+    if backend != "triton":
+        grads = compiled.dfc_backward(grad, x, *params, mode=mode, needs=needs)
+    elif mode == "gate":
         grads = dfc_gate_backward(grad, x, *params, needs=tuple(needs))
     else:
         grads = dfc_attention_backward(grad, x, *params, mode=mode, needs=tuple(needs))
@@ -207,13 +222,14 @@ def _dfc_backward_op(
 
 
 @_dfc_backward_op.register_fake
-def _(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode, needs):
+def _(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode, needs,
+      backend):
     inputs = (x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
     return _fake_grads(inputs, needs, x)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd of the forward ops. The triton backend differentiates with the fused backward kernels; the reference
+# Autograd of the forward ops. The fused backends differentiate with their fused backward kernels; the reference
 # backend differentiates the reference math (the forward is recomputed in eager PyTorch).
 # ----------------------------------------------------------------------------------------------------------
 
@@ -265,12 +281,12 @@ _GHOST_GRAD_SLOTS = (0, 1, 2, 3, 4, 5, 6, 9)  # x, the six parameters, gate
 
 def _ghost_module_backward(ctx, grad_out):
     args = _saved_args(ctx)
-    if args[-1] != "triton":
+    if args[-1] == "reference":
         return _reference_vjp(ctx, grad_out, reference.ghost_module_forward)
-    x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode, _ = args
+    x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode, backend = args
     needs = [bool(ctx.needs_input_grad[i]) for i in _GHOST_GRAD_SLOTS]
     grads = _ghost_module_backward_op(grad_out, x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode,
-                                      needs)
+                                      needs, backend)
     return _scatter_grads(ctx, _GHOST_GRAD_SLOTS, grads)
 
 
@@ -278,13 +294,13 @@ def _dfc_backward(mode_of):
     def backward(ctx, grad):
         args = _saved_args(ctx)
         mode = mode_of(args)
-        if args[-1] != "triton":
+        if args[-1] == "reference":
             if mode == "gate":
                 return _reference_vjp(ctx, grad, reference.dfc_gate_forward)
             return _reference_vjp(ctx, grad, lambda x, *rest: reference.dfc_attention_forward(x, *rest[:-1],
                                                                                               mode=rest[-1]))
         needs = [bool(ctx.needs_input_grad[i]) for i in range(10)]
-        grads = _dfc_backward_op(grad, *args[:10], mode, needs)
+        grads = _dfc_backward_op(grad, *args[:10], mode, needs, args[-1])
         return _scatter_grads(ctx, range(10), grads)
 
     return backward
@@ -356,14 +372,76 @@ def _check_vector(op: str, name: str, v: Tensor, n: int) -> None:
         raise ValueError(f"{op}: expected {name} of shape ({n},), got {tuple(v.shape)}")
 
 
-def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[bool]) -> str:
+def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[bool], run=None, key=()) -> str:
+    """The concrete backend for this call. `auto` with several fused candidates (CUDA: triton and cuda) is
+    settled per op and shape by `_fastest`, with `run(name)` computing the op through backend `name`."""
     strict = default_strict() if strict is None else strict
-    name, reason = resolve_backend(backend, x.device)
-    if reason is None and name == "triton" and x.dtype == torch.bfloat16 and triton_interpreting():
-        name, reason = "reference", "the Triton interpreter does not support bfloat16"
+    name, reason = resolve_backend(backend, x.device, x.dtype)
     if reason is not None:
         fallback(f"{op}: {reason}", strict)
+    if name == "auto":
+        from .backends import available_backends
+
+        candidates = [n for n in available_backends(x.device) if n != "reference" and not dtype_unsupported(n, x.dtype)]
+        name = _fastest(op, x, candidates, run, key)
     return name
+
+
+# ---- auto on GPUs: the faster of the fused backends, measured once per op and shape -------------------------
+
+_AUTO_CHOICE: dict = {}
+_AGREE_TOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def auto_choices() -> dict:
+    """What `auto` picked so far: {(op, shapes...): (backend, {backend: milliseconds})}."""
+    return dict(_AUTO_CHOICE)
+
+
+def _fastest(op: str, x: Tensor, candidates: List[str], run, key) -> str:
+    full_key = (op, str(x.device), x.dtype, tuple(x.shape), output_memory_format(x) == torch.channels_last, *key)
+    if full_key in _AUTO_CHOICE:
+        return _AUTO_CHOICE[full_key][0]
+    if len(candidates) == 1 or run is None or torch.compiler.is_compiling() or _is_fake(x):
+        return candidates[0]  # tracing: no real data to time; the eager run of the same shape decides
+    with torch.no_grad():
+        ref = run("reference").double()
+        times = {}
+        for name in candidates:
+            out = run(name)
+            err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+            if not err <= _AGREE_TOL[x.dtype]:  # also catches NaN: a kernel that disagrees is never chosen
+                fallback(f"{op}: backend {name!r} disagrees with the reference (relative error {err:.2e}) for "
+                         f"input {tuple(x.shape)} {x.dtype}; not using it for this shape", strict=False)
+                continue
+            times[name] = _time_ms(lambda: run(name), x.device)
+    best = min(times, key=times.get) if times else "reference"
+    _AUTO_CHOICE[full_key] = (best, times)
+    return best
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on a GPU, a wall clock elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+    import statistics
+    import time
+
+    fn()
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _is_fake(x: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor)
 
 
 def ghost_module(
@@ -420,9 +498,13 @@ def ghost_module(
     _check_params(op, x, dict(primary_weight=primary_weight, primary_scale=primary_scale,
                               primary_bias=primary_bias, cheap_weight=cheap_weight, cheap_scale=cheap_scale,
                               cheap_bias=cheap_bias, gate=gate))
-    name = _pick_backend(op, x, backend, strict)
-    return _ghost_module_op(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
-                            out_channels, bool(relu), gate, gate_mode, name)
+    def run(name):
+        return _ghost_module_op(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
+                                cheap_bias, out_channels, bool(relu), gate, gate_mode, name)
+
+    key = (tuple(primary_weight.shape), tuple(cheap_weight.shape), out_channels, bool(relu),
+           None if gate is None else (tuple(gate.shape), gate_mode))
+    return run(_pick_backend(op, x, backend, strict, run, key))
 
 
 def _check_dfc(op: str, x: Tensor, params: Sequence[Tensor]) -> None:
@@ -448,7 +530,11 @@ def dfc_gate(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tens
     op = "ghostfast.ops.dfc_gate"
     params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
     _check_dfc(op, x, params)
-    return _dfc_gate_op(x, *params, _pick_backend(op, x, backend, strict))
+
+    def run(name):
+        return _dfc_gate_op(x, *params, name)
+
+    return run(_pick_backend(op, x, backend, strict, run, (tuple(conv_weight.shape),)))
 
 
 def dfc_attention(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
@@ -460,4 +546,8 @@ def dfc_attention(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias:
         raise ValueError(f"{op}: mode must be one of {reference.GATE_MODES}, got {mode!r}")
     params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
     _check_dfc(op, x, params)
-    return _dfc_attention_op(x, *params, mode, _pick_backend(op, x, backend, strict))
+
+    def run(name):
+        return _dfc_attention_op(x, *params, mode, name)
+
+    return run(_pick_backend(op, x, backend, strict, run, (tuple(conv_weight.shape), mode)))

@@ -16,9 +16,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 VPY="$VENV/bin/python"
+export PATH="$PWD/$VENV/bin:$PATH"  # a pip-installed ninja lives there
 pipi() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 "$VPY" -c "import torch" 2>/dev/null || pipi torch==2.14.1 torchvision==0.29.1
 "$VPY" -c "import setuptools, wheel" 2>/dev/null || pipi "setuptools>=64" wheel
+# ninja compiles the extension's sources in parallel (torch.utils.cpp_extension); without it the build is serial.
+command -v ninja >/dev/null || "$VPY" -c "import ninja" 2>/dev/null || pipi ninja || echo "note: no ninja; building serially"
 for mod in timm pytest; do
   "$VPY" -c "import $mod" 2>/dev/null || pipi "$mod"
 done
@@ -27,5 +30,11 @@ if [ "${GHOSTFAST_BENCH:-0}" = "1" ] || [ "${1:-}" = "--bench" ]; then
     "$VPY" -c "import ${pkg//-/_}" 2>/dev/null || pipi "$pkg" || echo "note: could not install $pkg; benchmarks run without it"
   done
 fi
-"$VPY" -c "import ghostfast.kernels" 2>/dev/null || pipi --no-build-isolation --no-deps -e .
-"$VPY" -c "import ghostfast, torch; print('ghostfast', ghostfast.__version__, 'torch', torch.__version__)"
+# Editable install; it compiles ghostfast._C (csrc/: C++ CPU kernels, and CUDA kernels where nvcc and a CUDA torch
+# exist). Rebuilt when the extension is missing; `pip install --no-build-isolation --no-deps -e .` rebuilds it by hand.
+if [ "${GHOSTFAST_BUILD_C:-1}" = "0" ]; then
+  "$VPY" -c "import ghostfast.kernels" 2>/dev/null || pipi --no-build-isolation --no-deps -e .
+else
+  "$VPY" -c "import ghostfast.kernels, ghostfast._C" 2>/dev/null || pipi --no-build-isolation --no-deps -e .
+fi
+"$VPY" -c "import ghostfast, torch; print('ghostfast', ghostfast.__version__, 'torch', torch.__version__, 'backends', ghostfast.available_backends())"

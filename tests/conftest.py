@@ -26,3 +26,26 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- the kernel tests run once per fused backend of the device (tests/kernel_backends.py) -----------------
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_only: a test of the Triton kernels' own launch plumbing (tiles, "
+                                       "grid, strided out buffers), not of the op's results")
+
+
+def pytest_generate_tests(metafunc):
+    if "kernel_backend" in metafunc.fixturenames:
+        import kernel_backends
+
+        names = ["triton"] if metafunc.definition.get_closest_marker("triton_only") else kernel_backends.NAMES
+        metafunc.parametrize("kernel_backend", names, indirect=True)
+
+
+@pytest.fixture
+def kernel_backend(request):
+    import kernel_backends
+
+    with kernel_backends.active(getattr(request, "param", "triton")) as name:
+        yield name

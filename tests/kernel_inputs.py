@@ -90,8 +90,12 @@ def to_layout(t, layout):
 
 
 def skip_unsupported(dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("the Triton interpreter does not support bfloat16")
+    """Skip a dtype the kernel backend under test has no kernels for (the Triton interpreter: bfloat16)."""
+    import kernel_backends
+
+    why = kernel_backends.unsupported_dtype(dtype)
+    if why is not None:
+        pytest.skip(why)
 
 
 def ghost_case_id(case):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import ghostfast
+import kernel_backends
 from ghostfast.backends import GhostfastFallbackWarning, GhostfastUnsupported
 from ghostfast.models import TIMM_GHOSTNETS, randomize_batchnorm_, timm_ghostnet
 from ghostfast.nn import GhostModule, GhostModuleV2
@@ -24,10 +25,11 @@ EXPECTED = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", kernel_backends.NAMES)
 @pytest.mark.parametrize("name", TIMM_GHOSTNETS)
-def test_convert_timm_model_matches_eager(name, device):
+def test_convert_timm_model_matches_eager(name, backend, device):
     model = timm_ghostnet(name, seed=3).to(device)
-    fast = ghostfast.convert(model, backend="triton", strict=True)
+    fast = ghostfast.convert(model, backend=backend, strict=True)
     report = fast.ghostfast_report
     assert not report.skipped
     kinds = {}

@@ -1,24 +1,26 @@
-"""The fused DFC Triton kernel (kernels/dfc.py) against the float64 eager reference.
+"""The fused DFC forward of every backend (the Triton kernel in kernels/dfc.py; the compiled cpu/cuda kernels)
+against the float64 eager reference.
 
-Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET), so shapes stay small; `_override`
+Triton runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET), so shapes stay small; `_override`
 forces small tiles and few programs so the tiled path and the persistent loop run on those small shapes."""
 import numpy as np
 import pytest
 import torch
 
+import kernel_backends
 from ghostfast.kernels import dfc
 from kernel_inputs import DFC_MODES as MODES, dfc_out_shape, dfc_pad_then_bias_logits, dfc_reference, make_dfc_params
 from numerics import REL_TOL, assert_close_rel, poisoned_like
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
 SMALL_TILES = dict(halo_h=8, halo_w=8, block_c=16, block_k=16, max_programs=3)
 
 
 def _run(x, params, mode, out=None, override=None):
-    if override is not None:
+    """`override` (Triton tile sizes) only applies to the Triton kernel; other backends run the same data."""
+    if override is not None and kernel_backends.current() == "triton":
         return dfc._launch(x, *params, mode, out, override)
-    if mode is None:
-        return dfc.dfc_gate_forward(x, *params, out=out)
-    return dfc.dfc_attention_forward(x, *params, mode=mode, out=out)
+    return kernel_backends.dfc_forward(x, params, mode, out=out)
 
 
 def _check(x, params, mode, dtype=None, override=None):
@@ -89,6 +91,7 @@ def test_dfc_kernel_layouts(device, layout, mode):
         assert got.is_contiguous()
 
 
+@pytest.mark.triton_only
 @pytest.mark.parametrize("mode", MODES)
 def test_dfc_kernel_strided_out(device, mode):
     """`out` is a channel slice of a bigger NaN buffer: written through its strides, nothing outside touched."""
@@ -156,6 +159,7 @@ def test_dfc_kernel_tf32_flag(device):
     assert_close_rel(got, dfc_reference(x, p, "nearest"), torch.float32, factor=100)
 
 
+@pytest.mark.triton_only
 def test_dfc_kernel_upsample_ownership_covers():
     """The ownership rule: full-res pixel d belongs to the pooled tile [a, a+T) holding its source index
     (nearest src / bilinear i0), and that tile visits d in [2a-1, 2a+2T+2). Checked for every size up to 200,
@@ -181,6 +185,7 @@ def test_dfc_kernel_index64(device, mode):
     _check(x, make_dfc_params(6, 20, torch.float32, device), mode, override=dict(SMALL_TILES, index64=True))
 
 
+@pytest.mark.triton_only
 def test_dfc_kernel_index64_switch():
     small = torch.empty(2, 8, 56, 56, device="meta")
     huge = torch.empty(1, 1, 1, 1, device="meta").as_strided((2, 8, 56, 56), (2 ** 32, 2 ** 28, 56, 1))

@@ -1,16 +1,19 @@
-"""The fused DFC backward (kernels/dfc.py: dfc_gate_backward / dfc_attention_backward) against torch.autograd.grad
-of the float64 eager reference, for x and all nine folded parameters.
+"""The fused DFC backward of every backend (kernels/dfc.py: dfc_gate_backward / dfc_attention_backward; the
+compiled cpu/cuda kernels) against torch.autograd.grad of the float64 eager reference, for x and all nine folded
+parameters.
 
-Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET), so shapes stay small; `_override`
+Triton runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET), so shapes stay small; `_override`
 forces small tiles and few programs so the tiled path and the persistent loop run on those small shapes."""
 import numpy as np
 import pytest
 import torch
 
+import kernel_backends
 from ghostfast.kernels import dfc
 from kernel_inputs import DFC_MODES as MODES, dfc_out_shape, dfc_pad_then_bias_logits, dfc_reference, make_dfc_params
 from numerics import REL_TOL, assert_close_rel, rel_error
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
 NAMES = ("x", "conv_weight", "conv_scale", "conv_bias", "h_weight", "h_scale", "h_bias", "v_weight", "v_scale",
          "v_bias")
 SMALL_TILES = dict(halo_h=16, halo_w=16, block_c=16, block_k=16, max_programs=3)  # tiles of 8 x 8 pooled pixels
@@ -23,11 +26,10 @@ def _reference_grads(grad, x, params, mode):
 
 
 def _run(grad, x, params, mode, needs=(True,) * 10, override=None):
-    if override is not None:
+    """`override` (Triton tile sizes) only applies to the Triton kernel; other backends run the same data."""
+    if override is not None and kernel_backends.current() == "triton":
         return dfc._launch_backward(grad, x, *params, mode, needs, override)
-    if mode is None:
-        return dfc.dfc_gate_backward(grad, x, *params, needs=needs)
-    return dfc.dfc_attention_backward(grad, x, *params, mode=mode, needs=needs)
+    return kernel_backends.dfc_backward(grad, x, params, mode, needs)
 
 
 def _check(x, params, mode, dtype=None, override=None, grad=None, factor=1.0):
@@ -160,6 +162,7 @@ def test_dfc_backward_border_pads_biased_output(device):
         assert rel_error(g, w_) > 1e3 * REL_TOL[torch.float32]
 
 
+@pytest.mark.triton_only
 def test_dfc_backward_upsample_gather_covers():
     """The upsample adjoint's gather: pooled index i collects full-res d in 2i + [0, 3) (nearest src == i) and
     2i + [-2, 4) (bilinear i0 == i or i1 == i). Checked for every pooled size up to 1000, both parities, both
@@ -176,6 +179,7 @@ def test_dfc_backward_upsample_gather_covers():
                     assert ((d - 2 * s >= -2) & (d - 2 * s < 4)).all(), (p, size)
 
 
+@pytest.mark.triton_only
 def test_dfc_backward_config_grid():
     """Default config: the 40x37 shapes test runs several items per program; wide layers cap the grid so the
     per-program partials and scratch stay within the memory budget."""

@@ -1,9 +1,12 @@
-"""The fused Triton Ghost module forward against the float64 eager reference."""
+"""The fused Ghost module forward of every backend (Triton; the compiled cpu/cuda kernels) against the float64
+eager reference."""
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 from ghostfast import reference
-from ghostfast.kernels.ghost_module import ghost_module_forward
+from kernel_backends import ghost_forward as ghost_module_forward
 from kernel_inputs import ghost_case_id, make_ghost_params, make_input, skip_unsupported
 from numerics import assert_close_rel, poisoned_like
 
@@ -82,6 +85,7 @@ def test_ghost_module_kernel_allocates_in_input_format(layout, device):
     assert_close_rel(res, _reference(x, p, 15, True, None, "nearest"), torch.float32)
 
 
+@pytest.mark.triton_only
 def test_ghost_module_kernel_strided_out_buffer(device):
     # out is a channel slice of a bigger NaN buffer: the kernel must honour its strides and touch nothing else
     x = make_input(1, 10, 11, 9, torch.float32, device, "contiguous")

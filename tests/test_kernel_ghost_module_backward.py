@@ -1,9 +1,11 @@
-"""The fused Triton Ghost module backward against torch.autograd through the float64 eager reference."""
+"""The fused Ghost module backward of every backend against torch.autograd through the float64 eager reference."""
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 from ghostfast import reference
-from ghostfast.kernels.ghost_module import ghost_module_backward
+from kernel_backends import ghost_backward as ghost_module_backward
 from kernel_inputs import ghost_case_id, make_ghost_params, skip_unsupported, to_layout
 from numerics import assert_close_rel
 

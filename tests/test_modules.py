@@ -12,10 +12,12 @@ import ghostfast
 from ghostfast.backends import GhostfastFallbackWarning, GhostfastUnsupported
 from ghostfast.models import randomize_batchnorm_
 from ghostfast.nn import GhostModule, GhostModuleV2
+import kernel_backends
 from numerics import REL_TOL, assert_close_rel
 from original_modules import HuaweiGhostModuleV2, PaperGhostModule
 
 FUSED_BACKEND = "triton"
+FUSED = kernel_backends.NAMES  # triton, plus the compiled backend of the test device when ghostfast._C has it
 
 
 def ready(m, device, dtype=torch.float32, seed=0):
@@ -49,18 +51,19 @@ def make_input(shape, device, dtype, layout):
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-def convert_one(orig, **kw):
-    fast = ghostfast.convert(nn.Sequential(orig), backend=FUSED_BACKEND, strict=True, **kw)
+def convert_one(orig, backend=FUSED_BACKEND, **kw):
+    fast = ghostfast.convert(nn.Sequential(orig), backend=backend, strict=True, **kw)
     assert len(fast.ghostfast_report.converted) == 1, str(fast.ghostfast_report)
     return fast[0]
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,factory,shape", ORIGINALS, ids=[o[0] for o in ORIGINALS])
-def test_module_matches_original(name, factory, shape, dtype, layout, device):
+def test_module_matches_original(name, factory, shape, dtype, layout, backend, device):
     orig = ready(factory(), device, dtype)
-    fast = convert_one(orig)
+    fast = convert_one(orig, backend)
     x = make_input(shape, device, dtype, layout)
     with torch.no_grad():
         ref = orig(x)
@@ -155,9 +158,10 @@ def test_module_training_mode_matches_eager(device):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7), k
 
 
-def test_module_eval_gradients_match_eager(device):
+@pytest.mark.parametrize("backend", FUSED)
+def test_module_eval_gradients_match_eager(backend, device):
     orig = ready(timm_ghost.GhostModuleV2(6, 10), device, torch.float64)
-    fast = convert_one(copy.deepcopy(orig))
+    fast = convert_one(copy.deepcopy(orig), backend)
     x = torch.randn(1, 6, 5, 4, device=device, dtype=torch.float64, requires_grad=True)
     g = torch.randn(1, 10, 5, 4, device=device, dtype=torch.float64)
     grads_ref = torch.autograd.grad((orig(x) * g).sum(), [x] + list(orig.parameters()))
@@ -223,8 +227,18 @@ def test_module_empty_batch_matches_eager(device):
     assert out.shape == ref.shape == (0, 12, 6, 6) and out.dtype == ref.dtype
 
 
-def count_launches(fn, device):
-    """Kernel launches of fn(): CUDA kernels in the profiler on GPU; Triton launches under the interpreter."""
+def count_launches(fn, device, backend="triton"):
+    """Kernel launches of fn(): CUDA kernels in the profiler on GPU; on CPU, Triton launches under the interpreter
+    or calls of the compiled kernels (the profiler's ghostfast::_*_kernel events), with no eager conv run."""
+    if device == "cpu" and backend != "triton":
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        names = [e.name for e in prof.events()]
+        assert not [n for n in names if n.startswith("aten::") and "conv" in n], "eager convolution ran"
+        return sum(1 for n in names if n.startswith("ghostfast::_") and n.endswith("_kernel"))
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -256,10 +270,11 @@ def count_launches(fn, device):
     return len(calls)
 
 
-def test_module_launch_count(device):
-    v2 = convert_one(ready(timm_ghost.GhostModuleV2(16, 24), device))
-    v1 = convert_one(ready(timm_ghost.GhostModule(16, 24), device))
+@pytest.mark.parametrize("backend", FUSED)
+def test_module_launch_count(backend, device):
+    v2 = convert_one(ready(timm_ghost.GhostModuleV2(16, 24), device), backend)
+    v1 = convert_one(ready(timm_ghost.GhostModule(16, 24), device), backend)
     x = torch.randn(2, 16, 9, 9, device=device)
     with torch.no_grad():
-        assert count_launches(lambda: v1(x), device) == 1
-        assert count_launches(lambda: v2(x), device) == 2
+        assert count_launches(lambda: v1(x), device, backend) == 1
+        assert count_launches(lambda: v2(x), device, backend) == 2

@@ -6,6 +6,7 @@ import torch
 import ghostfast
 from ghostfast import ops, reference
 from ghostfast.backends import GhostfastFallbackWarning, GhostfastUnsupported
+from kernel_backends import COMPILED, NAMES as FUSED
 from numerics import assert_close_rel
 
 
@@ -28,7 +29,7 @@ def dfc_args(device, dtype=torch.float32, n=2, c_in=5, c=6, h=6, w=7):
             torch.randn(c, 1, 5, 1, device=device, dtype=dtype), *vec()]
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
 def test_ops_opcheck_ghost_module(backend, device):
     args = ghost_args(device)
     gate = torch.rand(2, 11, 3, 2, device=device)
@@ -38,40 +39,112 @@ def test_ops_opcheck_ghost_module(backend, device):
     torch.library.opcheck(torch.ops.ghostfast.ghost_module.default, (*args, 12, False, None, "nearest", backend))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
 def test_ops_opcheck_dfc(backend, device):
     args = [a.requires_grad_(True) for a in dfc_args(device)]
     torch.library.opcheck(torch.ops.ghostfast.dfc_gate.default, (*args, backend))
     torch.library.opcheck(torch.ops.ghostfast.dfc_attention.default, (*args, "nearest", backend))
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_ops_public_functions_match_reference(mode, device):
+def test_ops_public_functions_match_reference(mode, backend, device):
     g_args = ghost_args(device)
     d_args = dfc_args(device, c=11, h=6, w=5)
-    gate = ops.dfc_gate(*d_args, backend="triton")
+    gate = ops.dfc_gate(*d_args, backend=backend, strict=True)
     assert_close_rel(gate, reference.dfc_gate_forward(*[a.double() for a in d_args]), torch.float32)
-    out = ops.ghost_module(*g_args, out_channels=11, gate=gate, gate_mode=mode, backend="triton")
+    out = ops.ghost_module(*g_args, out_channels=11, gate=gate, gate_mode=mode, backend=backend, strict=True)
     ref = reference.ghost_module_forward(*[a.double() for a in g_args], 11, True, gate.double(), mode)
     assert_close_rel(out, ref, torch.float32)
-    full = ops.dfc_attention(*d_args, mode=mode, backend="triton")
+    full = ops.dfc_attention(*d_args, mode=mode, backend=backend, strict=True)
     assert_close_rel(full, reference.dfc_attention_forward(*[a.double() for a in d_args], mode=mode), torch.float32)
 
 
-def test_ops_gradcheck_float64(device):
+@pytest.mark.parametrize("backend", FUSED)
+def test_ops_gradcheck_float64(backend, device):
     g_args = [a.requires_grad_(True) for a in ghost_args(device, torch.float64, n=1, c_in=3, init=2, h=4, w=3)]
     gate = torch.rand(1, 5, 2, 1, device=device, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda *a: ops.ghost_module(*a[:7], out_channels=5, gate=a[7], gate_mode="bilinear", backend="triton"),
-        (*g_args, gate))
+        lambda *a: ops.ghost_module(*a[:7], out_channels=5, gate=a[7], gate_mode="bilinear", backend=backend,
+                                    strict=True), (*g_args, gate))
     d_args = [a.requires_grad_(True) for a in dfc_args(device, torch.float64, n=1, c_in=3, c=2, h=4, w=5)]
-    assert torch.autograd.gradcheck(lambda *a: ops.dfc_attention(*a, mode="bilinear", backend="triton"), d_args)
+    assert torch.autograd.gradcheck(lambda *a: ops.dfc_attention(*a, mode="bilinear", backend=backend, strict=True),
+                                    d_args)
+    assert torch.autograd.gradcheck(lambda *a: ops.dfc_gate(*a, backend=backend, strict=True), d_args)
 
 
 def test_ops_available_backends():
-    assert ghostfast.available_backends("cpu")[-1] == "reference"
+    cpu = ghostfast.available_backends("cpu")
+    assert cpu[-1] == "reference"
+    assert ("cpu" in cpu) == (ghostfast.backends.load_extension() is not None)
     cuda = ghostfast.available_backends("cuda")
     assert ("triton" in cuda) == (torch.cuda.is_available() and not ghostfast.backends.triton_interpreting())
+
+
+def test_ops_compiled_extension_is_built():
+    """The README's install builds ghostfast._C (setup.py); only GHOSTFAST_BUILD_C=0 installs without it."""
+    import os
+
+    if os.environ.get("GHOSTFAST_BUILD_C", "1") == "0":
+        assert ghostfast.backends.load_extension() is None
+        return
+    ext = ghostfast.backends.load_extension()
+    assert ext is not None, ghostfast.backends.extension_error()
+    info = ghostfast.backends.build_info()
+    assert {"compiler", "torch", "cuda", "cuda_version", "cuda_archs", "openmp", "cpu_isa"} <= set(info)
+    assert info["openmp"] is not None  # at::parallel_for is only parallel when built with OpenMP
+    assert "cpu" in ghostfast.available_backends("cpu")
+    if torch.cuda.is_available() and info["cuda"]:
+        assert "cuda" in ghostfast.available_backends("cuda")
+
+
+@pytest.mark.skipif(not COMPILED or COMPILED[0] != "cpu", reason="needs the compiled cpu backend (CPU test device)")
+def test_ops_auto_picks_compiled_cpu_for_cpu_tensors():
+    assert ghostfast.backends.resolve_backend("auto", torch.device("cpu")) == ("cpu", None)
+    # the Triton interpreter never competes with compiled kernels on CPU
+    assert ghostfast.backends.resolve_backend("auto", torch.device("cpu"), torch.float32)[0] == "cpu"
+
+
+def test_ops_compiled_backend_on_the_wrong_device_falls_back(device):
+    ghostfast.backends._warned.clear()
+    other = "cuda" if device == "cpu" else "cpu"
+    args = ghost_args(device)
+    with pytest.warns(GhostfastFallbackWarning, match=f"backend '{other}'"):
+        out = ops.ghost_module(*args, backend=other)
+    assert_close_rel(out, reference.ghost_module_forward(*[a.double() for a in args], 12), torch.float32)
+    with pytest.raises(GhostfastUnsupported):
+        ops.ghost_module(*args, backend=other, strict=True)
+
+
+def test_ops_auto_measures_once_and_skips_a_disagreeing_backend(monkeypatch, device):
+    """`auto` with several fused candidates (CUDA: triton and cuda) times each once per op and shape, caches the
+    winner, and never picks a backend whose output disagrees with the reference. Exercised here with two
+    stand-in candidates, one of them wrong."""
+    good = FUSED[-1]
+    monkeypatch.setattr(ops, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(ghostfast.backends, "resolve_backend", lambda *a, **k: ("auto", None))
+    monkeypatch.setattr(ghostfast.backends, "available_backends", lambda *a, **k: ["broken", good, "reference"])
+    monkeypatch.setattr(ops, "dtype_unsupported", lambda *a: None)
+    real = ops._ghost_module_op
+    calls = []
+
+    def fake_op(*a):
+        calls.append(a[-1])
+        out = real(*a[:-1], "reference" if a[-1] == "broken" else a[-1])
+        return out + 1.0 if a[-1] == "broken" else out
+
+    monkeypatch.setattr(ops, "_ghost_module_op", fake_op)
+    monkeypatch.setattr(ops, "resolve_backend", ghostfast.backends.resolve_backend)
+    ghostfast.backends._warned.clear()
+    args = ghost_args(device)
+    with pytest.warns(GhostfastFallbackWarning, match="'broken' disagrees with the reference"):
+        out = ops.ghost_module(*args, backend="auto")
+    assert_close_rel(out, reference.ghost_module_forward(*[a.double() for a in args], 12), torch.float32)
+    (choice, times), = ops.auto_choices().values()
+    assert choice == good and set(times) == {good}
+    calls.clear()
+    ops.ghost_module(*args, backend="auto")
+    assert calls == [good]  # cached: no second measurement
 
 
 def test_ops_strict_and_fallback_for_unavailable_backend(monkeypatch):
@@ -112,15 +185,17 @@ def test_ops_bad_input_errors(device):
         ops.dfc_gate(d[0][:, :, :1], *d[1:])
 
 
-def test_ops_empty_batch(device):
+@pytest.mark.parametrize("backend", FUSED)
+def test_ops_empty_batch(backend, device):
     args = ghost_args(device, n=0)
-    out = ops.ghost_module(*args, backend="triton")
+    out = ops.ghost_module(*args, backend=backend, strict=True)
     assert out.shape == (0, 12, 6, 5)
     d = dfc_args(device, n=0)
-    assert ops.dfc_attention(*d, backend="triton").shape == (0, 6, 6, 7)
+    assert ops.dfc_attention(*d, backend=backend, strict=True).shape == (0, 6, 6, 7)
+    assert ops.dfc_gate(*d, backend=backend, strict=True).shape == (0, 6, 3, 3)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
 def test_ops_backward_matches_reference_autograd(backend, device):
     """Eval-mode (folded BN) gradients of GhostModuleV2's two ops, through the chosen backend's backward."""
     g_args = [a.requires_grad_(True) for a in ghost_args(device, n=2, c_in=6, init=4, ratio=2, h=7, w=6)]
