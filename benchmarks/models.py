@@ -39,23 +39,29 @@ class ModelCase:
 
 
 def build_model(provider: str, base: nn.Module, device: torch.device) -> nn.Module:
-    """'eager', 'compile', 'converted' (ghostfast.convert with the fastest backend that is not the Triton CPU
-    interpreter) or 'converted+compile'."""
+    """'eager', 'compile', 'converted' (ghostfast.convert with backend 'auto': the compiled cpu kernels on CPU, the
+    faster of triton and cuda per shape on a GPU; never the Triton CPU interpreter) or 'converted+compile'."""
     model = copy.deepcopy(base)
     if provider.startswith("converted"):
-        model = ghostfast.convert(model, backend=ghostfast_backends(device)[0])
+        model = ghostfast.convert(model, backend=_converted_backend(device))
     if provider.endswith("compile"):
         model = torch.compile(model, dynamic=False)  # one static graph per case, as for a fixed input size
     return model
 
 
+def _converted_backend(device: torch.device) -> str:
+    fused = [b for b in ghostfast_backends(device) if b != "reference"]
+    return "auto" if fused else "reference"
+
+
 def provider_note(provider: str, workload: str, device: torch.device) -> str:
     if not provider.startswith("converted"):
         return ""
-    note = f"ghostfast backend {ghostfast_backends(device)[0]}"
+    fused = [b for b in ghostfast_backends(device) if b != "reference"]
+    note = f"ghostfast backend auto ({'/'.join(fused)})" if fused else "ghostfast backend reference"
     if workload == "train_step":
         note += "; training mode runs the original submodules (no fused backward kernel yet)"
-    elif ghostfast_backends(device)[0] == "reference":
+    elif not fused:
         note += " (runs the original submodules)"
     return note
 

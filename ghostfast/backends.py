@@ -134,6 +134,16 @@ def check_backend_name(name: str, source: str = "backend") -> None:
         raise ValueError(f"{source} must be one of {BACKEND_NAMES}, got {name!r}")
 
 
+def auto_candidates(device: torch.device, dtype: Optional[torch.dtype] = None) -> List[str]:
+    """The fused backends `auto` chooses among. On CPU the compiled kernels, when built, rule out the Triton
+    interpreter (a correctness tool, never fast); on CUDA, triton and cuda compete per op and shape."""
+    fused = [n for n in available_backends(device)
+             if n != "reference" and (dtype is None or not dtype_unsupported(n, dtype))]
+    if torch.device(device).type == "cpu" and "cpu" in fused:
+        fused = ["cpu"]
+    return fused
+
+
 def resolve_backend(requested: Optional[str], device: torch.device,
                     dtype: Optional[torch.dtype] = None) -> tuple[str, Optional[str]]:
     """(backend, fallback reason or None) for a request (one of BACKEND_NAMES, or None: GHOSTFAST_BACKEND).
@@ -146,7 +156,7 @@ def resolve_backend(requested: Optional[str], device: torch.device,
     device = torch.device(device)
     available = available_backends(device)
     if requested == "auto":
-        fused = [n for n in available if n != "reference" and (dtype is None or not dtype_unsupported(n, dtype))]
+        fused = auto_candidates(device, dtype)
         return ("auto" if len(fused) > 1 else (fused or ["reference"])[0]), None
     if requested in available:
         why = None if dtype is None else dtype_unsupported(requested, dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import compiled, reference
-from .backends import default_strict, dtype_unsupported, fallback, resolve_backend
+from .backends import auto_candidates, default_strict, fallback, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SUPPORTED_DW_SIZES = (1, 3, 5, 7)
@@ -380,10 +380,7 @@ def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[b
     if reason is not None:
         fallback(f"{op}: {reason}", strict)
     if name == "auto":
-        from .backends import available_backends
-
-        candidates = [n for n in available_backends(x.device) if n != "reference" and not dtype_unsupported(n, x.dtype)]
-        name = _fastest(op, x, candidates, run, key)
+        name = _fastest(op, x, auto_candidates(x.device, x.dtype), run, key)
     return name
 
 

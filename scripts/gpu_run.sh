@@ -12,8 +12,10 @@ shift || true
 STAGES=${*:-tests demo bench}
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
-python -c "import ghostfast.kernels" 2>/dev/null ||
-  pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# The editable install compiles ghostfast._C with its CUDA kernels (nvcc, sm_90 from the visible GPU); ~2 min.
+python -c "import ghostfast.kernels, ghostfast._C" 2>/dev/null ||
+  GHOSTFAST_CUDA=${GHOSTFAST_CUDA:-1} pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 ||
+  { tail -n 60 "$OUT/install.log"; exit 1; }
 {
   echo "sha ${GHOSTFAST_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   date -u +%FT%TZ
