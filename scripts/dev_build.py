@@ -39,9 +39,20 @@ def load(ops=("ghost_module", "dfc"), cuda: bool = False, name: str | None = Non
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.cuda_archs())
     args = build.extra_compile_args(cuda)
+    # cpp_extension.load names each object after its source's basename, and csrc/dfc.cpp (the schema) and
+    # csrc/cpu/dfc.cpp (the kernel) would both be dfc.o: compile them through uniquely named links.
+    staged = build_dir / "src"
+    staged.mkdir(exist_ok=True)
+    sources = []
+    for rel in build.sources(cuda, ops):
+        link = staged / rel.replace("/", "_")
+        if not link.is_symlink() or link.resolve() != (ROOT / rel).resolve():
+            link.unlink(missing_ok=True)
+            link.symlink_to(ROOT / rel)
+        sources.append(str(link))
     return cpp_extension.load(
         name=name,
-        sources=[str(ROOT / s) for s in build.sources(cuda, ops)],
+        sources=sources,
         extra_cflags=args["cxx"],
         extra_cuda_cflags=args.get("nvcc"),
         extra_include_paths=build.include_dirs(),
