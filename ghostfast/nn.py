@@ -4,10 +4,14 @@
 They keep the original submodules (`primary_conv`, `cheap_operation`, `short_conv`), so state_dict keys are
 identical to timm's, Huawei's and the paper's modules. In eval mode BatchNorm is folded once into per-channel
 scale and bias and cached; the cache is rebuilt when any parameter or buffer changes (in-place update, load,
-`.to()`). Training mode, and configurations without a fused kernel, run the eager submodules.
+`.to()`). Under `torch.autocast` the fused ops run in the autocast dtype, as eager autocast runs the convolutions.
+`SyncBatchNorm` (after `convert_sync_batchnorm`) folds like `BatchNorm2d` in eval mode. Training mode (batch
+statistics, SyncBatchNorm's cross-process ones included), and configurations without a fused kernel, run the
+eager submodules.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Tuple, Type
 
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .backends import check_backend_name, default_strict, fallback, resolve_backend, triton_interpreting
+from .backends import check_backend_name, default_strict, fallback, resolve_backend
 from .reference import GATE_MODES, fold_bn
 
 
@@ -32,18 +36,34 @@ def _act_kind(m: Optional[nn.Module]) -> str:
     raise StructureError(f"activation {type(m).__name__} has no fused kernel (ReLU or none)")
 
 
+_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _is_batchnorm(m: nn.Module, what: str) -> bool:
+    """True for a BatchNorm that folds: `BatchNorm2d` or `SyncBatchNorm` (which computes like BatchNorm2d from
+    its running statistics in eval mode), or a subclass keeping their forward. Raises StructureError for other
+    BatchNorm layers (1d/3d, or norm+act layers such as timm's BatchNormAct2d, whose forward does more)."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(m).forward not in _BN_FORWARDS:
+        raise StructureError(f"{what} has a {type(m).__name__}, not a plain BatchNorm2d or SyncBatchNorm "
+                             "(no fused kernel)")
+    if m.running_mean is None or m.running_var is None:
+        raise StructureError(f"{what} has a {type(m).__name__} without running statistics "
+                             "(track_running_stats=False)")
+    return True
+
+
 def _split_conv_bn_act(seq: nn.Module, what: str) -> Tuple[nn.Conv2d, Optional[nn.BatchNorm2d], str]:
-    """Read `Sequential(Conv2d, [BatchNorm2d], [activation])` (the layouts of timm, Huawei, the paper, and
-    GhostNetV3 after reparameterization, which drops the BatchNorm and gives the conv a bias)."""
+    """Read `Sequential(Conv2d, [BatchNorm2d | SyncBatchNorm], [activation])` (the layouts of timm, Huawei, the
+    paper, and GhostNetV3 after reparameterization, which drops the BatchNorm and gives the conv a bias)."""
     if not isinstance(seq, nn.Sequential) or len(seq) == 0 or not isinstance(seq[0], nn.Conv2d):
         raise StructureError(f"{what} is not a Sequential starting with a Conv2d")
     layers = list(seq)
     conv, rest = layers[0], layers[1:]
     bn = None
-    if rest and isinstance(rest[0], nn.BatchNorm2d):
+    if rest and _is_batchnorm(rest[0], what):
         bn, rest = rest[0], rest[1:]
-        if bn.running_mean is None:
-            raise StructureError(f"{what} has a BatchNorm2d without running statistics (track_running_stats=False)")
     if len(rest) > 1:
         raise StructureError(f"{what} has unexpected layers after the conv: {[type(m).__name__ for m in rest]}")
     act = _act_kind(rest[0] if rest else None)
@@ -92,6 +112,27 @@ class _BNView:
 
 def _bn_in(bn: nn.BatchNorm2d, dt: torch.dtype):
     return bn if bn.running_mean.dtype == dt and (bn.weight is None or bn.weight.dtype == dt) else _BNView(bn, dt)
+
+
+# What autocast casts: floating tensors except float64.
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cast_weights(folded: tuple, dtype: Optional[torch.dtype]) -> tuple:
+    """Conv weights (4-D) in `dtype`, as autocast casts them for eager convolutions (differentiably); the folded
+    BN scale and bias stay as they are (float32 for half weights), which the ops accept."""
+    if dtype is None:
+        return folded
+    return tuple(t.to(dtype) if t.dim() == 4 and t.dtype != dtype and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in folded)
+
+
+def _fused_region(x: Tensor):
+    """Autocast off while the fused op runs: its inputs are already in the autocast dtype, and nothing inside the
+    op (the reference math, auto's measuring) may be cast again."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _make_act(act_layer: Optional[Type[nn.Module]]) -> nn.Module:
@@ -188,14 +229,17 @@ class _FusedGhostBase(nn.Module):
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
                      list(self.parameters()) + list(self.buffers()))
 
-    def _folded(self) -> tuple:
+    def _folded(self, dtype: Optional[torch.dtype] = None) -> tuple:
+        """The folded parameters, conv weights cast to `dtype` (autocast's; None: as they are), scale and bias in
+        float32 or their own dtype. Cached per dtype under no_grad; folded per call when gradients must flow."""
         differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if differentiable or torch.compiler.is_compiling():
-            return self._fold_all()  # gradients must reach the BN and conv parameters; a compiled graph folds inline
-        key = self._state_key()
+            # gradients must reach the BN and conv parameters; a compiled graph folds inline
+            return _cast_weights(self._fold_all(), dtype)
+        key = (self._state_key(), dtype)
         if key != self._fold_key:
             with torch.no_grad():
-                self._fold_value = tuple(t.detach() for t in self._fold_all())
+                self._fold_value = tuple(t.detach() for t in _cast_weights(self._fold_all(), dtype))
             self._fold_key = key
         return self._fold_value
 
@@ -204,26 +248,39 @@ class _FusedGhostBase(nn.Module):
         return _fold(conv1, bn1) + _fold(conv2, bn2)
 
     # -- dispatch -----------------------------------------------------------------------------------------
-    def _fused_backend(self, x: Tensor) -> Optional[str]:
-        """The backend to run the fused op with, or None to run the eager submodules."""
+    def _autocast_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+        """The dtype eager autocast would run this module's convolutions in, or None (no autocast for x's device,
+        or an input autocast leaves alone: float64)."""
+        if not torch.is_autocast_enabled(x.device.type) or x.dtype not in _AUTOCAST_ELIGIBLE:
+            return None
+        return torch.get_autocast_dtype(x.device.type)
+
+    def _fused_backend(self, x: Tensor) -> Tuple[Optional[str], Optional[torch.dtype]]:
+        """(backend to run the fused op with, or None to run the eager submodules; autocast's dtype or None)."""
         self._check_input(x)
+        autocast_dtype = self._autocast_dtype(x)
+        return self._backend_for(x, autocast_dtype or x.dtype), autocast_dtype
+
+    def _backend_for(self, x: Tensor, dtype: torch.dtype) -> Optional[str]:
         strict = self._is_strict()
         if self.training:
-            fallback(f"{type(self).__name__} in training mode (fused backward not yet available)", strict)
+            fallback(self._training_reason(), strict)
             return None
         if self.unsupported_reason is not None:
             fallback(f"{type(self).__name__}: {self.unsupported_reason}", strict)
             return None
-        if torch.is_autocast_enabled(x.device.type):
-            fallback(f"{type(self).__name__} under autocast", strict)
-            return None
-        name, reason = resolve_backend(self.backend, x.device)
-        if reason is None and name == "triton" and x.dtype == torch.bfloat16 and triton_interpreting():
-            reason = "the Triton interpreter does not support bfloat16"
+        name, reason = resolve_backend(self.backend, x.device, dtype)
         if reason is not None:
             fallback(f"{type(self).__name__}: {reason}", strict)
             return None
         return None if name == "reference" else name
+
+    def _training_reason(self) -> str:
+        name = type(self).__name__
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            return (f"{name} in training mode with SyncBatchNorm (batch statistics reduced across processes have no "
+                    "fused kernel; the original submodules run)")
+        return f"{name} in training mode (BatchNorm batch statistics have no fused kernel; the original submodules run)"
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -275,11 +332,13 @@ class GhostModule(_FusedGhostBase):
         return self._fold_ghost()
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = self._fused_backend(x)
+        backend, dtype = self._fused_backend(x)
         if backend is None:
             return self._eager_ghost(x)
-        return ops.ghost_module(x, *self._folded(), out_channels=self.out_chs, relu=self.relu, backend=backend,
-                                strict=self.strict)
+        with _fused_region(x):
+            x = x if dtype is None else x.to(dtype)
+            return ops.ghost_module(x, *self._folded(dtype), out_channels=self.out_chs, relu=self.relu,
+                                    backend=backend, strict=self.strict)
 
 
 class GhostModuleV2(_FusedGhostBase):
@@ -319,8 +378,12 @@ class GhostModuleV2(_FusedGhostBase):
 
     def _analyse_dfc(self) -> Optional[str]:
         layers = list(self.short_conv) if isinstance(self.short_conv, nn.Sequential) else []
-        kinds = [nn.Conv2d, nn.BatchNorm2d] * 3
-        if len(layers) != 6 or any(not isinstance(m, k) for m, k in zip(layers, kinds)):
+        try:
+            shape_ok = len(layers) == 6 and all(isinstance(layers[i], nn.Conv2d) for i in (0, 2, 4)) and all(
+                _is_batchnorm(layers[i], "short_conv") for i in (1, 3, 5))
+        except StructureError as e:
+            return str(e)
+        if not shape_ok:
             return "short_conv is not Sequential(Conv2d, BN, Conv2d 1x5, BN, Conv2d 5x1, BN)"
         c = self.out_chs
         conv3, conv4, conv5 = layers[0], layers[2], layers[4]
@@ -332,8 +395,6 @@ class GhostModuleV2(_FusedGhostBase):
             why = _conv_is(conv, kernel, padding, groups)
             if why:
                 return f"{what} {why}"
-        if any(layers[i].running_mean is None for i in (1, 3, 5)):
-            return "short_conv BatchNorm2d without running statistics"
         self._dfc_layers = tuple(layers)
         return None
 
@@ -348,14 +409,16 @@ class GhostModuleV2(_FusedGhostBase):
         return F.interpolate(res, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = self._fused_backend(x)
+        backend, dtype = self._fused_backend(x)
         if backend is None:
             gate = self._eager_gate(x, x.shape[-2:])
             return self._eager_ghost(x) * gate
-        folded = self._folded()
-        gate = ops.dfc_gate(x, *folded[6:], backend=backend, strict=self.strict)
-        return ops.ghost_module(x, *folded[:6], out_channels=self.out_chs, relu=self.relu, gate=gate,
-                                gate_mode=self.gate_mode, backend=backend, strict=self.strict)
+        with _fused_region(x):
+            x = x if dtype is None else x.to(dtype)
+            folded = self._folded(dtype)
+            gate = ops.dfc_gate(x, *folded[6:], backend=backend, strict=self.strict)
+            return ops.ghost_module(x, *folded[:6], out_channels=self.out_chs, relu=self.relu, gate=gate,
+                                    gate_mode=self.gate_mode, backend=backend, strict=self.strict)
 
 
 __all__: List[str] = ["GhostModule", "GhostModuleV2", "StructureError"]
