@@ -27,22 +27,22 @@ def csv_path(out_dir: str, device: str, suite: str) -> str:
     return os.path.join(out_dir, device, f"{suite}.csv")
 
 
-def append_rows(path: str, rows: Iterable[dict], env: dict) -> None:
+def append_rows(path: str, rows: Iterable[dict], env: dict, columns: List[str] = COLUMNS) -> None:
     """Append rows (plus the environment columns) to `path`, writing the header if the file is new. A file with
-    another header is not appended to: mixing columns would corrupt it."""
+    another header is not appended to: mixing columns would corrupt it. The memory suite has its own `columns`."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if header != COLUMNS:
+        if header != columns:
             raise RuntimeError(f"{path} has other columns than this version writes; move it away first")
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({**{c: "" for c in COLUMNS}, **env, **row})
+            writer.writerow({**{c: "" for c in columns}, **env, **row})
 
 
 def read_rows(path: str) -> List[dict]:
@@ -239,6 +239,35 @@ def _ops_table(rows: List[dict]) -> List[str]:
     return lines
 
 
+def _memory_table(rows: List[dict]) -> List[str]:
+    """Per op (and per model), dtype and batch: the converted/eager ratio of the activation bytes saved for the
+    backward, and of the peak memory of forward+backward (GPU)."""
+    converted = [r for r in rows if r.get("provider") == "converted" and _float(r.get("activation_ratio_vs_eager"))]
+    if not converted:
+        return []
+    has_peak = any(_float(r.get("peak_ratio_vs_eager")) for r in converted)
+    lines = ["Memory: activations saved for the backward (eval mode, trainable parameters; the parameters' own "
+             "storages not counted), converted / eager" + (", and peak memory of one forward+backward" if has_peak
+                                                          else "") + ": min-max over the cases.", "",
+             "| what | dtype | batch | cases | saved activations | peak memory |",
+             "| --- | --- | ---: | ---: | --- | --- |"]
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in converted:
+        what = r["model"] if r["op"] == "model_forward_backward" else r["op"]
+        groups[(r["op"] == "model_forward_backward", what, r["dtype"], int(r["batch"]))].append(r)
+
+    def span(values):
+        if not values:
+            return "-"
+        return f"{min(values):.2f}" if min(values) == max(values) else f"{min(values):.2f}-{max(values):.2f}"
+
+    for (_, what, dtype, batch), group in sorted(groups.items()):
+        saved = [_float(r["activation_ratio_vs_eager"]) for r in group]
+        peaks = [_float(r["peak_ratio_vs_eager"]) for r in group if _float(r.get("peak_ratio_vs_eager"))]
+        lines.append(f"| {what} | {dtype} | {batch} | {len(group)} | {span(saved)} | {span(peaks)} |")
+    return lines
+
+
 def readme_section(results_dir: str = RESULTS_DIR, readme_dir: Optional[str] = None) -> str:
     """Markdown for every device folder under `results_dir`: the latest run's model table, op summary, plots."""
     readme_dir = readme_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,9 +278,10 @@ def readme_section(results_dir: str = RESULTS_DIR, readme_dir: Optional[str] = N
         device_dir = os.path.join(results_dir, device)
         models = latest_run(read_rows(os.path.join(device_dir, "models.csv")))
         ops = latest_run(read_rows(os.path.join(device_dir, "ops.csv")))
-        if not models and not ops:
+        memory = latest_run(read_rows(os.path.join(device_dir, "memory.csv")))
+        if not models and not ops and not memory:
             continue
-        first = (models or ops)[0]
+        first = (models or ops or memory)[0]
         lines += [f"### {device}", "",
                   f"git {first['git_sha']}, torch {first['torch']}, triton {first['triton']}, CUDA {first['cuda']}, "
                   f"{first['threads']} CPU threads, {first['date']}.", ""]
@@ -259,6 +289,8 @@ def readme_section(results_dir: str = RESULTS_DIR, readme_dir: Optional[str] = N
             lines += _models_table(models) + [""]
         if ops:
             lines += _ops_table(ops) + [""]
+        if memory:
+            lines += _memory_table(memory) + [""]
         for png in ("models_speedup.png", "ops_speedup.png"):
             path = os.path.join(device_dir, png)
             if os.path.exists(path):

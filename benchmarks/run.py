@@ -12,11 +12,13 @@ import torch
 
 from . import report
 from .measure import TimingBudget, copy_bandwidth_gbps, environment
+from .memory import COLUMNS as MEMORY_COLUMNS
+from .memory import memory_plan, run_memory_case
 from .models import ModelCase, run_model_case
 from .ops import DIRECTIONS, OpCase, ghostfast_backends, ops_for_shape, run_op_case
 from .shapes import GhostShape, ghost_shapes
 
-SUITES = ("ops", "models")
+SUITES = ("ops", "models", "memory")
 
 # Per-provider timing: quick runs time each provider for ~0.1 s, full runs a little longer. On CUDA these are
 # do_bench's warm-up and repetition windows in milliseconds (it flushes L2 before each call).
@@ -35,10 +37,10 @@ MODEL_TIMING = {
 # Default wall-clock budget per suite in seconds (None: unlimited). Cases run in priority order, so a budget
 # cuts the least important ones; skipped cases are listed in <out>/<device>/skipped_<suite>.txt.
 DEFAULT_BUDGET_S = {
-    ("cpu", True): {"ops": None, "models": None},
-    ("cpu", False): {"ops": 1800, "models": 1200},
-    ("cuda", True): {"ops": 240, "models": 240},
-    ("cuda", False): {"ops": 420, "models": 300},
+    ("cpu", True): {"ops": None, "models": None, "memory": 120},
+    ("cpu", False): {"ops": 1800, "models": 1200, "memory": 1500},
+    ("cuda", True): {"ops": 240, "models": 240, "memory": 60},
+    ("cuda", False): {"ops": 420, "models": 300, "memory": 120},
 }
 
 
@@ -183,7 +185,8 @@ def _progress(cases: list, desc: str):
         yield case
 
 
-def run_suite(suite: str, cases: list, run_case: Callable, out_dir: str, env: dict, budget_s) -> int:
+def run_suite(suite: str, cases: list, run_case: Callable, out_dir: str, env: dict, budget_s,
+              columns=report.COLUMNS) -> int:
     """Run `cases` in order, appending each case's rows as soon as they exist (a killed run keeps them)."""
     path = report.csv_path(out_dir, env["device"], suite)
     start = time.monotonic()
@@ -197,7 +200,7 @@ def run_suite(suite: str, cases: list, run_case: Callable, out_dir: str, env: di
         except Exception as e:  # noqa: BLE001 - one broken case must not lose a GPU lease's remaining cases
             print(f"{suite}: case failed, skipped: {case.label}: {type(e).__name__}: {e}", flush=True)
             continue
-        report.append_rows(path, rows, env)
+        report.append_rows(path, rows, env, columns)
         done += 1
     print(f"{suite}: {done} cases in {time.monotonic() - start:.0f} s -> {path}")
     if skipped:
@@ -213,7 +216,8 @@ def run_suite(suite: str, cases: list, run_case: Callable, out_dir: str, env: di
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small plan: CPU batch 1 float32 contiguous forward ops + ghostnetv2_100 inference")
-    parser.add_argument("--suite", choices=("ops", "models", "all"), default="all")
+    parser.add_argument("--suite", choices=SUITES + ("all",), default="all",
+                        help="ops, models, memory (tensors saved for the backward, peak CUDA memory), or all")
     parser.add_argument("--out", default=None, help=f"results root (default {report.RESULTS_DIR}); rows go to "
                                                     "OUT/<device>/<suite>.csv, plots beside them")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -270,6 +274,9 @@ def run(args: argparse.Namespace) -> int:
         plans["ops"] = op_plan(device, args.quick, shapes)
     if "models" in suites:
         plans["models"] = model_plan(device, args.quick, models)
+    if "memory" in suites:
+        shapes = ghost_shapes()[:max_shapes] if max_shapes else ghost_shapes()
+        plans["memory"] = memory_plan(device, args.quick, shapes, models)
     if args.dry_run:
         for suite, cases in plans.items():
             print(f"{suite}: {len(cases)} cases (budget {budgets[suite]} s)")
@@ -288,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
         budget = MODEL_TIMING[key]
         run_suite("models", plans["models"], lambda case: run_model_case(case, device, budget), out_dir, env,
                   budgets["models"])
+    if "memory" in plans:
+        run_suite("memory", plans["memory"], lambda case: run_memory_case(case, device), out_dir, env,
+                  budgets["memory"], MEMORY_COLUMNS)
     for png in report.plot_device(os.path.join(out_dir, env["device"])):
         print(f"plot: {png}")
     return 0
