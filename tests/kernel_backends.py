@@ -34,6 +34,12 @@ def unsupported_dtype(dtype):
     return backends.dtype_unsupported(current(), dtype) if DEVICE == "cpu" or current() != "triton" else None
 
 
+def _poisoned(shape, x):
+    """A NaN buffer in the layout the compiled kernels write (x's, as ghostfast.compiled allocates it)."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=compiled._fmt(compiled._dense(x))).fill_(float("nan"))
+
+
 def ghost_forward(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
                   out_channels, relu, gate=None, gate_mode="nearest", out=None):
     args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels,
@@ -42,11 +48,10 @@ def ghost_forward(x, primary_weight, primary_scale, primary_bias, cheap_weight, 
         from ghostfast.kernels.ghost_module import ghost_module_forward
 
         return ghost_module_forward(*args, out=out)
-    if out is None:  # the tests that don't pass one check the allocation; poison the kernel's output anyway
-        n, _, h, w = x.shape
-        out = torch.full((n, out_channels, h, w), float("nan"), dtype=x.dtype, device=x.device,
-                         memory_format=compiled._fmt(compiled._dense(x)))
-    return compiled.ghost_module_forward(*args, out=out)
+    n, _, h, w = x.shape
+    buf = _poisoned((n, out_channels, h, w), x)  # poisoned even where the test checks the allocation only
+    res = compiled.ghost_module_forward(*args, out=buf)
+    return res if out is None else out.copy_(res)
 
 
 def ghost_backward(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
@@ -57,7 +62,7 @@ def ghost_backward(grad_out, x, primary_weight, primary_scale, primary_bias, che
         from ghostfast.kernels.ghost_module import ghost_module_backward
 
         return ghost_module_backward(*args, needs=needs)
-    return compiled.ghost_module_backward(*args, needs, fill=float("nan"))
+    return tuple(compiled.ghost_module_backward(*args, needs, fill=float("nan")))
 
 
 def dfc_forward(x, params, mode, out=None):
@@ -68,12 +73,10 @@ def dfc_forward(x, params, mode, out=None):
         if mode is None:
             return dfc.dfc_gate_forward(x, *params, out=out)
         return dfc.dfc_attention_forward(x, *params, mode=mode, out=out)
-    if out is None:
-        n, _, h, w = x.shape
-        shape = (n, params[0].shape[0]) + ((h // 2, w // 2) if mode is None else (h, w))
-        out = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device,
-                         memory_format=compiled._fmt(compiled._dense(x)))
-    return compiled.dfc_forward(x, *params, mode=mode or "gate", out=out)
+    n, _, h, w = x.shape
+    buf = _poisoned((n, params[0].shape[0]) + ((h // 2, w // 2) if mode is None else (h, w)), x)
+    res = compiled.dfc_forward(x, *params, mode=mode or "gate", out=buf)
+    return res if out is None else out.copy_(res)
 
 
 def dfc_backward(grad, x, params, mode, needs=(True,) * 10):
@@ -83,4 +86,4 @@ def dfc_backward(grad, x, params, mode, needs=(True,) * 10):
         if mode is None:
             return dfc.dfc_gate_backward(grad, x, *params, needs=needs)
         return dfc.dfc_attention_backward(grad, x, *params, mode=mode, needs=needs)
-    return compiled.dfc_backward(grad, x, *params, mode=mode or "gate", needs=needs, fill=float("nan"))
+    return tuple(compiled.dfc_backward(grad, x, *params, mode=mode or "gate", needs=needs, fill=float("nan")))

@@ -10,7 +10,8 @@ import torch
 
 import kernel_backends
 from ghostfast.kernels import dfc
-from kernel_inputs import DFC_MODES as MODES, dfc_out_shape, dfc_pad_then_bias_logits, dfc_reference, make_dfc_params
+from kernel_inputs import (DFC_MODES as MODES, dfc_out_shape, dfc_pad_then_bias_logits, dfc_reference, make_dfc_params,
+                           skip_unsupported)
 from numerics import REL_TOL, assert_close_rel, rel_error
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -71,8 +72,7 @@ def test_dfc_backward_small_tiles(device, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
 def test_dfc_backward_dtypes(device, dtype, mode):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("the Triton interpreter does not support bfloat16")
+    skip_unsupported(dtype, device)
     x = torch.randn(2, 20, 15, 13, device=device, dtype=dtype)
     _check(x, make_dfc_params(20, 40, dtype, device), mode, override=dict(block_c=16))  # 3 channel blocks
 
