@@ -80,18 +80,34 @@ def build_info() -> Optional[dict]:
     return None if ext is None else dict(ext.build_info())
 
 
-def _compiled_runs_on(device_type: str) -> bool:
-    """True when the compiled kernels are registered for this device type (`cpu` -> CPU, `cuda` -> CUDA)."""
-    if device_type not in ("cpu", "cuda"):
-        return False
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return False
-    load_extension()
-    key = "CPU" if device_type == "cpu" else "CUDA"
+def _registered(dispatch_key: str) -> bool:
     try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ghostfast::{op}", key) for op in _COMPILED_OPS)
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ghostfast::{op}", dispatch_key)
+                   for op in _COMPILED_OPS)
     except RuntimeError:  # the schemas are not registered: no extension
         return False
+
+
+def _compiled_registrations() -> dict:
+    """{'cpu': bool, 'cuda': bool}: whether the compiled kernels are registered, read once (at import, below) so
+    that backend choice inside a torch.compile trace is plain dict lookups (no import, no dispatcher query)."""
+    if "registered" not in _C_STATE:
+        load_extension()
+        _C_STATE["registered"] = {"cpu": _registered("CPU"), "cuda": _registered("CUDA")}
+    return _C_STATE["registered"]
+
+
+def refresh_compiled() -> dict:
+    """Re-read the registrations, e.g. after loading a development build (scripts/dev_build.py) into this process."""
+    _C_STATE.pop("registered", None)
+    return _compiled_registrations()
+
+
+def _compiled_runs_on(device_type: str) -> bool:
+    """True when the compiled kernels are registered for this device type (`cpu` -> CPU, `cuda` -> CUDA)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    return _compiled_registrations().get(device_type, False)
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
@@ -190,3 +206,6 @@ def fallback(reason: str, strict: bool) -> None:
         _warned.add(reason)
         warnings.warn(f"ghostfast: running eager PyTorch instead of a fused kernel: {reason}",
                       GhostfastFallbackWarning, stacklevel=3)
+
+
+_compiled_registrations()  # import ghostfast._C now, never for the first time inside a compiled trace

@@ -106,24 +106,26 @@ def test_convert_backend_choice(monkeypatch, device):
         fast(torch.randn(1, 4, 3, 3, device=device))
 
 
-def _small_v2(device):
+def _small_v2(device, backend="triton"):
     m = timm_ghost.GhostModuleV2(8, 12).to(device)
     randomize_batchnorm_(m, torch.Generator().manual_seed(2))
     m.eval()
-    return m, GhostModuleV2.from_module(copy.deepcopy(m), backend="triton", strict=True)
+    return m, GhostModuleV2.from_module(copy.deepcopy(m), backend=backend, strict=True)
 
 
-def test_convert_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", kernel_backends.NAMES + ["auto"])
+def test_convert_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
-    eager, fast = _small_v2(device)
+    eager, fast = _small_v2(device, backend)
     compiled = torch.compile(fast, fullgraph=True)
     x = torch.randn(2, 8, 9, 7, device=device)
     with torch.no_grad():
         assert_close_rel(compiled(x), eager(x), torch.float32)
 
 
-def test_convert_torch_export(device):
-    eager, fast = _small_v2(device)
+@pytest.mark.parametrize("backend", kernel_backends.NAMES)
+def test_convert_torch_export(backend, device):
+    eager, fast = _small_v2(device, backend)
     x = torch.randn(2, 8, 9, 7, device=device)
     with torch.no_grad():
         exported = torch.export.export(fast, (x,))

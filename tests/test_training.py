@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ghostfast
+import kernel_backends
 from fused_runs import record_fused_runs
 from ghostfast.backends import GhostfastFallbackWarning
 from ghostfast.models import timm_ghostnet
@@ -125,22 +126,23 @@ class _Recorder:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", kernel_backends.NAMES)
 @pytest.mark.parametrize("name", MODELS)
-def test_training_eval_mode_frozen_bn_runs_fused(name, device):
+def test_training_eval_mode_frozen_bn_runs_fused(name, backend, device):
     """Eval mode with trainable parameters: every Ghost module runs its fused forward and backward kernels, and
     three SGD steps match eager float32 and float64."""
     base = timm_ghostnet(name, seed=0).to(device)
     xs, ts = _data(name, batch=1, device=device)
     eager64 = _run(copy.deepcopy(base), xs, ts, train=False, dtype=torch.float64)
     eager = _run(copy.deepcopy(base), xs, ts, train=False)
-    fast_model = _convert(base, "triton")
+    fast_model = _convert(base, backend)
     ghost = [m for m in fast_model.modules() if isinstance(m, (GhostModule, GhostModuleV2))]
     n_dfc = sum(isinstance(m, GhostModuleV2) for m in ghost)
     assert (len(ghost), n_dfc) == GHOST_MODULES[name]
     records = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", GhostfastFallbackWarning)  # no module may fall back to eager
-        fast = _run(fast_model, xs, ts, train=False, on_step=lambda step: _Recorder(records, device))
+        fast = _run(fast_model, xs, ts, train=False, on_step=lambda step: _Recorder(records, device, backend))
 
     expected = {"ghost_fwd": len(ghost), "ghost_bwd": len(ghost), **({"dfc_fwd": n_dfc, "dfc_bwd": n_dfc}
                                                                      if n_dfc else {})}
