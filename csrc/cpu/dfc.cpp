@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernel_signatures.h"
 #include "upsample.h"
 
 namespace ghostfast {
@@ -1393,6 +1394,9 @@ void dfc_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Ten
 
 }  // namespace
 }  // namespace ghostfast
+
+static_assert(std::is_same_v<decltype(ghostfast::dfc_forward_cpu), ghostfast::DfcKernel>, "dfc_forward_cpu: C++ signature differs from kernel_signatures.h");
+static_assert(std::is_same_v<decltype(ghostfast::dfc_backward_cpu), ghostfast::DfcBackwardKernel>, "dfc_backward_cpu: C++ signature differs from kernel_signatures.h");
 
 TORCH_LIBRARY_IMPL(ghostfast, CPU, m) {
   m.impl("_dfc_kernel", &ghostfast::dfc_forward_cpu);

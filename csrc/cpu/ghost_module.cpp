@@ -43,6 +43,7 @@
 #endif
 
 #include "common.h"
+#include "kernel_signatures.h"
 #include "upsample.h"
 
 namespace ghostfast {
@@ -2072,7 +2073,7 @@ void ghost_module_forward_cpu(const at::Tensor& x, const at::Tensor& primary_wei
                               const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
                               const at::Tensor& cheap_scale, const at::Tensor& cheap_bias, int64_t out_channels,
                               bool relu, const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
-                              at::Tensor& out) {
+                              const at::Tensor& out) {
   Geometry g = check_args(kFwdOp, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
                           cheap_bias, out_channels, relu, gate, gate_mode);
   resolve_layout(g, x, out);
@@ -2144,6 +2145,9 @@ void ghost_module_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
 
 }  // namespace
 }  // namespace ghostfast
+
+static_assert(std::is_same_v<decltype(ghostfast::ghost_module_forward_cpu), ghostfast::GhostModuleKernel>, "ghost_module_forward_cpu: C++ signature differs from kernel_signatures.h");
+static_assert(std::is_same_v<decltype(ghostfast::ghost_module_backward_cpu), ghostfast::GhostModuleBackwardKernel>, "ghost_module_backward_cpu: C++ signature differs from kernel_signatures.h");
 
 TORCH_LIBRARY_IMPL(ghostfast, CPU, m) {
   m.impl("_ghost_module_kernel", &ghostfast::ghost_module_forward_cpu);

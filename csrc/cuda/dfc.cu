@@ -42,6 +42,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "kernel_signatures.h"
 #include "upsample.h"
 
 namespace ghostfast {
@@ -1390,6 +1391,9 @@ void dfc_backward_kernel_cuda(const at::Tensor& grad, const at::Tensor& x, const
 
 }  // namespace
 }  // namespace ghostfast
+
+static_assert(std::is_same_v<decltype(ghostfast::dfc_kernel_cuda), ghostfast::DfcKernel>, "dfc_kernel_cuda: C++ signature differs from kernel_signatures.h");
+static_assert(std::is_same_v<decltype(ghostfast::dfc_backward_kernel_cuda), ghostfast::DfcBackwardKernel>, "dfc_backward_kernel_cuda: C++ signature differs from kernel_signatures.h");
 
 TORCH_LIBRARY_IMPL(ghostfast, CUDA, m) {
   m.impl("_dfc_kernel", &ghostfast::dfc_kernel_cuda);

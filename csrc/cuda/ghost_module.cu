@@ -38,6 +38,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "kernel_signatures.h"
 #include "upsample.h"
 
 namespace ghostfast {
@@ -1282,6 +1283,9 @@ void ghost_module_backward_kernel_cuda(const at::Tensor& grad_out, const at::Ten
 
 }  // namespace
 }  // namespace ghostfast
+
+static_assert(std::is_same_v<decltype(ghostfast::ghost_module_kernel_cuda), ghostfast::GhostModuleKernel>, "ghost_module_kernel_cuda: C++ signature differs from kernel_signatures.h");
+static_assert(std::is_same_v<decltype(ghostfast::ghost_module_backward_kernel_cuda), ghostfast::GhostModuleBackwardKernel>, "ghost_module_backward_kernel_cuda: C++ signature differs from kernel_signatures.h");
 
 TORCH_LIBRARY_IMPL(ghostfast, CUDA, m) {
   m.impl("_ghost_module_kernel", &ghostfast::ghost_module_kernel_cuda);

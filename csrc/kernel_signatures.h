@@ -1,0 +1,36 @@
+// The C++ signatures of the compiled kernels, one per schema in ghost_module.cpp / dfc.cpp. The dispatcher
+// requires every backend's kernel of an op to have the same C++ signature (a mismatch aborts the process when
+// ghostfast._C is imported), so each implementation file static_asserts its functions against these.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace ghostfast {
+
+using GhostModuleKernel = void(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& primary_scale,
+                               const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
+                               const at::Tensor& cheap_scale, const at::Tensor& cheap_bias, int64_t out_channels,
+                               bool relu, const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
+                               const at::Tensor& out);
+
+using GhostModuleBackwardKernel = void(const at::Tensor& grad_out, const at::Tensor& x,
+                                       const at::Tensor& primary_weight, const at::Tensor& primary_scale,
+                                       const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
+                                       const at::Tensor& cheap_scale, const at::Tensor& cheap_bias,
+                                       int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
+                                       c10::string_view gate_mode, at::TensorList grads);
+
+using DfcKernel = void(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& conv_scale,
+                       const at::Tensor& conv_bias, const at::Tensor& h_weight, const at::Tensor& h_scale,
+                       const at::Tensor& h_bias, const at::Tensor& v_weight, const at::Tensor& v_scale,
+                       const at::Tensor& v_bias, c10::string_view mode, const at::Tensor& out);
+
+using DfcBackwardKernel = void(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& conv_weight,
+                               const at::Tensor& conv_scale, const at::Tensor& conv_bias, const at::Tensor& h_weight,
+                               const at::Tensor& h_scale, const at::Tensor& h_bias, const at::Tensor& v_weight,
+                               const at::Tensor& v_scale, const at::Tensor& v_bias, c10::string_view mode,
+                               at::TensorList grads);
+
+}  // namespace ghostfast
