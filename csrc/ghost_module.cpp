@@ -21,4 +21,17 @@ TORCH_LIBRARY_FRAGMENT(ghostfast, m) {
       "_ghost_module_backward_kernel(Tensor grad_out, Tensor x, Tensor primary_weight, Tensor primary_scale, "
       "Tensor primary_bias, Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, "
       "bool relu, Tensor? gate, str gate_mode, Tensor(a!)[] grads) -> ()");
+  // Training-mode BatchNorm statistics (ghostfast.reference.ghost_module_stats): per channel over N, H, W, the
+  // mean and biased variance of z1 = W1 x (stage 1, [init]) or of z2 = dw(act(z1 * primary_scale +
+  // primary_bias)) (stage 2, every cheap channel). mean and var are accumulation-dtype vectors.
+  m.def(
+      "_ghost_module_stats_kernel(Tensor x, Tensor primary_weight, Tensor primary_scale, Tensor primary_bias, "
+      "Tensor cheap_weight, bool relu, int stage, Tensor(a!) mean, Tensor(b!) var) -> ()");
+  // Its backward: with dz = coef_a + coef_c * (z - mean) per channel of the stage's z, the gradients of
+  // sum(dz * z) (grads order: x, primary_weight, primary_scale, primary_bias, cheap_weight; stage 1 fills at most
+  // the first two; empty = not needed).
+  m.def(
+      "_ghost_module_stats_backward_kernel(Tensor x, Tensor primary_weight, Tensor primary_scale, "
+      "Tensor primary_bias, Tensor cheap_weight, bool relu, int stage, Tensor coef_a, Tensor coef_c, Tensor mean, "
+      "Tensor(a!)[] grads) -> ()");
 }

@@ -22,6 +22,17 @@ using GhostModuleBackwardKernel = void(const at::Tensor& grad_out, const at::Ten
                                        int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
                                        c10::string_view gate_mode, at::TensorList grads);
 
+using GhostModuleStatsKernel = void(const at::Tensor& x, const at::Tensor& primary_weight,
+                                    const at::Tensor& primary_scale, const at::Tensor& primary_bias,
+                                    const at::Tensor& cheap_weight, bool relu, int64_t stage, const at::Tensor& mean,
+                                    const at::Tensor& var);
+
+using GhostModuleStatsBackwardKernel = void(const at::Tensor& x, const at::Tensor& primary_weight,
+                                            const at::Tensor& primary_scale, const at::Tensor& primary_bias,
+                                            const at::Tensor& cheap_weight, bool relu, int64_t stage,
+                                            const at::Tensor& coef_a, const at::Tensor& coef_c,
+                                            const at::Tensor& mean, at::TensorList grads);
+
 using DfcKernel = void(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& conv_scale,
                        const at::Tensor& conv_bias, const at::Tensor& h_weight, const at::Tensor& h_scale,
                        const at::Tensor& h_bias, const at::Tensor& v_weight, const at::Tensor& v_scale,

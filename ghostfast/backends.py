@@ -23,6 +23,8 @@ COMPILED_DTYPES = {
     "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
 _COMPILED_OPS = ("_ghost_module_kernel", "_ghost_module_backward_kernel", "_dfc_kernel", "_dfc_backward_kernel")
+# Training-mode BatchNorm statistics of the Ghost module: compiled for CPU only (on CUDA, Triton computes them).
+_COMPILED_STATS_OPS = ("_ghost_module_stats_kernel", "_ghost_module_stats_backward_kernel")
 
 
 class GhostfastUnsupported(RuntimeError):
@@ -80,10 +82,10 @@ def build_info() -> Optional[dict]:
     return None if ext is None else dict(ext.build_info())
 
 
-def _registered(dispatch_key: str) -> bool:
+def _registered(dispatch_key: str, ops=_COMPILED_OPS) -> bool:
     try:
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ghostfast::{op}", dispatch_key)
-                   for op in _COMPILED_OPS)
+                   for op in ops)
     except RuntimeError:  # the schemas are not registered: no extension
         return False
 
@@ -93,7 +95,8 @@ def _compiled_registrations() -> dict:
     that backend choice inside a torch.compile trace is plain dict lookups (no import, no dispatcher query)."""
     if "registered" not in _C_STATE:
         load_extension()
-        _C_STATE["registered"] = {"cpu": _registered("CPU"), "cuda": _registered("CUDA")}
+        _C_STATE["registered"] = {"cpu": _registered("CPU"), "cuda": _registered("CUDA"),
+                                  "cpu_stats": _registered("CPU", _COMPILED_STATS_OPS)}
     return _C_STATE["registered"]
 
 
@@ -124,6 +127,24 @@ def available_backends(device: Optional[torch.device | str] = None) -> List[str]
         names.append("cuda")
     names.append("reference")
     return names
+
+
+def stats_backend(name: str, device: torch.device) -> tuple[Optional[str], Optional[str]]:
+    """(backend computing training-mode BatchNorm statistics next to the fused op running on backend `name`, or
+    None; the reason when None). `cuda` has no statistics kernels of its own: Triton computes them on the GPU."""
+    if name == "auto":  # several fused candidates: CUDA with triton and cuda
+        name = torch.device(device).type
+    if name in ("triton", "reference"):
+        return name, None
+    if name == "cpu":
+        if _compiled_registrations().get("cpu_stats", False):
+            return "cpu", None
+        return None, "ghostfast._C was built without the CPU BatchNorm statistics kernels"
+    if name == "cuda":
+        if _triton_runs_on(torch.device(device).type):
+            return "triton", None
+        return None, "the cuda backend computes training-mode BatchNorm statistics with Triton, which cannot run here"
+    return None, f"no BatchNorm statistics kernels for backend {name!r}"
 
 
 def dtype_unsupported(name: str, dtype: torch.dtype) -> Optional[str]:

@@ -102,6 +102,38 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
     return [b.to(t.dtype) if need and t is not None else None for b, t, need in zip(bufs, inputs, needs)]
 
 
+def ghost_module_stats(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+                       cheap_weight: Tensor, relu: bool, stage: int, fill: Optional[float] = None):
+    """(mean, biased var) of the stage's pre-BN activation per channel, in the accumulation dtype
+    (`ghostfast.reference.ghost_module_stats`)."""
+    x = _dense(x)
+    n = primary_weight.shape[0] if stage == 1 else cheap_weight.shape[0]
+    mean = torch.empty(n, dtype=_acc(x), device=x.device)
+    var = torch.empty(n, dtype=_acc(x), device=x.device)
+    if fill is not None:
+        mean.fill_(fill)
+        var.fill_(fill)
+    _ops()._ghost_module_stats_kernel(x, primary_weight.contiguous(), _vec(primary_scale, x), _vec(primary_bias, x),
+                                      cheap_weight.contiguous(), relu, stage, mean, var)
+    return mean, var
+
+
+def ghost_module_stats_backward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+                                cheap_weight: Tensor, relu: bool, stage: int, coef_a: Tensor, coef_c: Tensor,
+                                mean: Tensor, needs: Sequence[bool],
+                                fill: Optional[float] = None) -> List[Optional[Tensor]]:
+    """Gradients (x, primary_weight, primary_scale, primary_bias, cheap_weight) of sum(dz * z) for the stage's z,
+    dz = coef_a + coef_c * (z - mean) per channel; None where not needed (stage 1: only x and primary_weight)."""
+    x = _dense(x)
+    inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight)
+    needs = [bool(n) and (stage == 2 or i < 2) for i, n in enumerate(needs)]
+    bufs = _grad_buffers(inputs, needs, x, (2, 3), fill)
+    _ops()._ghost_module_stats_backward_kernel(
+        x, primary_weight.contiguous(), _vec(primary_scale, x), _vec(primary_bias, x), cheap_weight.contiguous(),
+        relu, stage, _vec(coef_a, x), _vec(coef_c, x), _vec(mean, x), bufs)
+    return [b.to(t.dtype) if need else None for b, t, need in zip(bufs, inputs, needs)]
+
+
 # ---- DFC attention ------------------------------------------------------------------------------------------
 
 _DFC_VECTORS = (2, 3, 5, 6, 8, 9)

@@ -6,7 +6,7 @@ into per-channel scale and bias (`ghostfast.reference.fold_bn`).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -129,6 +129,38 @@ def _(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight
     return _empty_output(x, (x.shape[0], conv_weight.shape[0], x.shape[2], x.shape[3]))
 
 
+@torch.library.custom_op("ghostfast::ghost_module_stats", mutates_args=())
+def _ghost_module_stats_op(
+    x: Tensor,
+    primary_weight: Tensor,
+    primary_scale: Tensor,
+    primary_bias: Tensor,
+    cheap_weight: Tensor,
+    relu: bool,
+    stage: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Training-mode BatchNorm statistics (mean, biased variance) of z1 (stage 1) or z2 (stage 2), in the
+    accumulation dtype: `ghostfast.reference.ghost_module_stats`."""
+    args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage)
+    if backend == "triton":
+        from .kernels.ghost_module import ghost_module_stats
+
+        return ghost_module_stats(*args)
+    if backend == "cpu":
+        return compiled.ghost_module_stats(*args)
+    dt = _compute_dtype(x)
+    mean, var = reference.ghost_module_stats(x.to(dt), *[t.to(dt) for t in args[1:5]], relu, stage)
+    return mean.contiguous(), var.contiguous()
+
+
+@_ghost_module_stats_op.register_fake
+def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, backend):
+    n = primary_weight.shape[0] if stage == 1 else cheap_weight.shape[0]
+    dt = _compute_dtype(x)
+    return x.new_empty(n, dtype=dt), x.new_empty(n, dtype=dt)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Backward ops: the fused backward kernels (Triton or compiled), as custom ops of their own so that a compiled training graph
 # keeps them opaque. They have no autograd formula: double backward through them raises a clear error.
@@ -228,18 +260,52 @@ def _(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_
     return _fake_grads(inputs, needs, x)
 
 
+@torch.library.custom_op("ghostfast::ghost_module_stats_backward", mutates_args=())
+def _ghost_module_stats_backward_op(
+    x: Tensor,
+    primary_weight: Tensor,
+    primary_scale: Tensor,
+    primary_bias: Tensor,
+    cheap_weight: Tensor,
+    relu: bool,
+    stage: int,
+    coef_a: Tensor,
+    coef_c: Tensor,
+    mean: Tensor,
+    needs: List[bool],
+    backend: str,
+) -> List[Tensor]:
+    """Gradients of sum(dz * z) over the stage's z, dz = coef_a + coef_c * (z - mean) per channel: for (x,
+    primary_weight, primary_scale, primary_bias, cheap_weight)."""
+    args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c, mean)
+    if backend == "triton":
+        from .kernels.ghost_module import ghost_module_stats_backward
+
+        grads = ghost_module_stats_backward(*args, needs=tuple(needs))
+    else:
+        grads = compiled.ghost_module_stats_backward(*args, needs)
+    return _grads_or_placeholders(grads, x)
+
+
+@_ghost_module_stats_backward_op.register_fake
+def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c, mean, needs,
+      backend):
+    inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight)
+    return _fake_grads(inputs, [n and (stage == 2 or i < 2) for i, n in enumerate(needs)], x)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Autograd of the forward ops. The fused backends differentiate with their fused backward kernels; the reference
 # backend differentiates the reference math (the forward is recomputed in eager PyTorch).
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _save_inputs(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output, extra: Sequence[Tensor] = ()):
     tensors = [t if isinstance(t, Tensor) else None for t in inputs]
     ctx.tensor_slots = [i for i, t in enumerate(tensors) if t is not None]
     ctx.non_tensors = {i: v for i, v in enumerate(inputs) if not isinstance(v, Tensor)}
     ctx.num_inputs = len(inputs)
-    ctx.save_for_backward(*[tensors[i] for i in ctx.tensor_slots])
+    ctx.save_for_backward(*[tensors[i] for i in ctx.tensor_slots], *extra)
 
 
 def _saved_args(ctx) -> list:
@@ -249,6 +315,10 @@ def _saved_args(ctx) -> list:
     for slot, t in zip(ctx.tensor_slots, ctx.saved_tensors):
         args[slot] = t
     return args
+
+
+def _saved_extra(ctx) -> tuple:
+    return tuple(ctx.saved_tensors[len(ctx.tensor_slots):])
 
 
 def _reference_vjp(ctx, grad_out, reference_fn):
@@ -262,7 +332,8 @@ def _reference_vjp(ctx, grad_out, reference_fn):
             if t.requires_grad:
                 leaves.append((slot, t))
         out = reference_fn(*args[:-1])  # the last argument is the backend name
-        grads = torch.autograd.grad(out, [t for _, t in leaves], grad_out.to(out.dtype), allow_unused=True)
+        grads = torch.autograd.grad(out, [t for _, t in leaves], None if grad_out is None else grad_out.to(out.dtype),
+                                    allow_unused=True)
     result = [None] * ctx.num_inputs
     for (slot, t), g in zip(leaves, grads):
         result[slot] = torch.zeros_like(t) if g is None else g
@@ -306,12 +377,41 @@ def _dfc_backward(mode_of):
     return backward
 
 
+def _ghost_module_stats_backward(ctx, grad_mean, grad_var):
+    """The statistics' gradient reaches z as dz = grad_mean / M + 2 grad_var (z - mean) / M (M = N*H*W)."""
+    args = _saved_args(ctx)
+    x, w1, s1, b1, w2, relu, stage, backend = args
+    (mean,) = _saved_extra(ctx)
+    if grad_mean is None:
+        grad_mean = torch.zeros_like(mean)
+    if grad_var is None:
+        grad_var = torch.zeros_like(mean)
+    if backend == "reference":
+        def fn(x, w1, s1, b1, w2, relu, stage):
+            m, v = reference.ghost_module_stats(x, w1, s1, b1, w2, relu, stage)
+            return m * grad_mean.to(m.dtype) + v * grad_var.to(v.dtype)  # a scalar-valued vjp of both outputs
+
+        return _reference_vjp(ctx, None, lambda *a: fn(*a).sum())
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    needs = [bool(ctx.needs_input_grad[i]) for i in range(5)]
+    grads = _ghost_module_stats_backward_op(x, w1, s1, b1, w2, relu, stage, grad_mean / m, grad_var * (2.0 / m),
+                                            mean, needs, backend)
+    if stage == 1:  # z1 depends on x and primary_weight only
+        grads = list(grads[:2]) + [None] * 3
+    return _scatter_grads(ctx, range(5), grads)
+
+
+def _setup_stats(ctx, inputs, output):
+    _save_inputs(ctx, inputs, output, extra=(output[0],))
+
+
 def _setup(ctx, inputs, output):
     _save_inputs(ctx, inputs, output)
 
 
 _ghost_module_op.register_autograd(_ghost_module_backward, setup_context=_setup)
 _dfc_gate_op.register_autograd(_dfc_backward(lambda args: "gate"), setup_context=_setup)
+_ghost_module_stats_op.register_autograd(_ghost_module_stats_backward, setup_context=_setup_stats)
 _dfc_attention_op.register_autograd(_dfc_backward(lambda args: args[10]), setup_context=_setup)
 
 
@@ -502,6 +602,52 @@ def ghost_module(
     key = (tuple(primary_weight.shape), tuple(cheap_weight.shape), out_channels, bool(relu),
            None if gate is None else (tuple(gate.shape), gate_mode))
     return run(_pick_backend(op, x, backend, strict, run, key))
+
+
+def ghost_module_stats(
+    x: Tensor,
+    primary_weight: Tensor,
+    primary_scale: Optional[Tensor],
+    primary_bias: Optional[Tensor],
+    cheap_weight: Tensor,
+    relu: bool,
+    stage: int,
+    *,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Training-mode BatchNorm statistics of a Ghost module, per channel over N, H, W: (mean, biased variance) of
+    z1 = conv1x1(x) (stage 1; primary_scale and primary_bias unused, may be None) or of every channel of
+    z2 = dw(act(z1 * primary_scale + primary_bias)) (stage 2). Differentiable (gradients flow through the
+    statistics into x and the parameters). `backend`: 'triton', 'cpu' or 'reference' (see
+    `ghostfast.backends.stats_backend`). Returned in float32 (float64 for float64 inputs)."""
+    op = "ghostfast.ops.ghost_module_stats"
+    if stage not in (1, 2):
+        raise ValueError(f"{op}: stage must be 1 or 2, got {stage!r}")
+    if backend not in ("triton", "cpu", "reference"):
+        raise ValueError(f"{op}: backend must be 'triton', 'cpu' or 'reference', got {backend!r}")
+    if primary_weight.dim() != 4 or primary_weight.shape[2:] != (1, 1):
+        raise ValueError(f"{op}: expected a 1x1 primary_weight [init, C_in, 1, 1], got {tuple(primary_weight.shape)}")
+    init, c_in = primary_weight.shape[:2]
+    _check_input(x, op, c_in)
+    if x.numel() // max(x.shape[1], 1) < 2:
+        raise ValueError(f"{op}: batch statistics need more than 1 value per channel, got input of shape "
+                         f"{tuple(x.shape)}")
+    new = cheap_weight.shape[0]
+    if cheap_weight.dim() != 4 or cheap_weight.shape[1] != 1 or new % init or cheap_weight.shape[-1] not in \
+            SUPPORTED_DW_SIZES or cheap_weight.shape[-1] != cheap_weight.shape[-2]:
+        raise ValueError(f"{op}: expected a square depthwise cheap_weight [init*(ratio-1), 1, k, k] with init={init} "
+                         f"and k in {SUPPORTED_DW_SIZES}, got {tuple(cheap_weight.shape)}")
+    dt = _compute_dtype(x)
+    if primary_scale is None:
+        primary_scale = torch.ones(init, dtype=dt, device=x.device)
+    if primary_bias is None:
+        primary_bias = torch.zeros(init, dtype=dt, device=x.device)
+    _check_vector(op, "primary_scale", primary_scale, init)
+    _check_vector(op, "primary_bias", primary_bias, init)
+    _check_params(op, x, dict(primary_weight=primary_weight, primary_scale=primary_scale, primary_bias=primary_bias,
+                              cheap_weight=cheap_weight))
+    return _ghost_module_stats_op(x, primary_weight, primary_scale, primary_bias, cheap_weight, bool(relu),
+                                  int(stage), backend)
 
 
 def _check_dfc(op: str, x: Tensor, params: Sequence[Tensor]) -> None:

@@ -69,6 +69,46 @@ def ghost_module_forward(
     return out
 
 
+def ghost_module_stats(
+    x: Tensor,
+    primary_weight: Tensor,  # [init, C_in, 1, 1]
+    primary_scale: Tensor,  # [init]   (stage 2 only)
+    primary_bias: Tensor,  # [init]   (stage 2 only)
+    cheap_weight: Tensor,  # [init * (ratio - 1), 1, dw, dw]   (stage 2 only)
+    relu: bool,
+    stage: int,
+) -> Tuple[Tensor, Tensor]:
+    """Training-mode BatchNorm statistics of a Ghost module's two pre-BN activations: per channel, over N, H and W,
+    the mean and the biased variance (what `nn.BatchNorm2d` normalises with in training mode).
+
+    stage 1: of `z1 = conv1x1(x)`, the primary conv's output ([init] each).
+    stage 2: of `z2 = dw(act(z1 * scale + bias))`, the cheap depthwise's output, every one of its channels
+    ([init * (ratio - 1)] each), whatever `out_channels` later keeps: BatchNorm updates all of them."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    z = F.conv2d(x, primary_weight)
+    if stage == 2:
+        x1 = _affine(z, primary_scale, primary_bias)
+        if relu:
+            x1 = F.relu(x1)
+        dw = cheap_weight.shape[-1]
+        z = F.conv2d(x1, cheap_weight, padding=dw // 2, groups=primary_weight.shape[0])
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def batch_norm_train_fold(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          eps: float) -> Tuple[Tensor, Tensor]:
+    """Training-mode BatchNorm of z with batch statistics (`mean`, biased `var` of z) as `z * scale + shift`;
+    differentiable in all of its tensors, so gradients flow through the batch statistics."""
+    inv_std = torch.rsqrt(var + eps)
+    scale = inv_std if weight is None else weight * inv_std
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 def dfc_gate_forward(
     x: Tensor,
     conv_weight: Tensor,  # [C, C_in, 1, 1]

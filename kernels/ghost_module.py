@@ -105,6 +105,22 @@ def _load_bn(scale_ptr, bias_ptr, off, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _tile_stats(psum_ptr, pm2_ptr, tile, n_stat, ch64, ch_ok, z, pix):
+    """Per-tile BatchNorm partials of the [P, BLOCK_C] block z over the pixels `pix`: the sum and the sum of squares
+    about the tile's own mean (merged across tiles with Chan's formula on the host: no cancellation when the mean is
+    large against the spread). One tile (row `tile`) and channel is written by exactly one program: no atomics."""
+    acc_t = z.dtype
+    cnt = tl.sum(pix.to(acc_t), axis=0)
+    zm = tl.where(pix[:, None], z, 0.0)
+    total = tl.sum(zm, axis=0)
+    mu = total / cnt
+    d = tl.where(pix[:, None], z - mu[None, :], 0.0)
+    off = tile.to(tl.int64) * n_stat + ch64
+    tl.store(psum_ptr + off, total, mask=ch_ok)
+    tl.store(pm2_ptr + off, tl.sum(d * d, axis=0), mask=ch_ok)
+
+
+@triton.jit
 def _ghost_module_fwd_kernel(
     x_ptr,  # [N, C_in, H, W], strides sxn, sxc, sxh, sxw
     w1_ptr,  # [init, C_in] primary 1x1 weight, strides sw1o, sw1k
@@ -114,8 +130,9 @@ def _ghost_module_fwd_kernel(
     s2_ptr,  # [init*(ratio-1)] cheap BN scale (contiguous)
     b2_ptr,  # [init*(ratio-1)] cheap BN bias (contiguous)
     gate_ptr,  # [N, out_channels, Hg, Wg] low-res gate, strides sgn, sgc, sgh, sgw (x when HAS_GATE is False)
-    out_ptr,  # [N, out_channels, H, W], strides son, soc, soh, sow
+    out_ptr,  # [N, out_channels, H, W], strides son, soc, soh, sow (x when STATS)
     scratch_ptr,  # [num_programs, HALO_H*HALO_W, BLOCK_C] x1 halo tiles in ACC, one slot per program
+    psum_ptr, pm2_ptr,  # STATS: [N*tiles_h*tiles_w, n_stat] ACC per-tile sums and centred sums of squares
     C_in, H, W,  # scalars: input channels and image size
     init, ratio_m1, out_channels,  # scalars: x1 channels, cheap outputs per x1 channel, kept channels
     Hg, Wg,  # scalars: gate size
@@ -132,6 +149,7 @@ def _ghost_module_fwd_kernel(
     RELU: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,  # epilogue flags
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 only)
     ACC: tl.constexpr, IS_FP64: tl.constexpr,  # accumulate dtype (fp32, or fp64 for fp64 inputs)
+    STATS: tl.constexpr = 0,  # 0: the forward; 1 / 2: per-tile BN statistics of z1 / z2 instead of any output
 ):
     R: tl.constexpr = DW // 2
     P: tl.constexpr = HALO_H * HALO_W
@@ -175,55 +193,64 @@ def _ghost_module_fwd_kernel(
         x_pix = x_ptr + n * sxn + h64 * sxh + w64 * sxw
         acc = _primary_conv(x_pix, in_img, w1_ptr, c64, c_ok, C_in, sxc, sw1o, sw1k, P, BLOCK_C, BLOCK_K,
                             INPUT_PRECISION, ACC)
-        s1, b1 = _load_bn(s1_ptr, b1_ptr, c64, c_ok, ACC)
-        x1 = acc * s1[None, :] + b1[None, :]
-        if RELU:
-            x1 = tl.where(x1 < 0, 0.0, x1)  # not maximum(): NaN must pass through as in F.relu
-        # the depthwise zero-pads the biased, activated x1: lanes outside the image read as 0
-        x1 = tl.where(in_img[:, None], x1, 0.0)
+        if STATS == 1:
+            # training-mode BN1 statistics of z1 = W1 @ x over this tile's own pixels; nothing else to do
+            _tile_stats(psum_ptr, pm2_ptr, item // n_cblocks, init, c64, c_ok, acc, store_pix)
+        else:
+            s1, b1 = _load_bn(s1_ptr, b1_ptr, c64, c_ok, ACC)
+            x1 = acc * s1[None, :] + b1[None, :]
+            if RELU:
+                x1 = tl.where(x1 < 0, 0.0, x1)  # not maximum(): NaN must pass through as in F.relu
+            # the depthwise zero-pads the biased, activated x1: lanes outside the image read as 0
+            x1 = tl.where(in_img[:, None], x1, 0.0)
 
-        if HAS_GATE:
-            gh0, gh1, lh = _axis_source(h, H, Hg, gscale_h, GATE_BILINEAR, IS_FP64)
-            gw0, gw1, lw = _axis_source(w, W, Wg, gscale_w, GATE_BILINEAR, IS_FP64)
-            g_n = gate_ptr + n * sgn
-            o00, o01, o10, o11 = _corner_offsets(gh0, gh1, gw0, gw1, sgh, sgw)
+            if HAS_GATE:
+                gh0, gh1, lh = _axis_source(h, H, Hg, gscale_h, GATE_BILINEAR, IS_FP64)
+                gw0, gw1, lw = _axis_source(w, W, Wg, gscale_w, GATE_BILINEAR, IS_FP64)
+                g_n = gate_ptr + n * sgn
+                o00, o01, o10, o11 = _corner_offsets(gh0, gh1, gw0, gw1, sgh, sgw)
 
-        out_pix = out_ptr + n * son + h64 * soh + w64 * sow
-        m1 = store_pix[:, None] & (c < n_x1_out)[None, :]
-        y1 = x1
-        if HAS_GATE:
-            y1 = y1 * _gate_at(g_n, c64 * sgc, o00, o01, o10, o11, lh, lw, m1, GATE_BILINEAR, ACC)
-        tl.store(out_pix[:, None] + c64[None, :] * soc, y1.to(out_ptr.dtype.element_ty), mask=m1)
-
-        # ---- x2 = act(BN2(depthwise(x1))), ratio-1 outputs per x1 channel, only where they survive the cut ----
-        if init + cb * BLOCK_C * ratio_m1 < out_channels:
-            if DW > 1:
-                # registers cannot be shifted: park the halo tile in this program's scratch slot and read the
-                # shifted windows back (it stays in L1/L2)
-                tl.store(scr_base + scr_off, x1)
-                tl.debug_barrier()
-            for j in range(0, ratio_m1):
-                o2 = c * ratio_m1 + j
-                o2_64 = o2.to(tl.int64)
-                m2c = c_ok & (init + o2 < out_channels)
-                if DW > 1:
-                    acc2 = _depthwise(scr_base, scr_off, w2_ptr, o2_64, m2c, sw2o, sw2h, sw2w, interior, DW, HALO_W,
-                                      P, BLOCK_C, ACC)
-                else:
-                    wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
-                    acc2 = x1 * wv[None, :]
-                s2, b2 = _load_bn(s2_ptr, b2_ptr, o2_64, m2c, ACC)
-                y2 = acc2 * s2[None, :] + b2[None, :]
-                if RELU:
-                    y2 = tl.where(y2 < 0, 0.0, y2)
-                m2 = store_pix[:, None] & m2c[None, :]
-                oc = (init + o2).to(tl.int64)
+            out_pix = out_ptr + n * son + h64 * soh + w64 * sow
+            m1 = store_pix[:, None] & (c < n_x1_out)[None, :]
+            if STATS == 0:
+                y1 = x1
                 if HAS_GATE:
-                    y2 = y2 * _gate_at(g_n, oc * sgc, o00, o01, o10, o11, lh, lw, m2, GATE_BILINEAR, ACC)
-                tl.store(out_pix[:, None] + oc[None, :] * soc, y2.to(out_ptr.dtype.element_ty), mask=m2)
-            if DW > 1:
-                # the next item rewrites the slot: every thread must be done reading this one
-                tl.debug_barrier()
+                    y1 = y1 * _gate_at(g_n, c64 * sgc, o00, o01, o10, o11, lh, lw, m1, GATE_BILINEAR, ACC)
+                tl.store(out_pix[:, None] + c64[None, :] * soc, y1.to(out_ptr.dtype.element_ty), mask=m1)
+
+            # ---- x2 = act(BN2(depthwise(x1))), ratio-1 outputs per x1 channel, only where they survive the cut ----
+            if init + cb * BLOCK_C * ratio_m1 < out_channels:
+                if DW > 1:
+                    # registers cannot be shifted: park the halo tile in this program's scratch slot and read the
+                    # shifted windows back (it stays in L1/L2)
+                    tl.store(scr_base + scr_off, x1)
+                    tl.debug_barrier()
+                for j in range(0, ratio_m1):
+                    o2 = c * ratio_m1 + j
+                    o2_64 = o2.to(tl.int64)
+                    m2c = c_ok & (init + o2 < out_channels)
+                    if DW > 1:
+                        acc2 = _depthwise(scr_base, scr_off, w2_ptr, o2_64, m2c, sw2o, sw2h, sw2w, interior, DW, HALO_W,
+                                          P, BLOCK_C, ACC)
+                    else:
+                        wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
+                        acc2 = x1 * wv[None, :]
+                    if STATS == 2:
+                        # training-mode BN2 statistics of z2 = depthwise(x1), every cheap channel
+                        _tile_stats(psum_ptr, pm2_ptr, item // n_cblocks, init * ratio_m1, o2_64, m2c, acc2, store_pix)
+                    else:
+                        s2, b2 = _load_bn(s2_ptr, b2_ptr, o2_64, m2c, ACC)
+                        y2 = acc2 * s2[None, :] + b2[None, :]
+                        if RELU:
+                            y2 = tl.where(y2 < 0, 0.0, y2)
+                        m2 = store_pix[:, None] & m2c[None, :]
+                        oc = (init + o2).to(tl.int64)
+                        if HAS_GATE:
+                            y2 = y2 * _gate_at(g_n, oc * sgc, o00, o01, o10, o11, lh, lw, m2, GATE_BILINEAR, ACC)
+                        tl.store(out_pix[:, None] + oc[None, :] * soc, y2.to(out_ptr.dtype.element_ty), mask=m2)
+                if DW > 1:
+                    # the next item rewrites the slot: every thread must be done reading this one
+                    tl.debug_barrier()
 
 
 def _next_pow2(v: int) -> int:
@@ -320,21 +347,25 @@ def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tenso
                          out: Optional[Tensor] = None) -> Tensor:
     """Fused Ghost module forward (eval, BN folded); same math as `ghostfast.reference.ghost_module_forward`."""
     N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
-    dtype = x.dtype
-
     if out is None:
         out = _empty_like_x(x, (N, out_channels, H, W))
     else:
-        assert out.shape == (N, out_channels, H, W) and out.dtype == dtype
+        assert out.shape == (N, out_channels, H, W) and out.dtype == x.dtype
     if N == 0 or H * W == 0:
         return out
-
-    def _as(t: Tensor) -> Tensor:
-        return t if t.dtype == dtype else t.to(dtype)
-
-    w1 = _as(primary_weight)
-    w2 = cheap_weight
     s1, b1, s2, b2 = _bn_vectors(primary_scale, primary_bias, cheap_scale, cheap_bias)
+    _forward_launch(x, primary_weight, s1, b1, cheap_weight, s2, b2, out_channels, relu, gate, gate_mode, out)
+    return out
+
+
+def _forward_launch(x, primary_weight, s1, b1, cheap_weight, s2, b2, out_channels, relu, gate, gate_mode, out,
+                    stats=0):
+    """One launch of the forward kernel; with `stats` 1 or 2, of its statistics variant: returns the per-tile
+    partials (sums, centred sums of squares, pixel counts) of z1 or z2 instead of writing `out`."""
+    N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
+    dtype = x.dtype
+    w1 = primary_weight if primary_weight.dtype == dtype else primary_weight.to(dtype)
+    w2 = cheap_weight
     g, Hg, Wg, sg, gscale_h, gscale_w = _gate_args(gate, x)
 
     is_fp64 = dtype == torch.float64
@@ -342,27 +373,71 @@ def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tenso
     precision = _input_precision(dtype)
 
     n_x1 = min(init, out_channels)  # cheap outputs that survive only exist for x1 channels below this
-    halo_h, halo_w, block_c, block_k, num_warps = _pick_config(H, W, dw, n_x1, dtype)
-    r = dw // 2
-    tiles_h = triton.cdiv(H, halo_h - 2 * r)
-    tiles_w = triton.cdiv(W, halo_w - 2 * r)
+    k = 1 if stats == 1 else dw  # z1 needs no halo
+    halo_h, halo_w, block_c, block_k, num_warps = _pick_config(H, W, k, n_x1, dtype)
+    r = k // 2
+    tile_h, tile_w = halo_h - 2 * r, halo_w - 2 * r
+    tiles_h = triton.cdiv(H, tile_h)
+    tiles_w = triton.cdiv(W, tile_w)
     n_cblocks = triton.cdiv(n_x1, block_c)
     total = N * tiles_h * tiles_w * n_cblocks
     grid = min(total, _max_programs(x.device))
-    scratch = torch.empty((grid if dw > 1 else 1, halo_h * halo_w, block_c), dtype=acc_t, device=x.device)
+    scratch = torch.empty((grid if k > 1 and stats != 1 else 1, halo_h * halo_w, block_c), dtype=acc_t,
+                          device=x.device)
+    psum = pm2 = scratch
+    if stats:
+        n_stat = init if stats == 1 else cheap_weight.shape[0]
+        psum = torch.empty((N * tiles_h * tiles_w, n_stat), dtype=acc_t, device=x.device)
+        pm2 = torch.empty_like(psum)
+        out = x  # never written
 
     _ghost_module_fwd_kernel[(grid,)](
-        x, w1, s1, b1, w2, s2, b2, g, out, scratch,
+        x, w1, s1, b1, w2, s2, b2, g, out, scratch, psum, pm2,
         C_in, H, W, init, ratio_m1, out_channels, Hg, Wg, gscale_h, gscale_w,
         *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(2), w2.stride(3),
         *sg, *out.stride(),
         tiles_h, tiles_w, n_cblocks, total,
-        HALO_H=halo_h, HALO_W=halo_w, DW=dw, BLOCK_C=block_c, BLOCK_K=block_k,
+        HALO_H=halo_h, HALO_W=halo_w, DW=k, BLOCK_C=block_c, BLOCK_K=block_k,
         RELU=bool(relu), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
-        INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
+        INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64, STATS=stats,
         num_warps=num_warps,
     )
-    return out
+    if not stats:
+        return None
+    rows = (H - torch.arange(tiles_h, device=x.device) * tile_h).clamp(max=tile_h)
+    cols = (W - torch.arange(tiles_w, device=x.device) * tile_w).clamp(max=tile_w)
+    counts = (rows[:, None] * cols[None, :]).reshape(1, -1).expand(N, -1).reshape(-1, 1)
+    return psum, pm2, counts
+
+
+def merge_tile_stats(psum: Tensor, pm2: Tensor, counts: Tensor, dtype: torch.dtype):
+    """Chan's parallel merge of per-tile (sum, centred sum of squares, count) into the per-channel mean and biased
+    variance, in float64 (a few kilobytes), returned in `dtype`."""
+    psum, pm2, counts = psum.double(), pm2.double(), counts.double()
+    total = counts.sum()
+    mean = psum.sum(0) / total
+    m2 = pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)
+    return mean.to(dtype), (m2 / total).to(dtype)
+
+
+def ghost_module_stats(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+                       cheap_weight: Tensor, relu: bool, stage: int):
+    """Training-mode BatchNorm statistics (mean, biased variance) of z1 (stage 1) or of every channel of z2
+    (stage 2), as `ghostfast.reference.ghost_module_stats`: one launch of the forward kernel's statistics variant
+    (per-tile partials, no atomics) and a float64 merge of the partials. Returned in the accumulation dtype."""
+    assert stage in (1, 2)
+    init = primary_weight.shape[0]
+    cheap = cheap_weight.shape[0]
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s1 = primary_scale.to(acc_t).contiguous()
+    b1 = primary_bias.to(acc_t).contiguous()
+    full = init + cheap
+    if x.numel() == 0:  # no values: NaN statistics, as torch.var_mean of an empty tensor
+        n = init if stage == 1 else cheap
+        return (torch.full((n,), float("nan"), dtype=acc_t, device=x.device),) * 2
+    psum, pm2, counts = _forward_launch(x, primary_weight, s1, b1, cheap_weight, s1, b1, full, relu, None, "nearest",
+                                        None, stats=stage)
+    return merge_tile_stats(psum, pm2, counts, acc_t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,6 +477,7 @@ def _ghost_module_bwd_kernel(
     gs2_ptr, gb2_ptr,  # [init*(ratio-1)] ACC, zeroed: atomics
     gg_ptr,  # [N, Cg, Hg, Wg] ACC, zeroed, contiguous grad of the gate: atomics (x when NEED_GATE is False)
     scratch_ptr,  # [num_programs, slot] ACC: x1 halo tile, g2*s2 halo tile, g1*s1 for every x1 channel block
+    ca_ptr, cc_ptr, cm_ptr,  # CORR: per channel a, c, mean of the BN statistics' gradient dz += a + c * (z - mean)
     C_in, H, W,  # scalars: input channels and image size
     init, ratio_m1, out_channels,  # scalars: x1 channels, cheap outputs per x1 channel, kept channels
     Hg, Wg,  # scalars: gate size
@@ -421,6 +497,8 @@ def _ghost_module_bwd_kernel(
     NEED_GX: tl.constexpr, NEED_W1: tl.constexpr, NEED_GATE: tl.constexpr,  # which gradients to produce
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 only)
     ACC: tl.constexpr, IS_FP64: tl.constexpr,  # accumulate dtype (fp32, or fp64 for fp64 inputs)
+    HAS_GO: tl.constexpr = True,  # False: no grad_out (the backward of the BN statistics alone)
+    CORR: tl.constexpr = 0,  # 1 / 2: add the statistics' gradient a + c * (z - mean) to the gradient of z1 / z2
 ):
     # Regions of the halo tile: all of it holds x1 (recomputed), the inner band B (tile + R) holds y2 and
     # g2*s2 (the transposed depthwise of a tile pixel reads them up to R away), the tile T (HALO - 4R) is owned:
@@ -494,7 +572,10 @@ def _ghost_module_bwd_kernel(
 
             # ---- gradient reaching x1 directly (its channels that survive the cut) ----
             m1 = t_pix[:, None] & c_ok[None, :]
-            go1 = tl.load(go_pix[:, None] + c64[None, :] * sgoc, mask=m1, other=0.0).to(ACC)
+            if HAS_GO:
+                go1 = tl.load(go_pix[:, None] + c64[None, :] * sgoc, mask=m1, other=0.0).to(ACC)
+            else:
+                go1 = tl.zeros([P, BLOCK_C], dtype=ACC)
             if HAS_GATE:
                 gx1 = go1 * _gate_at(g_n, c64 * sgc, o00, o01, o10, o11, lh, lw, m1, GATE_BILINEAR, ACC)
                 if NEED_GATE:
@@ -521,7 +602,10 @@ def _ghost_module_bwd_kernel(
                     pre2 = y2 * s2[None, :] + b2[None, :]
                     mb = b_pix[:, None] & m2c[None, :]
                     oc = (init + o2).to(tl.int64)
-                    go2 = tl.load(go_pix[:, None] + oc[None, :] * sgoc, mask=mb, other=0.0).to(ACC)
+                    if HAS_GO:
+                        go2 = tl.load(go_pix[:, None] + oc[None, :] * sgoc, mask=mb, other=0.0).to(ACC)
+                    else:
+                        go2 = tl.zeros([P, BLOCK_C], dtype=ACC)
                     if HAS_GATE:
                         g2 = go2 * _gate_at(g_n, oc * sgc, o00, o01, o10, o11, lh, lw, mb, GATE_BILINEAR, ACC)
                         if NEED_GATE:
@@ -537,10 +621,16 @@ def _ghost_module_bwd_kernel(
                         g2 = tl.where(pre2 > 0, g2, 0.0)  # torch's relu backward: 0 at exactly 0 (and at NaN)
                     g2 = tl.where(mb, g2, 0.0)
                     g2t = tl.where(in_t[:, None], g2, 0.0)
-                    tl.atomic_add(gs2_ptr + o2_64, tl.sum(g2t * y2, axis=0), mask=m2c)
-                    tl.atomic_add(gb2_ptr + o2_64, tl.sum(g2t, axis=0), mask=m2c)
+                    if HAS_GO:
+                        tl.atomic_add(gs2_ptr + o2_64, tl.sum(g2t * y2, axis=0), mask=m2c)
+                        tl.atomic_add(gb2_ptr + o2_64, tl.sum(g2t, axis=0), mask=m2c)
                     gy2 = g2 * s2[None, :]
-                    gy2t = g2t * s2[None, :]
+                    if CORR == 2:
+                        ca = tl.load(ca_ptr + o2_64, mask=m2c, other=0.0)
+                        cc = tl.load(cc_ptr + o2_64, mask=m2c, other=0.0)
+                        cm = tl.load(cm_ptr + o2_64, mask=m2c, other=0.0)
+                        gy2 = tl.where(mb, gy2 + ca[None, :] + cc[None, :] * (y2 - cm[None, :]), 0.0)
+                    gy2t = tl.where(in_t[:, None], gy2, 0.0)
                     if DW > 1:
                         tl.store(scr_g + scr_off, gy2)
                         tl.debug_barrier()
@@ -568,6 +658,11 @@ def _ghost_module_bwd_kernel(
             tl.atomic_add(gs1_ptr + c64, tl.sum(g1 * y1, axis=0), mask=c_ok)
             tl.atomic_add(gb1_ptr + c64, tl.sum(g1, axis=0), mask=c_ok)
             gy1 = g1 * s1[None, :]
+            if CORR == 1:
+                ca = tl.load(ca_ptr + c64, mask=c_ok, other=0.0)
+                cc = tl.load(cc_ptr + c64, mask=c_ok, other=0.0)
+                cm = tl.load(cm_ptr + c64, mask=c_ok, other=0.0)
+                gy1 = tl.where(m1, gy1 + ca[None, :] + cc[None, :] * (y1 - cm[None, :]), 0.0)
             if NEED_W1:
                 for k0 in range(0, C_in, BLOCK_K):
                     k = k0 + kr
@@ -625,17 +720,21 @@ def _pick_bwd_config(H: int, W: int, dw: int, n_x1: int):
 def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor,
                           primary_bias: Tensor, cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
                           out_channels: int, relu: bool, gate: Optional[Tensor], gate_mode: str,
-                          needs: tuple = (True,) * 8) -> tuple:
+                          needs: tuple = (True,) * 8, _corr: Optional[tuple] = None) -> tuple:
     """Fused Ghost module backward (eval, BN folded): gradients of `ghost_module_forward` for every input.
 
     Returns (grad_x, grad_primary_weight, grad_primary_scale, grad_primary_bias, grad_cheap_weight,
     grad_cheap_scale, grad_cheap_bias, grad_gate), None where `needs` says so (grad_gate None without a gate).
     Launches: one multi-tensor zero-fill of the ACC accumulators and one Triton kernel (plus a cast per returned
     parameter gradient for half inputs). The weight, BN and gate gradients are reduced with fp32 (fp64) atomics,
-    so on a GPU their last bits depend on the order programs finish; grad_x is complete in one program, no atomics."""
+    so on a GPU their last bits depend on the order programs finish; grad_x is complete in one program, no atomics.
+
+    `_corr` = (stage, a, c, mean) adds a + c * (z - mean) per channel to the gradient of z1 (stage 1) or z2 (stage 2)
+    (`ghost_module_stats_backward`); grad_out may then be None."""
     N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
     cheap = init * ratio_m1
-    assert grad_out.shape == (N, out_channels, H, W)
+    assert grad_out is None or grad_out.shape == (N, out_channels, H, W)
+    assert grad_out is not None or _corr is not None
     assert gate is None or (gate.dim() == 4 and gate.shape[:2] == (N, out_channels))
     needs = tuple(needs) + (True,) * (8 - len(needs))
     dtype = x.dtype
@@ -677,18 +776,20 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
         gx_t = grad_x if needs[0] else x
         gg_t = gg if need_gate else gs1  # never touched
         Cg = gate.shape[1] if gate is not None else 0
+        go = x if grad_out is None else grad_out  # never read without grad_out
+        corr_stage, ca, cc, cm = _corr if _corr is not None else (0, gs1, gs1, gs1)
 
         _ghost_module_bwd_kernel[(grid,)](
-            grad_out, x, w1, s1, b1, w2, s2, b2, g, gx_t, gw1, gs1, gb1, gw2, gs2, gb2, gg_t, scratch,
+            go, x, w1, s1, b1, w2, s2, b2, g, gx_t, gw1, gs1, gb1, gw2, gs2, gb2, gg_t, scratch, ca, cc, cm,
             C_in, H, W, init, ratio_m1, out_channels, Hg, Wg, gscale_h, gscale_w,
-            *grad_out.stride(), *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(2), w2.stride(3),
+            *go.stride(), *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(2), w2.stride(3),
             *sg, *gx_t.stride(), Cg * Hg * Wg, Hg * Wg,
             tiles_h, tiles_w, n_cblocks, total, slot,
             HALO_H=halo_h, HALO_W=halo_w, DW=dw, BLOCK_C=block_c, BLOCK_K=block_k,
             RELU=bool(relu), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
             NEED_GX=bool(needs[0]), NEED_W1=bool(needs[1]), NEED_GATE=need_gate,
             INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
-            num_warps=num_warps,
+            HAS_GO=grad_out is not None, CORR=corr_stage, num_warps=num_warps,
         )
 
     def _out(flag, t, like):
@@ -707,3 +808,30 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
         _out(needs[6], gb2, cheap_bias),
         _out(need_gate, gg, gate) if gate is not None else None,
     )
+
+
+def ghost_module_stats_backward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+                                cheap_weight: Tensor, relu: bool, stage: int, coef_a: Tensor, coef_c: Tensor,
+                                mean: Tensor, needs: tuple = (True,) * 5) -> tuple:
+    """Backward of `ghost_module_stats`: with dz = coef_a + coef_c * (z - mean) per channel of the stage's z
+    (coef_a = grad_mean / M, coef_c = 2 grad_var / M for M = N*H*W), the gradients of sum(dz * z) for (x,
+    primary_weight, primary_scale, primary_bias, cheap_weight); stage 1 has only the first two (others None).
+    One launch of the backward kernel without grad_out, the correction added where it recomputes z (plus the
+    zero-fill of its accumulators)."""
+    assert stage in (1, 2)
+    init = primary_weight.shape[0]
+    cheap = cheap_weight.shape[0]
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    needs = tuple(bool(n) and (stage == 2 or i < 2) for i, n in enumerate(tuple(needs) + (True,) * (5 - len(needs))))
+    vec = [t.to(acc_t).contiguous() for t in (primary_scale, primary_bias, coef_a, coef_c, mean)]
+    s1, b1, ca, cc, cm = vec
+    zeros = torch.zeros(cheap, dtype=acc_t, device=x.device)  # BN2 of a stats-only pass: nothing reaches it
+    out_channels = init if stage == 1 else init + cheap  # stage 1 skips the cheap half, stage 2 keeps all of it
+    grads = ghost_module_backward(None, x, primary_weight, s1, b1, cheap_weight, zeros, zeros, out_channels, relu,
+                                  None, "nearest", needs=needs + (False, False, False), _corr=(stage, ca, cc, cm))
+    out = list(grads[:5])
+    # the scale and bias gradients come back in the accumulation dtype's copies: cast to the inputs' own dtype
+    for i, like in ((2, primary_scale), (3, primary_bias)):
+        if out[i] is not None and out[i].dtype != like.dtype:
+            out[i] = out[i].to(like.dtype)
+    return tuple(out)

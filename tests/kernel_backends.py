@@ -87,3 +87,23 @@ def dfc_backward(grad, x, params, mode, needs=(True,) * 10):
             return dfc.dfc_gate_backward(grad, x, *params, needs=needs)
         return dfc.dfc_attention_backward(grad, x, *params, mode=mode, needs=needs)
     return tuple(compiled.dfc_backward(grad, x, *params, mode=mode or "gate", needs=needs, fill=float("nan")))
+
+
+def ghost_stats(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage):
+    """(mean, biased var) of the stage's pre-BN activation (training-mode BatchNorm statistics)."""
+    args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage)
+    if current() == "triton":
+        from ghostfast.kernels.ghost_module import ghost_module_stats
+
+        return ghost_module_stats(*args)
+    return compiled.ghost_module_stats(*args, fill=float("nan"))
+
+
+def ghost_stats_backward(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c,
+                         mean, needs=(True,) * 5):
+    args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c, mean)
+    if current() == "triton":
+        from ghostfast.kernels.ghost_module import ghost_module_stats_backward
+
+        return tuple(ghost_module_stats_backward(*args, needs=needs))
+    return tuple(compiled.ghost_module_stats_backward(*args, needs, fill=float("nan")))
