@@ -5,9 +5,15 @@ They keep the original submodules (`primary_conv`, `cheap_operation`, `short_con
 identical to timm's, Huawei's and the paper's modules. In eval mode BatchNorm is folded once into per-channel
 scale and bias and cached; the cache is rebuilt when any parameter or buffer changes (in-place update, load,
 `.to()`). Under `torch.autocast` the fused ops run in the autocast dtype, as eager autocast runs the convolutions.
-`SyncBatchNorm` (after `convert_sync_batchnorm`) folds like `BatchNorm2d` in eval mode. Training mode (batch
-statistics, SyncBatchNorm's cross-process ones included), and configurations without a fused kernel, run the
-eager submodules.
+`SyncBatchNorm` (after `convert_sync_batchnorm`) folds like `BatchNorm2d` in eval mode.
+
+Training mode: a BatchNorm in training mode normalises with batch statistics, computed by fused statistics
+kernels (`ghostfast.ops.ghost_module_stats`: one launch for z1, one for z2) and folded into the scale and bias
+the fused op applies, differentiably, so gradients flow through the statistics; running statistics are updated
+as `nn.BatchNorm2d` updates them (momentum or cumulative average, unbiased running_var, num_batches_tracked).
+GhostModuleV2's DFC branch runs eagerly while its BatchNorms are in training mode (its gate still enters the
+fused Ghost op). SyncBatchNorm in training mode, and configurations without a fused kernel, run the eager
+submodules.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .backends import check_backend_name, default_strict, fallback, resolve_backend
-from .reference import GATE_MODES, fold_bn
+from .backends import stats_backend
+from .reference import GATE_MODES, batch_norm_train_fold, fold_bn
 
 
 class StructureError(ValueError):
@@ -112,6 +119,45 @@ class _BNView:
 
 def _bn_in(bn: nn.BatchNorm2d, dt: torch.dtype):
     return bn if bn.running_mean.dtype == dt and (bn.weight is None or bn.weight.dtype == dt) else _BNView(bn, dt)
+
+
+def _batch_stats(bn: Optional[nn.Module]) -> bool:
+    """True when this BatchNorm normalises with batch statistics in its current mode (training mode)."""
+    return bn is not None and bn.training
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int,
+                          conv_bias: Optional[Tensor]) -> None:
+    """What nn.BatchNorm2d's training forward does to its buffers, given the batch mean and biased variance of the
+    conv output without its bias (`conv_bias`, if any, shifts the mean only)."""
+    with torch.no_grad():
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+        else:
+            factor = bn.momentum
+        if conv_bias is not None:
+            mean = mean + conv_bias.to(mean.dtype)
+        unbiased = var * (count / (count - 1))
+        bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _train_scale_bias(bn: nn.BatchNorm2d, conv: nn.Conv2d, mean: Tensor, var: Tensor, count: int,
+                      dt: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Scale and bias of a training-mode BatchNorm from the batch statistics of its conv's output without the conv
+    bias (differentiable in the statistics and the BN weight and bias), and the running-statistics update.
+
+    A conv bias cancels against the batch mean: it stays in the graph with an exactly zero gradient (eager
+    PyTorch computes rounding noise there), so optimizers see a zero gradient, not a missing one."""
+    weight = None if bn.weight is None else bn.weight.to(dt)
+    bias = None if bn.bias is None else bn.bias.to(dt)
+    scale, shift = batch_norm_train_fold(mean.to(dt), var.to(dt), weight, bias, bn.eps)
+    if conv.bias is not None:
+        shift = shift + 0.0 * conv.bias.to(dt)
+    _update_running_stats(bn, mean.detach(), var.detach(), count, conv.bias)
+    return scale, shift
 
 
 # What autocast casts: floating tensors except float64.
@@ -263,24 +309,55 @@ class _FusedGhostBase(nn.Module):
 
     def _backend_for(self, x: Tensor, dtype: torch.dtype) -> Optional[str]:
         strict = self._is_strict()
-        if self.training:
-            fallback(self._training_reason(), strict)
-            return None
         if self.unsupported_reason is not None:
             fallback(f"{type(self).__name__}: {self.unsupported_reason}", strict)
             return None
+        train_bns = self._training_bns()
+        if any(isinstance(m, nn.SyncBatchNorm) for m in train_bns):
+            fallback(f"{type(self).__name__} in training mode with SyncBatchNorm (batch statistics reduced across "
+                     "processes have no fused kernel; the original submodules run)", strict)
+            return None
+        if train_bns and x.numel() // max(x.shape[1], 1) < 2:
+            return None  # eager raises BatchNorm's own error: one value per channel has no batch statistics
         name, reason = resolve_backend(self.backend, x.device, dtype)
         if reason is not None:
             fallback(f"{type(self).__name__}: {reason}", strict)
             return None
-        return None if name == "reference" else name
+        if name == "reference":
+            return None
+        if self._ghost_batch_stats():
+            stats, why = stats_backend(name, x.device)
+            if stats is None:
+                fallback(f"{type(self).__name__} in training mode: {why}; the original submodules run", strict)
+                return None
+        return name
 
-    def _training_reason(self) -> str:
-        name = type(self).__name__
-        if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
-            return (f"{name} in training mode with SyncBatchNorm (batch statistics reduced across processes have no "
-                    "fused kernel; the original submodules run)")
-        return f"{name} in training mode (BatchNorm batch statistics have no fused kernel; the original submodules run)"
+    def _training_bns(self) -> List[nn.Module]:
+        """The BatchNorms that use batch statistics now (training mode)."""
+        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+    def _ghost_batch_stats(self) -> bool:
+        _, bn1, _, bn2 = self._ghost_layers
+        return _batch_stats(bn1) or _batch_stats(bn2)
+
+    def _ghost_params(self, x: Tensor, dtype: Optional[torch.dtype], backend: str) -> tuple:
+        """(w1, s1, b1, w2, s2, b2) for this call. A BatchNorm in training mode normalises with the batch
+        statistics of its input, computed by the statistics kernels (differentiable), and has its running
+        statistics updated; one in eval mode folds its running statistics."""
+        if not self._ghost_batch_stats():
+            return self._folded(dtype)[:6]
+        conv1, bn1, conv2, bn2 = self._ghost_layers
+        stats, _ = stats_backend(backend, x.device)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        w1, s1, b1 = _cast_weights(_fold(conv1, None if _batch_stats(bn1) else bn1), dtype)
+        w2, s2, b2 = _cast_weights(_fold(conv2, None if _batch_stats(bn2) else bn2), dtype)
+        if _batch_stats(bn1):
+            mean, var = ops.ghost_module_stats(x, w1, None, None, w2, self.relu, 1, backend=stats)
+            s1, b1 = _train_scale_bias(bn1, conv1, mean, var, count, s1.dtype)
+        if _batch_stats(bn2):
+            mean, var = ops.ghost_module_stats(x, w1, s1, b1, w2, self.relu, 2, backend=stats)
+            s2, b2 = _train_scale_bias(bn2, conv2, mean, var, count, s2.dtype)
+        return w1, s1, b1, w2, s2, b2
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -337,8 +414,8 @@ class GhostModule(_FusedGhostBase):
             return self._eager_ghost(x)
         with _fused_region(x):
             x = x if dtype is None else x.to(dtype)
-            return ops.ghost_module(x, *self._folded(dtype), out_channels=self.out_chs, relu=self.relu,
-                                    backend=backend, strict=self.strict)
+            return ops.ghost_module(x, *self._ghost_params(x, dtype, backend), out_channels=self.out_chs,
+                                    relu=self.relu, backend=backend, strict=self.strict)
 
 
 class GhostModuleV2(_FusedGhostBase):
@@ -413,12 +490,19 @@ class GhostModuleV2(_FusedGhostBase):
         if backend is None:
             gate = self._eager_gate(x, x.shape[-2:])
             return self._eager_ghost(x) * gate
+        gate = None
+        if any(_batch_stats(self._dfc_layers[i]) for i in (1, 3, 5)):
+            # batch statistics in the DFC branch: it runs eagerly (autocast included), at the pooled resolution;
+            # its gate is upsampled and applied in the fused Ghost op's epilogue
+            gate = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
         with _fused_region(x):
             x = x if dtype is None else x.to(dtype)
-            folded = self._folded(dtype)
-            gate = ops.dfc_gate(x, *folded[6:], backend=backend, strict=self.strict)
-            return ops.ghost_module(x, *folded[:6], out_channels=self.out_chs, relu=self.relu, gate=gate,
-                                    gate_mode=self.gate_mode, backend=backend, strict=self.strict)
+            if gate is None:
+                gate = ops.dfc_gate(x, *self._folded(dtype)[6:], backend=backend, strict=self.strict)
+            gate = gate.to(x.dtype)
+            return ops.ghost_module(x, *self._ghost_params(x, dtype, backend), out_channels=self.out_chs,
+                                    relu=self.relu, gate=gate, gate_mode=self.gate_mode, backend=backend,
+                                    strict=self.strict)
 
 
 __all__: List[str] = ["GhostModule", "GhostModuleV2", "StructureError"]
