@@ -1,6 +1,7 @@
 // Fused Ghost module on the CPU: ghostfast::_ghost_module_kernel (forward) and
-// ghostfast::_ghost_module_backward_kernel (backward). Schemas and conventions: csrc/ghost_module.cpp; the math:
-// ghostfast/reference.py (ghost_module_forward).
+// ghostfast::_ghost_module_backward_kernel (backward), and the training-mode BatchNorm statistics
+// ghostfast::_ghost_module_stats_kernel / _ghost_module_stats_backward_kernel. Schemas and conventions:
+// csrc/ghost_module.cpp; the math: ghostfast/reference.py (ghost_module_forward, ghost_module_stats).
 //
 // Work split. The N*H output rows are cut into one contiguous range per thread (a "group"); a group walks its range
 // image by image ("segments", at most one per image it touches) in sub-blocks of G rows. x1 (1x1 conv + BN + act,
@@ -19,6 +20,10 @@
 // The backward recomputes x1 over the sub-block + 2R rows and g2*s2 over the sub-block + R rows, then runs the
 // transposed depthwise, the BN / activation chain, grad_W1 = (g1*s1) x^T and grad_x = W1^T (g1*s1) on the owned rows.
 //
+// Statistics. The forward's row walk without `out`: per sub-block and channel a (count, mean, M2) chunk of z1 or z2,
+// merged with Chan's formula (accurate when |mean| >> std). Their backward is the backward's row walk with no
+// grad_out: the stage's z gets dz = coef_a + coef_c * (z - mean) as its upstream gradient (Ctx::stats).
+//
 // Determinism. Reductions (weight, BN and gate gradients) go to per-group partial buffers and are summed in group
 // order afterwards; within a group the order is fixed. The result depends on the thread count only.
 // Accumulation in acc_t: float for float / half / bfloat16, double for double.
@@ -33,8 +38,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -53,6 +60,8 @@ using at::vec::Vectorized;
 
 constexpr const char* kFwdOp = "ghostfast::_ghost_module_kernel (CPU)";
 constexpr const char* kBwdOp = "ghostfast::_ghost_module_backward_kernel (CPU)";
+constexpr const char* kStatsOp = "ghostfast::_ghost_module_stats_kernel (CPU)";
+constexpr const char* kStatsBwdOp = "ghostfast::_ghost_module_stats_backward_kernel (CPU)";
 
 template <typename scalar_t>
 using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -914,6 +923,25 @@ struct Ctx {
   std::vector<acc_t> w2f;  // backward, the kernel flipped (transposed depthwise), same layouts
   std::vector<acc_t> s1p, b1p, s2p, b2p;  // channels_last: padded with zeros to Zc / Cq
   GateTables<acc_t> gt;
+  // Statistics backward (_ghost_module_stats_backward_kernel): 0 = the Ghost module backward (grad_out given);
+  // 1 / 2 = no grad_out, the stage's z (1: z1, 2: z2) gets the upstream gradient dz = ca + cc * (z - cm) per
+  // channel. ca / cc / cm are padded with zeros to whole vectors (channels_last reads them as vectors).
+  int stats = 0;
+  std::vector<acc_t> ca, cc, cm;
+
+  void set_stats(int stage, const at::Tensor& a, const at::Tensor& c, const at::Tensor& m) {
+    stats = stage;
+    const int64_t n = a.numel();
+    const int64_t len = round_up(std::max<int64_t>({n, Zc, Cq, int64_t(1)}), V);
+    auto pad = [&](std::vector<acc_t>& v, const at::Tensor& t) {
+      v.assign(static_cast<size_t>(len), acc_t(0));
+      const acc_t* p = t.data_ptr<acc_t>();
+      for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+    };
+    pad(ca, a);
+    pad(cc, c);
+    pad(cm, m);
+  }
 
   void prepare(const Geometry& geo, const at::Tensor& x_t, const at::Tensor& w1_t, const at::Tensor& s1_t,
                const at::Tensor& b1_t, const at::Tensor& w2_t, const at::Tensor& s2_t, const at::Tensor& b2_t,
@@ -1470,7 +1498,8 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
   const bool primary = nd.primary();
   const bool gate_grad = ug != nullptr;
   const scalar_t* xn = cx.x + n * C * HW;
-  const scalar_t* gon = go + n * d.oc * HW;
+  const int st = cx.stats;  // statistics backward: no grad_out, dz from the coefficients
+  const scalar_t* gon = st == 0 ? go + n * d.oc * HW : nullptr;
   scalar_t* gxn = nd.x ? gx_out + n * C * HW : nullptr;
   const int64_t gplane = d.Hg * d.Wg;
   const scalar_t* gn = d.gated ? cx.gate + n * d.oc * gplane : nullptr;
@@ -1526,10 +1555,15 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
         const acc_t* plane = ds + (o / d.rm1) * ws.ds_ps;
         acc_t* qp = q + o * ws.q_ps;
         const int64_t oci = d.init + o;
-        const scalar_t* gop = gon + oci * HW;
-        if (o + 1 < d.n_cheap) prefetch_range(gop + HW + qhi * W, (qnhi - qhi) * W);
-        else prefetch_range(gon + s * W, (e - s) * W);  // the primary chain's first channel
+        const scalar_t* gop = st == 0 ? gon + oci * HW : nullptr;
+        if (st == 0) {
+          if (o + 1 < d.n_cheap) prefetch_range(gop + HW + qhi * W, (qnhi - qhi) * W);
+          else prefetch_range(gon + s * W, (e - s) * W);  // the primary chain's first channel
+        }
         const Vec sv(cx.s2[o]), bv(cx.b2[o]);
+        // statistics backward (stage 2): the coefficients of dz (the vectors are empty otherwise)
+        const Vec av(st ? cx.ca[o] : acc_t(0)), cv(st ? cx.cc[o] : acc_t(0));
+        const Vec mv(st ? cx.cm[o] : acc_t(0));
         Vec rs(acc_t(0)), rb(acc_t(0));
         bool owned_any = false;
         if (nd.w2) std::fill(ws.accw.begin(), ws.accw.end(), acc_t(0));
@@ -1544,9 +1578,14 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
           dw_row_planar(rows, K, cx.w2.data() + o * KK, W, t, false);
           const acc_t* gtr = gt + (h - qhi) * W;
           const bool owned = h >= r0 && h < r1;
-          const scalar_t* gor = gop + h * W;
+          const scalar_t* gor = st == 0 ? gop + h * W : nullptr;
           acc_t* qrow = qp + (h - qlo) * Wp + R;
-          for (int64_t w = 0; w < W; w += V) {
+          if (st == 2) {
+            // dz2 = a + c (z2 - mean): the upstream gradient of the depthwise output itself
+            for (int64_t w = 0; w < W; w += V)
+              keep_first(at::vec::fmadd(cv, Vec::loadu(t + w) - mv, av), W - w).store(qrow + w);
+          }
+          for (int64_t w = 0; w < W && st == 0; w += V) {
             const int64_t m = std::min<int64_t>(V, W - w);
             const Vec c2 = Vec::loadu(t + w);
             const Vec y2 = at::vec::fmadd(c2, sv, bv);
@@ -1580,21 +1619,37 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
     // ---- owned rows [s, e): grad of x1, the BN1 / act chain, g1 * s1 ----
     if (primary || gate_grad) {
       for (int64_t c = 0; c < d.n_x1; ++c) {
-        const scalar_t* gop = gon + c * HW;
-        if (c + 1 < d.n_x1) prefetch_range(gop + HW + s * W, (e - s) * W);
+        const scalar_t* gop = st == 0 ? gon + c * HW : nullptr;
+        if (st == 0 && c + 1 < d.n_x1) prefetch_range(gop + HW + s * W, (e - s) * W);
         const acc_t* zc = z + c * ws.z_ps;
         const Vec sv(cx.s1[c]), bv(cx.b1[c]);
+        // statistics backward (stage 1): the coefficients of dz (the vectors are empty otherwise)
+        const Vec av(st ? cx.ca[c] : acc_t(0)), cv(st ? cx.cc[c] : acc_t(0));
+        const Vec mv(st ? cx.cm[c] : acc_t(0));
         Vec rs(acc_t(0)), rb(acc_t(0));
         if (gn != nullptr)
           gate_rows(gt, ws.hr.data(), ws.hr_rows, gn + c * gplane, s, e, W, d.Wg, cx.gt, d.bilinear);
         if (gate_grad) ws.adj.begin(ug + gs.offset + c * gs.ghn * d.Wg, 0, gs.gh_lo, 0, 1);
         for (int64_t h = s; h < e; ++h) {
-          const scalar_t* gor = gop + h * W;
+          const scalar_t* gor = st == 0 ? gop + h * W : nullptr;
           const acc_t* gtr = gt + (h - s) * W;
+          if (st == 1) {
+            // dz1 = a + c (z1 - mean) is grad_out of the primary conv itself: no BN1 / act chain
+            const acc_t* zr = zc + (h - xlo) * W;
+            acc_t* gyr = gy1 + c * ws.gy_ld + (h - s) * W;
+            for (int64_t w = 0; w < W; w += V)
+              keep_first(at::vec::fmadd(cv, Vec::loadu(zr + w) - mv, av), W - w).store(gyr + w);
+            continue;
+          }
           if (primary) {
-            for (int64_t w = 0; w < W; w += V) {
-              const Vec gov = vload<acc_t>(gor + w, std::min<int64_t>(V, W - w));
-              (gn != nullptr ? gov * Vec::loadu(gtr + w) : gov).store(gx + w);
+            if (st == 2) {
+              // no direct gradient of x1: only the transposed depthwise below
+              for (int64_t w = 0; w < W; w += V) Vec(acc_t(0)).store(gx + w);
+            } else {
+              for (int64_t w = 0; w < W; w += V) {
+                const Vec gov = vload<acc_t>(gor + w, std::min<int64_t>(V, W - w));
+                (gn != nullptr ? gov * Vec::loadu(gtr + w) : gov).store(gx + w);
+              }
             }
             for (int64_t j = 0; j < d.rm1; ++j) {
               const int64_t o = c * d.rm1 + j;
@@ -1672,8 +1727,9 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
   const bool relu = d.relu;
   const bool primary = nd.primary();
   const bool gate_grad = ug != nullptr;
+  const int st = cx.stats;  // statistics backward: no grad_out, dz from the coefficients
   const scalar_t* xn = cx.x + n * HW * C;
-  const scalar_t* gon = go + n * HW * oc;
+  const scalar_t* gon = st == 0 ? go + n * HW * oc : nullptr;
   scalar_t* gxn = nd.x ? gx_out + n * HW * C : nullptr;
   const scalar_t* gn = d.gated ? cx.gate + n * oc * d.Hg * d.Wg : nullptr;
   const acc_t* s1p = cx.s1p.data();
@@ -1750,10 +1806,23 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
         dw_row_pm(rows, K, cx.w2.data(), Cq, Cds, Cq / V, W, t, Cq, false);
         const acc_t* gt = gn != nullptr ? ws.gcB.row(h, gn, oc, W, d.Hg, d.Wg, cx.gt, d.bilinear) : nullptr;
         const bool owned = h >= r0 && h < r1;
-        const scalar_t* gor = gon + h * W * oc;
-        if (h + 1 < H) prefetch_range(gor + W * oc, W * oc);
+        const scalar_t* gor = st == 0 ? gon + h * W * oc : nullptr;
+        if (st == 0 && h + 1 < H) prefetch_range(gor + W * oc, W * oc);
         acc_t* qrow = q + (h - qlo) * qrs;
-        for (int64_t w = 0; w < W; ++w) {
+        if (st == 2) {
+          // dz2 = a + c (z2 - mean): the upstream gradient of the depthwise output itself
+          const acc_t* ca = cx.ca.data();
+          const acc_t* cc = cx.cc.data();
+          const acc_t* cm = cx.cm.data();
+          for (int64_t w = 0; w < W; ++w)
+            for (int64_t c = 0; c < d.n_cheap; c += V) {
+              const int64_t m = std::min<int64_t>(V, d.n_cheap - c);
+              const Vec dz = at::vec::fmadd(Vec::loadu(cc + c), Vec::loadu(t + w * Cq + c) - Vec::loadu(cm + c),
+                                            Vec::loadu(ca + c));
+              keep_first(dz, m).store(qrow + (w + R) * Cq + c);
+            }
+        }
+        for (int64_t w = 0; w < W && st == 0; ++w) {
           for (int64_t c = 0; c < d.n_cheap; c += V) {
             const int64_t m = std::min<int64_t>(V, d.n_cheap - c);
             const Vec c2 = Vec::loadu(t + w * Cq + c);
@@ -1781,7 +1850,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
     if (primary || gate_grad) {
       for (int64_t h = s; h < e; ++h) {
         const acc_t* gt = gn != nullptr ? ws.gcC.row(h, gn, oc, W, d.Hg, d.Wg, cx.gt, d.bilinear) : nullptr;
-        const scalar_t* gor = gon + h * W * oc;
+        const scalar_t* gor = st == 0 ? gon + h * W * oc : nullptr;
         const bool cheap = primary && d.n_cheap > 0;
         if (cheap) {
           for (int64_t ky = 0; ky < K; ++ky) {
@@ -1789,6 +1858,19 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
             rows[ky] = (hh >= 0 && hh < H) ? q + (hh - qlo) * qrs : nullptr;
           }
           dw_row_pm(rows, K, cx.w2f.data(), Cq, Cq, Cq / V, W, t, Cq, false);
+        }
+        if (st == 1) {
+          // dz1 = a + c (z1 - mean) is grad_out of the primary conv itself: no BN1 / act chain
+          for (int64_t w = 0; w < W; ++w) {
+            const acc_t* zp = z + (h - xlo) * zrs + w * Zc;
+            for (int64_t c = 0; c < d.n_x1; c += V) {
+              const Vec dz = at::vec::fmadd(Vec::loadu(cx.cc.data() + c),
+                                            Vec::loadu(zp + c) - Vec::loadu(cx.cm.data() + c),
+                                            Vec::loadu(cx.ca.data() + c));
+              keep_first(dz, std::min<int64_t>(V, d.n_x1 - c)).store(gy1 + ((h - s) * W + w) * Zc + c);
+            }
+          }
+          continue;
         }
         for (int64_t w = 0; w < W; ++w) {
           const acc_t* zp = z + (h - xlo) * zrs + w * Zc;
@@ -1804,7 +1886,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
           }
           for (int64_t c = 0; c < d.n_x1; c += V) {
             const int64_t m = std::min<int64_t>(V, d.n_x1 - c);
-            const Vec gov = vload<acc_t>(gor + w * oc + c, m);
+            const Vec gov = st == 0 ? vload<acc_t>(gor + w * oc + c, m) : Vec(acc_t(0));
             const Vec zv = Vec::loadu(zp + c);
             const Vec y1 = at::vec::fmadd(zv, Vec::loadu(s1p + c), Vec::loadu(b1p + c));
             if (gate_grad) vstore<acc_t>(vr + w * oc + c, gov * act_v(y1, relu), m);
@@ -1849,10 +1931,12 @@ template <typename scalar_t>
 void backward_impl(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
                    const at::Tensor& s1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& s2,
                    const at::Tensor& b2, const std::optional<at::Tensor>& gate, at::TensorList grads,
-                   const Needs& nd) {
+                   const Needs& nd, int stats_stage = 0, const at::Tensor* coef_a = nullptr,
+                   const at::Tensor* coef_c = nullptr, const at::Tensor* stats_mean = nullptr) {
   using acc_t = acc_of<scalar_t>;
   Ctx<scalar_t> cx;
   cx.prepare(geo, x, w1, s1, b1, w2, s2, b2, gate, true);
+  if (stats_stage != 0) cx.set_stats(stats_stage, *coef_a, *coef_c, *stats_mean);
   const Geometry& d = cx.d;
   const int64_t ng = num_groups(d.N * d.H);
   const auto groups = split_rows(d.N, d.H, ng);
@@ -1877,7 +1961,7 @@ void backward_impl(const Geometry& geo, const at::Tensor& grad_out, const at::Te
 
   const int64_t w1_ld = d.cl ? cx.Cpad : d.C;
   std::vector<Partials<acc_t>> parts(static_cast<size_t>(ng));
-  const scalar_t* go = grad_out.data_ptr<scalar_t>();
+  const scalar_t* go = stats_stage == 0 ? grad_out.data_ptr<scalar_t>() : nullptr;
   scalar_t* gx = nd.x ? grads[0].data_ptr<scalar_t>() : nullptr;
 
   const bool stream = nd.x && grads[0].numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
@@ -1969,6 +2053,280 @@ void backward_impl(const Geometry& geo, const at::Tensor& grad_out, const at::Te
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Training-mode BatchNorm statistics (_ghost_module_stats_kernel): the forward's row walk without `out`; per
+// channel, each sub-block's values (stage 1: z1 = W1 x; stage 2: z2 = dw(x1)) give a (count, mean, M2) chunk
+// (mean first, then the squared deviations from it: no cancellation when |mean| >> std) merged into the group's
+// running partial with Chan's formula; the groups' partials are merged in group order afterwards.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct StatParts {  // one group's running (count, mean, M2) per channel
+  std::vector<int64_t> n;
+  std::vector<acc_t> mean, m2;
+
+  void init(int64_t channels) {
+    n.assign(static_cast<size_t>(channels), 0);
+    mean.assign(static_cast<size_t>(channels), acc_t(0));
+    m2.assign(static_cast<size_t>(channels), acc_t(0));
+  }
+
+  // Chan et al.: merge a chunk of nb values with mean mb and sum of squared deviations m2b into channel c
+  void merge(int64_t c, int64_t nb, acc_t mb, acc_t m2b) {
+    if (nb <= 0) return;
+    const int64_t na = n[c];
+    if (na == 0) {
+      n[c] = nb;
+      mean[c] = mb;
+      m2[c] = m2b;
+      return;
+    }
+    const int64_t nt = na + nb;
+    const acc_t delta = mb - mean[c];
+    mean[c] += delta * static_cast<acc_t>(static_cast<double>(nb) / static_cast<double>(nt));
+    m2[c] += m2b + delta * delta * static_cast<acc_t>(static_cast<double>(na) * static_cast<double>(nb) /
+                                                      static_cast<double>(nt));
+    n[c] = nt;
+  }
+};
+
+// (mean, M2) of p[0 .. cnt), cnt >= 1: the mean first, then the squared deviations from it
+template <typename acc_t>
+inline void chunk_stats(const acc_t* p, int64_t cnt, acc_t& mean, acc_t& m2) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec s0(acc_t(0)), s1(acc_t(0));
+  int64_t i = 0;
+  for (; i + 2 * V <= cnt; i += 2 * V) {
+    s0 = s0 + Vec::loadu(p + i);
+    s1 = s1 + Vec::loadu(p + i + V);
+  }
+  for (; i + V <= cnt; i += V) s0 = s0 + Vec::loadu(p + i);
+  if (i < cnt) s1 = s1 + Vec::loadu(p + i, static_cast<int>(cnt - i));
+  mean = hsum(s0 + s1) / static_cast<acc_t>(cnt);
+  const Vec mv(mean);
+  Vec q0(acc_t(0)), q1(acc_t(0));
+  i = 0;
+  for (; i + 2 * V <= cnt; i += 2 * V) {
+    const Vec d0 = Vec::loadu(p + i) - mv, d1 = Vec::loadu(p + i + V) - mv;
+    q0 = at::vec::fmadd(d0, d0, q0);
+    q1 = at::vec::fmadd(d1, d1, q1);
+  }
+  for (; i + V <= cnt; i += V) {
+    const Vec d0 = Vec::loadu(p + i) - mv;
+    q0 = at::vec::fmadd(d0, d0, q0);
+  }
+  if (i < cnt) {
+    const Vec d1 = keep_first(Vec::loadu(p + i, static_cast<int>(cnt - i)) - mv, cnt - i);
+    q1 = at::vec::fmadd(d1, d1, q1);
+  }
+  m2 = hsum(q0 + q1);
+}
+
+// channels_last: the chunk of np >= 1 pixels (stride ld) of channels [0, nch), vectorized along the channels, merged
+// into sp's channels [0, nch)
+template <typename acc_t>
+void chunk_stats_pm(const acc_t* p, int64_t np, int64_t ld, int64_t nch, StatParts<acc_t>& sp) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  __at_align__ acc_t mt[V], qt[V];
+  const Vec inv_n(acc_t(1) / static_cast<acc_t>(np));
+  for (int64_t c = 0; c < nch; c += V) {
+    Vec s0(acc_t(0)), s1(acc_t(0));
+    int64_t i = 0;
+    for (; i + 1 < np; i += 2) {
+      s0 = s0 + Vec::loadu(p + i * ld + c);
+      s1 = s1 + Vec::loadu(p + (i + 1) * ld + c);
+    }
+    if (i < np) s0 = s0 + Vec::loadu(p + i * ld + c);
+    const Vec mv = (s0 + s1) * inv_n;
+    Vec q0(acc_t(0)), q1(acc_t(0));
+    for (i = 0; i + 1 < np; i += 2) {
+      const Vec d0 = Vec::loadu(p + i * ld + c) - mv, d1 = Vec::loadu(p + (i + 1) * ld + c) - mv;
+      q0 = at::vec::fmadd(d0, d0, q0);
+      q1 = at::vec::fmadd(d1, d1, q1);
+    }
+    if (i < np) {
+      const Vec d0 = Vec::loadu(p + i * ld + c) - mv;
+      q0 = at::vec::fmadd(d0, d0, q0);
+    }
+    mv.store(mt);
+    (q0 + q1).store(qt);
+    const int64_t m = std::min<int64_t>(V, nch - c);
+    for (int64_t l = 0; l < m; ++l) sp.merge(c + l, np, mt[l], qt[l]);
+  }
+}
+
+template <typename scalar_t>
+void stats_planar_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws,
+                          StatParts<acc_of<scalar_t>>& sp) {
+  using acc_t = acc_of<scalar_t>;
+  const Geometry& d = cx.d;
+  const int64_t W = d.W, H = d.H, R = d.R, K = d.K, KK = d.KK, Wp = W + 2 * R, HW = d.HW, G = ws.G;
+  const int64_t n = sg.n, r0 = sg.r0, r1 = sg.r1;
+  const scalar_t* xn = cx.x + n * d.C * HW;
+  acc_t* z = ws.z.data();
+  acc_t* ds = ws.ds.data();
+  const acc_t** rows = ws.rows.data();
+
+  int64_t lo = std::max<int64_t>(r0 - R, 0), hi = lo;  // the window holds rows [lo, hi)
+  for (int64_t s = r0, e; s < r1; s = e) {
+    e = std::min(s + G, r1);
+    const int64_t nlo = std::max<int64_t>(s - R, 0), nhi = std::min(e + R, H);
+    if (nlo > lo) {
+      const int64_t keep = std::max<int64_t>(hi - nlo, 0);
+      shift_rows(z, d.n_x1, ws.z_ps, W, nlo - lo, keep);
+      shift_rows(ds, d.n_src, ws.ds_ps, Wp, nlo - lo, keep);
+      lo = nlo;
+      hi = std::max(hi, nlo);
+    }
+    if (nhi > hi) {
+      // stage 1: z1 = W1 x as is; stage 2: x1 = act(z1 s1 + b1) and its padded copy
+      const int64_t np = (nhi - hi) * W;
+      acc_t* z0 = z + (hi - lo) * W;
+      Epilogue<acc_t> epi;
+      if (stage == 2) {
+        epi.kind = Epilogue<acc_t>::ROW;
+        epi.scale = cx.s1;
+        epi.bias = cx.b1;
+        epi.relu = d.relu;
+      }
+      Gemm<acc_t, acc_t, scalar_t, acc_t, false>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
+                                                      cx.x_end, z0, ws.z_ps, true, epi);
+      for (int64_t c = 0; c < d.n_src; ++c) {
+        const acc_t* zc = z0 + c * ws.z_ps;
+        acc_t* dsc = ds + c * ws.ds_ps;
+        for (int64_t h = hi; h < nhi; ++h) copy_row_padded(dsc + (h - lo) * Wp + R, zc + (h - hi) * W, W);
+      }
+      hi = nhi;
+    }
+    const int64_t cnt = (e - s) * W;
+    acc_t mean, m2;
+    if (stage == 1) {
+      for (int64_t c = 0; c < d.n_x1; ++c) {
+        chunk_stats(z + c * ws.z_ps + (s - lo) * W, cnt, mean, m2);
+        sp.merge(c, cnt, mean, m2);
+      }
+      continue;
+    }
+    for (int64_t o = 0; o < d.n_cheap; ++o) {
+      const acc_t* plane = ds + (o / d.rm1) * ws.ds_ps;
+      for (int64_t i = 0; i < e - s + K - 1; ++i) {
+        const int64_t hh = s - R + i;
+        rows[i] = (hh >= 0 && hh < H) ? plane + (hh - lo) * Wp : ws.zero.data();
+      }
+      dw_rows_planar(rows, e - s, K, cx.w2.data() + o * KK, W, ws.t.data(), W, false);
+      chunk_stats(ws.t.data(), cnt, mean, m2);
+      sp.merge(o, cnt, mean, m2);
+    }
+  }
+}
+
+template <typename scalar_t>
+void stats_cl_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws,
+                      StatParts<acc_of<scalar_t>>& sp) {
+  using acc_t = acc_of<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Geometry& d = cx.d;
+  const int64_t W = d.W, H = d.H, R = d.R, K = d.K, Wp = W + 2 * R, HW = d.HW, G = ws.G, C = d.C;
+  const int64_t Zc = cx.Zc, Cq = cx.Cq, Cds = cx.Cds;
+  const int64_t n = sg.n, r0 = sg.r0, r1 = sg.r1;
+  const scalar_t* xn = cx.x + n * HW * C;
+  acc_t* z = ws.z.data();
+  acc_t* ds = ws.ds.data();
+  const acc_t** rows = ws.rows.data();
+  const int64_t zrs = W * Zc, dsrs = Wp * Cds;  // row strides
+
+  int64_t lo = std::max<int64_t>(r0 - R, 0), hi = lo;
+  for (int64_t s = r0, e; s < r1; s = e) {
+    e = std::min(s + G, r1);
+    const int64_t nlo = std::max<int64_t>(s - R, 0), nhi = std::min(e + R, H);
+    if (nlo > lo) {
+      const int64_t keep = std::max<int64_t>(hi - nlo, 0);
+      shift_rows(z, 1, 0, zrs, nlo - lo, keep);
+      if (d.n_cheap > 0) shift_rows(ds, 1, 0, dsrs, nlo - lo, keep);
+      lo = nlo;
+      hi = std::max(hi, nlo);
+    }
+    if (nhi > hi) {
+      // stage 1: z1 = x W1^T as is; stage 2: x1 = act(z1 s1 + b1) and its padded copy (one channel per cheap one)
+      const int64_t np = (nhi - hi) * W;
+      acc_t* z0 = z + (hi - lo) * zrs;
+      Epilogue<acc_t> epi;
+      if (stage == 2) {
+        epi.kind = Epilogue<acc_t>::COL;
+        epi.scale = cx.s1p.data();
+        epi.bias = cx.b1p.data();
+        epi.relu = d.relu;
+      }
+      Gemm<acc_t, scalar_t, acc_t, acc_t, false>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
+                                                      nullptr, z0, Zc, true, epi);
+      if (d.n_cheap > 0) {
+        for (int64_t h = hi; h < nhi; ++h) {
+          for (int64_t w = 0; w < W; ++w) {
+            acc_t* dst = ds + (h - lo) * dsrs + (w + R) * Cds;
+            const acc_t* src = z0 + ((h - hi) * W + w) * Zc;
+            if (d.rm1 == 1) {
+              for (int64_t c = 0; c < Cds; c += V) Vec::loadu(src + c).store(dst + c);
+            } else {
+              for (int64_t o = 0; o < d.n_cheap; ++o) dst[o] = src[o / d.rm1];
+            }
+          }
+        }
+      }
+      hi = nhi;
+    }
+    if (stage == 1) {
+      chunk_stats_pm(z + (s - lo) * zrs, (e - s) * W, Zc, d.n_x1, sp);
+      continue;
+    }
+    acc_t* t = ws.t.data();
+    for (int64_t h = s; h < e; ++h) {
+      for (int64_t ky = 0; ky < K; ++ky) {
+        const int64_t hh = h + ky - R;
+        rows[ky] = (hh >= 0 && hh < H) ? ds + (hh - lo) * dsrs : nullptr;
+      }
+      dw_row_pm(rows, K, cx.w2.data(), Cq, Cds, Cq / V, W, t, Cq, false);
+      chunk_stats_pm(t, W, Cq, d.n_cheap, sp);
+    }
+  }
+}
+
+template <typename scalar_t>
+void stats_impl(const Geometry& geo, int stage, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1,
+                const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& s2, const at::Tensor& b2,
+                const at::Tensor& mean, const at::Tensor& var) {
+  using acc_t = acc_of<scalar_t>;
+  Ctx<scalar_t> cx;
+  cx.prepare(geo, x, w1, s1, b1, w2, s2, b2, std::nullopt, false);
+  const Geometry& d = cx.d;
+  const int64_t channels = stage == 1 ? d.n_x1 : d.n_cheap;
+  const int64_t ng = num_groups(d.N * d.H);
+  const auto groups = split_rows(d.N, d.H, ng);
+  std::vector<StatParts<acc_t>> parts(static_cast<size_t>(ng));
+  at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
+    auto ws = make_fwd_ws(cx);
+    for (int64_t g = gb; g < ge; ++g) {
+      parts[g].init(channels);
+      for (const Segment& sg : groups[g]) {
+        if (d.cl) stats_cl_segment(cx, stage, sg, ws, parts[g]);
+        else stats_planar_segment(cx, stage, sg, ws, parts[g]);
+      }
+    }
+  });
+  StatParts<acc_t> tot;
+  tot.init(channels);
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t c = 0; c < channels; ++c) tot.merge(c, parts[g].n[c], parts[g].mean[c], parts[g].m2[c]);
+  acc_t* mp = mean.data_ptr<acc_t>();
+  acc_t* vp = var.data_ptr<acc_t>();
+  for (int64_t c = 0; c < channels; ++c) {
+    mp[c] = tot.mean[c];
+    vp[c] = tot.m2[c] / static_cast<acc_t>(tot.n[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Argument checks and entry points
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -1982,10 +2340,10 @@ void check_param(const at::Tensor& t, const at::Tensor& x, at::ScalarType dtype,
   TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " contiguous, got strides ", t.strides());
 }
 
-Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1,
-                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& s2, const at::Tensor& b2,
-                    int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
-                    c10::string_view gate_mode) {
+// x, primary_weight / scale / bias and cheap_weight (shared by the module and the statistics kernels); sets every
+// field of the geometry but oc and what depends on it (n_x1, n_cheap, n_src, R) and the gate's
+Geometry check_common(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1,
+                      const at::Tensor& b1, const at::Tensor& w2, bool relu) {
   TORCH_CHECK(x.defined(), op, ": expected x to be a tensor, got an undefined tensor");
   TORCH_CHECK(x.device().is_cpu(), op, ": expected x on the CPU, got ", x.device());
   const at::ScalarType dt = x.scalar_type();
@@ -2019,18 +2377,33 @@ Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, c
   TORCH_CHECK(g.K >= 1 && g.K % 2 == 1, op, ": expected an odd depthwise kernel size, got cheap_weight of shape ",
               w2.sizes());
   check_param(w2, x, dt, op, "cheap_weight", {cheap, 1, g.K, g.K});
-  check_param(s2, x, acc, op, "cheap_scale", {cheap});
-  check_param(b2, x, acc, op, "cheap_bias", {cheap});
   g.rm1 = cheap / g.init;
   g.KK = g.K * g.K;
+  return g;
+}
 
-  TORCH_CHECK(out_channels >= 1 && out_channels <= g.init + cheap, op, ": expected 1 <= out_channels <= ",
-              g.init + cheap, " (init * ratio), got ", out_channels);
+// the channels kept: sets oc, n_x1, n_cheap, n_src, R
+void set_out_channels(Geometry& g, int64_t out_channels) {
   g.oc = out_channels;
   g.n_x1 = std::min(g.init, g.oc);
   g.n_cheap = std::max<int64_t>(g.oc - g.init, 0);
   g.n_src = div_up(g.n_cheap, g.rm1);
   g.R = g.n_cheap > 0 ? g.K / 2 : 0;
+}
+
+Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1,
+                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& s2, const at::Tensor& b2,
+                    int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
+                    c10::string_view gate_mode) {
+  Geometry g = check_common(op, x, w1, s1, b1, w2, relu);
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const int64_t cheap = g.init * g.rm1;
+  check_param(s2, x, acc, op, "cheap_scale", {cheap});
+  check_param(b2, x, acc, op, "cheap_bias", {cheap});
+
+  TORCH_CHECK(out_channels >= 1 && out_channels <= g.init + cheap, op, ": expected 1 <= out_channels <= ",
+              g.init + cheap, " (init * ratio), got ", out_channels);
+  set_out_channels(g, out_channels);
 
   const std::string mode(gate_mode.data(), gate_mode.size());
   TORCH_CHECK(mode == "nearest" || mode == "bilinear", op, ": expected gate_mode 'nearest' or 'bilinear', got '",
@@ -2041,7 +2414,7 @@ Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, c
     const at::Tensor& gt = *gate;
     TORCH_CHECK(gt.dim() == 4 && gt.size(0) == g.N && gt.size(1) == g.oc, op, ": expected gate of shape [", g.N, ", ",
                 g.oc, ", Hg, Wg], got ", gt.sizes());
-    check_param(gt, x, dt, op, "gate", gt.sizes());
+    check_param(gt, x, x.scalar_type(), op, "gate", gt.sizes());
     g.Hg = gt.size(2);
     g.Wg = gt.size(3);
     TORCH_CHECK(g.N * g.HW == 0 || (g.Hg >= 1 && g.Wg >= 1), op, ": expected a non-empty gate plane, got gate of shape ",
@@ -2143,13 +2516,118 @@ void ghost_module_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
   });
 }
 
+// the statistics kernels: stage 1 keeps the x1 channels only (z1), stage 2 every cheap channel (z2)
+Geometry check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1,
+                          const at::Tensor& b1, const at::Tensor& w2, bool relu, int64_t stage) {
+  TORCH_CHECK(stage == 1 || stage == 2, op, ": expected stage 1 (statistics of z1 = conv1x1(x)) or 2 (of z2, the ",
+              "cheap depthwise's output), got ", stage);
+  Geometry g = check_common(op, x, w1, s1, b1, w2, relu);
+  set_out_channels(g, stage == 1 ? g.init : g.init * (1 + g.rm1));
+  return g;
+}
+
+// cheap_scale / cheap_bias stand-ins for Ctx::prepare (the statistics kernels have no second BatchNorm)
+std::pair<at::Tensor, at::Tensor> unit_affine(const at::Tensor& s1, const Geometry& g) {
+  const int64_t n = std::max<int64_t>(g.init * g.rm1, 1);
+  return {at::ones({n}, s1.options()), at::zeros({n}, s1.options())};
+}
+
+void ghost_module_stats_cpu(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& primary_scale,
+                            const at::Tensor& primary_bias, const at::Tensor& cheap_weight, bool relu, int64_t stage,
+                            const at::Tensor& mean, const at::Tensor& var) {
+  const Geometry g =
+      check_stats_args(kStatsOp, x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage);
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const int64_t channels = stage == 1 ? g.n_x1 : g.n_cheap;
+  check_param(mean, x, acc, kStatsOp, "mean", {channels});
+  check_param(var, x, acc, kStatsOp, "var", {channels});
+  if (g.N == 0 || g.HW == 0) {  // no values: NaN, as torch.var_mean of an empty tensor
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  const auto unit = unit_affine(primary_scale, g);
+  const at::Tensor& s2 = unit.first;
+  const at::Tensor& b2 = unit.second;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_module_stats_cpu", [&] {
+    stats_impl<scalar_t>(g, static_cast<int>(stage), x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                         s2, b2, mean, var);
+  });
+}
+
+void ghost_module_stats_backward_cpu(const at::Tensor& x, const at::Tensor& primary_weight,
+                                     const at::Tensor& primary_scale, const at::Tensor& primary_bias,
+                                     const at::Tensor& cheap_weight, bool relu, int64_t stage,
+                                     const at::Tensor& coef_a, const at::Tensor& coef_c, const at::Tensor& mean,
+                                     at::TensorList grads) {
+  Geometry g =
+      check_stats_args(kStatsBwdOp, x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage);
+  const at::ScalarType dt = x.scalar_type(), acc = acc_type(dt);
+  const int64_t channels = stage == 1 ? g.n_x1 : g.n_cheap;
+  check_param(coef_a, x, acc, kStatsBwdOp, "coef_a", {channels});
+  check_param(coef_c, x, acc, kStatsBwdOp, "coef_c", {channels});
+  check_param(mean, x, acc, kStatsBwdOp, "mean", {channels});
+  TORCH_CHECK(grads.size() == 5, kStatsBwdOp, ": expected 5 tensors in grads (x, primary_weight, primary_scale, ",
+              "primary_bias, cheap_weight), got ", grads.size());
+  static const char* names[5] = {"grads[0] (x)", "grads[1] (primary_weight)", "grads[2] (primary_scale)",
+                                 "grads[3] (primary_bias)", "grads[4] (cheap_weight)"};
+  const at::Tensor* inputs[5] = {&x, &primary_weight, &primary_scale, &primary_bias, &cheap_weight};
+  if (grads[0].defined()) resolve_layout(g, x, grads[0]);
+  bool need[5];
+  for (int i = 0; i < 5; ++i) {
+    const at::Tensor& t = grads[i];
+    need[i] = t.defined() && t.numel() > 0;
+    if (!need[i]) continue;
+    TORCH_CHECK(stage == 2 || i < 2, kStatsBwdOp, ": stage 1 (z1 = conv1x1(x)) depends on x and primary_weight ",
+                "only; expected ", names[i], " empty, got shape ", t.sizes());
+    const at::ScalarType want = (i == 2 || i == 3) ? acc : dt;
+    TORCH_CHECK(t.device() == x.device(), kStatsBwdOp, ": expected ", names[i], " on ", x.device(), ", got ",
+                t.device());
+    TORCH_CHECK(t.scalar_type() == want, kStatsBwdOp, ": expected ", names[i], " of dtype ", want, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.sizes() == inputs[i]->sizes(), kStatsBwdOp, ": expected ", names[i], " of shape ",
+                inputs[i]->sizes(), ", got ", t.sizes());
+    if (i == 0) {
+      const auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      TORCH_CHECK(t.is_contiguous(fmt), kStatsBwdOp, ": expected ", names[i], " contiguous in ",
+                  g.cl ? "channels_last" : "NCHW", " (x's memory format), got strides ", t.strides());
+    } else {
+      TORCH_CHECK(t.is_contiguous(), kStatsBwdOp, ": expected ", names[i], " contiguous, got strides ",
+                  t.strides());
+    }
+  }
+  Needs nd;
+  nd.x = need[0];
+  nd.w1 = need[1];
+  nd.s1 = need[2];
+  nd.b1 = need[3];
+  nd.w2 = need[4];
+  if (g.N == 0 || g.HW == 0) {
+    for (int i = 0; i < 5; ++i)
+      if (need[i]) grads[i].zero_();
+    return;
+  }
+  if (!(nd.primary() || nd.w2)) return;
+  const auto unit = unit_affine(primary_scale, g);
+  const at::Tensor& s2 = unit.first;
+  const at::Tensor& b2 = unit.second;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_module_stats_backward_cpu", [&] {
+    backward_impl<scalar_t>(g, at::Tensor(), x, primary_weight, primary_scale, primary_bias, cheap_weight, s2, b2,
+                            std::nullopt, grads, nd, static_cast<int>(stage), &coef_a, &coef_c, &mean);
+  });
+}
+
 }  // namespace
 }  // namespace ghostfast
 
 static_assert(std::is_same_v<decltype(ghostfast::ghost_module_forward_cpu), ghostfast::GhostModuleKernel>, "ghost_module_forward_cpu: C++ signature differs from kernel_signatures.h");
 static_assert(std::is_same_v<decltype(ghostfast::ghost_module_backward_cpu), ghostfast::GhostModuleBackwardKernel>, "ghost_module_backward_cpu: C++ signature differs from kernel_signatures.h");
+static_assert(std::is_same_v<decltype(ghostfast::ghost_module_stats_cpu), ghostfast::GhostModuleStatsKernel>, "ghost_module_stats_cpu: C++ signature differs from kernel_signatures.h");
+static_assert(std::is_same_v<decltype(ghostfast::ghost_module_stats_backward_cpu), ghostfast::GhostModuleStatsBackwardKernel>, "ghost_module_stats_backward_cpu: C++ signature differs from kernel_signatures.h");
 
 TORCH_LIBRARY_IMPL(ghostfast, CPU, m) {
   m.impl("_ghost_module_kernel", &ghostfast::ghost_module_forward_cpu);
   m.impl("_ghost_module_backward_kernel", &ghostfast::ghost_module_backward_cpu);
+  m.impl("_ghost_module_stats_kernel", &ghostfast::ghost_module_stats_cpu);
+  m.impl("_ghost_module_stats_backward_kernel", &ghostfast::ghost_module_stats_backward_cpu);
 }
