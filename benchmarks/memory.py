@@ -1,7 +1,8 @@
 """Memory benchmark: what a forward keeps for the backward, and how many kernels a step launches, eager vs converted.
 
-For every distinct Ghost-module shape of timm's GhostNets (benchmarks/shapes.py) and for whole models, one forward
-with gradients (eval mode, trainable parameters: the frozen-BN fine-tuning that runs ghostfast's fused backward)
+For every distinct Ghost-module shape of timm's GhostNets (benchmarks/shapes.py) and for whole models, in eval mode
+with trainable parameters (`mode` eval: frozen-BN fine-tuning) and in training mode (`mode` train: BatchNorm with
+batch statistics, ghostfast's statistics kernels; GhostModuleV2's DFC branch eager), one forward with gradients
 records every tensor autograd saves for the backward (`torch.autograd.graph.saved_tensors_hooks`), deduplicated
 by storage: views of one buffer, and a buffer saved by several nodes, count once. Storages of the model's own
 parameters and buffers are counted apart (`saved_param_bytes`); the rest is `saved_activation_bytes`, the module
@@ -33,7 +34,7 @@ from .shapes import IMAGE_SIZE, GhostShape, model_names
 
 PROVIDERS = ("eager", "converted")
 COLUMNS = [
-    "suite", "op", "model", "in_chs", "out_chs", "ratio", "dw", "H", "W", "relu", "has_attention",
+    "suite", "op", "mode", "model", "in_chs", "out_chs", "ratio", "dw", "H", "W", "relu", "has_attention",
     "dtype", "batch", "provider", "backend", "saved_tensors", "saved_activation_bytes", "saved_param_bytes",
     "activation_ratio_vs_eager", "peak_mem_mb", "peak_ratio_vs_eager",
     "infer_launches", "fwd_launches", "bwd_launches", "launches_detail",
@@ -50,11 +51,12 @@ class MemoryCase:
     shape: Optional[GhostShape] = None
     model: Optional[str] = None
     providers: Tuple[str, ...] = PROVIDERS
+    mode: str = "eval"  # eval: frozen BatchNorm (folded); train: batch statistics
 
     @property
     def label(self) -> str:
         what = self.model if self.model else f"{_op(self.shape)} {self.shape.label}"
-        return f"memory {what} b{self.batch} {self.dtype}"
+        return f"memory {what} {self.mode} b{self.batch} {self.dtype}"
 
 
 def _op(shape: GhostShape) -> str:
@@ -196,7 +198,7 @@ def build(case: MemoryCase, provider: str, device: torch.device, dtype: torch.dt
         module = timm_ghostnet(case.model)
     else:
         module = copy.deepcopy(case.shape.module)
-    module = module.to(device=device, dtype=dtype).eval()
+    module = module.to(device=device, dtype=dtype).train(case.mode == "train")
     if provider == "converted":
         backend = fused_backend(device)
         module = ghostfast.convert(module, backend=backend or "reference", strict=False)
@@ -247,7 +249,8 @@ def run_memory_case(case: MemoryCase, device: torch.device) -> List[dict]:
     eager = results.get("eager")
     rows = []
     for provider in case.providers:
-        row = {"suite": "memory", "dtype": case.dtype, "batch": case.batch, "provider": provider,
+        row = {"suite": "memory", "mode": case.mode, "dtype": case.dtype, "batch": case.batch,
+               "provider": provider,
                "backend": (fused_backend(device) or "reference") if provider == "converted" else ""}
         if case.model:
             row.update({"op": "model_forward_backward", "model": case.model, "H": IMAGE_SIZE, "W": IMAGE_SIZE})
@@ -294,8 +297,10 @@ def memory_plan(device: torch.device, quick: bool, shapes, models) -> List[Memor
         configs = [(32, "float16")] + ([] if quick else [(32, "float32")])
     cases = []
     for batch, dtype in configs:
-        if not (quick and device.type == "cpu"):
-            # GhostNetV3 after reparameterization has GhostNetV1/V2's Ghost modules: nothing new to measure
-            cases += [MemoryCase(batch, dtype, model=m) for m in models if m != "ghostnetv3_100"]
-        cases += [MemoryCase(batch, dtype, shape=s) for s in shapes]
+        for mode in ("eval", "train"):
+            b = batch if mode == "eval" else max(batch, 2)  # batch statistics of a 1x1 map need two images
+            if not (quick and device.type == "cpu"):
+                # GhostNetV3 after reparameterization has GhostNetV1/V2's Ghost modules: nothing new to measure
+                cases += [MemoryCase(b, dtype, model=m, mode=mode) for m in models if m != "ghostnetv3_100"]
+            cases += [MemoryCase(b, dtype, shape=s, mode=mode) for s in shapes]
     return cases

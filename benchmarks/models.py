@@ -60,7 +60,7 @@ def provider_note(provider: str, workload: str, device: torch.device) -> str:
     fused = [b for b in ghostfast_backends(device) if b != "reference"]
     note = f"ghostfast backend auto ({'/'.join(fused)})" if fused else "ghostfast backend reference"
     if workload == "train_step":
-        note += "; training mode runs the original submodules (BatchNorm batch statistics have no fused kernel)"
+        note += "; training mode: BatchNorm batch statistics from ghostfast's statistics kernels, DFC branch eager"
     elif not fused:
         note += " (runs the original submodules)"
     return note

@@ -156,8 +156,7 @@ def model_plan(device: torch.device, quick: bool, models: Sequence[str]) -> List
             + [ModelCase(m, "inference", 256, "float32", "contiguous", no_compile) for m in ordered]
             + [ModelCase(m, "inference", 256, "float16", "channels_last", no_compile) for m in ordered]
             + [ModelCase(first, "train_step", 128, "float32", "contiguous", every)]
-            # A converted model trains through the original submodules, so converted+compile would compile the
-            # same graph as compile: timed once, on the first model.
+            # converted+compile of a training step: timed on the first model only (the device-time budget)
             + [ModelCase(m, "train_step", 128, "float32", "contiguous", ("eager", "converted", "compile"))
                for m in ordered[1:]])
 
