@@ -132,3 +132,26 @@ def test_convert_torch_export(backend, device):
         targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
         assert "ghostfast.dfc_gate.default" in targets and "ghostfast.ghost_module.default" in targets
         assert_close_rel(exported.module()(x), eager(x), torch.float32)
+
+
+@pytest.mark.parametrize("backend", kernel_backends.NAMES)
+def test_convert_torch_compile_fullgraph_train_mode(backend, device):
+    """A training step of a converted module under torch.compile(fullgraph=True): batch statistics, running
+    statistics updated in the graph, gradients through the statistics ops."""
+    torch._dynamo.reset()
+    eager, fast = _small_v2(device, backend)
+    eager.train()
+    fast.train()
+    compiled = torch.compile(fast, fullgraph=True)
+    x = torch.randn(2, 8, 9, 7, device=device)
+    g = torch.randn(2, 12, 9, 7, device=device)
+    for _ in range(2):
+        grads = torch.autograd.grad((compiled(x) * g).sum(), list(fast.parameters()))
+        ref = torch.autograd.grad((eager(x) * g).sum(), list(eager.parameters()))
+        for a, b in zip(grads, ref):
+            assert_close_rel(a, b, torch.float32)
+    for (k, a), (_, b) in zip(fast.state_dict().items(), eager.state_dict().items()):
+        if a.is_floating_point():
+            assert_close_rel(a, b, torch.float32)
+        else:
+            assert torch.equal(a, b), k

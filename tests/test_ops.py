@@ -73,6 +73,37 @@ def test_ops_gradcheck_float64(backend, device):
     assert torch.autograd.gradcheck(lambda *a: ops.dfc_gate(*a, backend=backend, strict=True), d_args)
 
 
+STATS_BACKENDS = [b for b in FUSED if b != "cuda"] + ["reference"]  # cuda's statistics run in Triton
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_ops_opcheck_ghost_module_stats(backend, stage, device):
+    x, w1, s1, b1, w2 = [a.requires_grad_(True) for a in ghost_args(device)[:5]]
+    torch.library.opcheck(torch.ops.ghostfast.ghost_module_stats.default, (x, w1, s1, b1, w2, True, stage, backend))
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS[:-1])
+def test_ops_gradcheck_ghost_module_stats_float64(backend, device):
+    args = [a.requires_grad_(True) for a in ghost_args(device, torch.float64, n=2, c_in=3, init=2, h=4, w=3)[:5]]
+    for stage in (1, 2):
+        for relu in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda *a: ops.ghost_module_stats(*a, relu=relu, stage=stage, backend=backend), args, fast_mode=True)
+
+
+def test_ops_ghost_module_stats_bad_input(device):
+    x, w1, s1, b1, w2 = ghost_args(device)[:5]
+    with pytest.raises(ValueError, match="stage must be 1 or 2, got 3"):
+        ops.ghost_module_stats(x, w1, s1, b1, w2, True, 3, backend="reference")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.ghost_module_stats(x[:1, :, :1, :1], w1, s1, b1, w2, True, 1, backend="reference")
+    with pytest.raises(ValueError, match="backend must be 'triton', 'cpu' or 'reference', got 'cuda'"):
+        ops.ghost_module_stats(x, w1, s1, b1, w2, True, 1, backend="cuda")
+    with pytest.raises(ValueError, match=r"expected primary_scale of shape \(4,\)"):
+        ops.ghost_module_stats(x, w1, s1[:3], b1, w2, True, 2, backend="reference")
+
+
 def test_ops_available_backends():
     cpu = ghostfast.available_backends("cpu")
     assert cpu[-1] == "reference"
@@ -94,6 +125,7 @@ def test_ops_compiled_extension_is_built():
     assert {"compiler", "torch", "cuda", "cuda_version", "cuda_archs", "openmp", "cpu_isa"} <= set(info)
     assert info["openmp"] is not None  # at::parallel_for is only parallel when built with OpenMP
     assert "cpu" in ghostfast.available_backends("cpu")
+    assert ghostfast.backends.stats_backend("cpu", torch.device("cpu")) == ("cpu", None)
     if torch.cuda.is_available() and info["cuda"]:
         assert "cuda" in ghostfast.available_backends("cuda")
 
