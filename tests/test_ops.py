@@ -251,3 +251,12 @@ def test_ops_double_backward_raises_clearly(device):
     (gx,) = torch.autograd.grad((out * out).sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS[:-1])
+def test_ops_ghost_module_stats_double_backward_raises_clearly(backend, device):
+    args = [a.requires_grad_(True) for a in ghost_args(device, torch.float64, n=2, c_in=3, init=2, h=4, w=3)[:5]]
+    mean, var = ops.ghost_module_stats(*args, relu=True, stage=2, backend=backend)
+    (gx,) = torch.autograd.grad((mean * var).sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        gx.sum().backward()
