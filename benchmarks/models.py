@@ -60,7 +60,10 @@ def provider_note(provider: str, workload: str, device: torch.device) -> str:
     fused = [b for b in ghostfast_backends(device) if b != "reference"]
     note = f"ghostfast backend auto ({'/'.join(fused)})" if fused else "ghostfast backend reference"
     if workload == "train_step":
-        note += "; training mode: BatchNorm batch statistics from ghostfast's statistics kernels, DFC branch eager"
+        if device.type == "cpu":
+            note += "; training on CPU: auto runs the original submodules (the fused C++ backward is slower there)"
+        else:
+            note += "; training mode: BatchNorm batch statistics from ghostfast's statistics kernels, DFC branch eager"
     elif not fused:
         note += " (runs the original submodules)"
     return note

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .backends import check_backend_name, default_strict, fallback, resolve_backend
+from .backends import check_backend_name, default_backend, default_strict, fallback, resolve_backend
 from .backends import stats_backend
 from .reference import GATE_MODES, batch_norm_train_fold, fold_bn
 
@@ -319,6 +319,12 @@ class _FusedGhostBase(nn.Module):
             return None
         if train_bns and x.numel() // max(x.shape[1], 1) < 2:
             return None  # eager raises BatchNorm's own error: one value per channel has no batch statistics
+        requested = default_backend() if self.backend is None else self.backend
+        if requested == "auto" and x.device.type == "cpu" and self._ghost_batch_stats():
+            # `auto` runs what is fastest: on CPU the C++ backward kernels lose to oneDNN's convolution backward,
+            # and a training step through them is slower than eager (benchmarks/results/cpu-2core/models.csv:
+            # 0.66x / 0.85x on ghostnet_100 / ghostnetv2_100). backend='cpu' trains fused (half the activations).
+            return None
         name, reason = resolve_backend(self.backend, x.device, dtype)
         if reason is not None:
             fallback(f"{type(self).__name__}: {reason}", strict)

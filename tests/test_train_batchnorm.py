@@ -164,3 +164,21 @@ def test_track_running_stats_false_falls_back(device):
         fast = ghostfast.convert(copy.deepcopy(model), backend="triton")
     x = torch.randn(2, 4, 5, 5, device=device)
     assert torch.equal(fast(x), model(x))
+
+
+def test_auto_on_cpu_trains_through_the_original_submodules():
+    """`auto` on CPU tensors in training mode runs the original submodules (faster than the C++ backward kernels
+    there), silently; an explicit fused backend trains fused."""
+    eager, fast = _pair(lambda: timm_ghost.GhostModule(8, 12), "auto", torch.float32, "cpu")
+    x = torch.randn(2, 8, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GhostfastFallbackWarning)
+        with record_fused_runs("cpu", "cpu") as runs:
+            out = fast(x)
+    assert not runs.counts and len(runs.convs) == 2
+    assert torch.equal(out, eager(x))
+    if "cpu" in kernel_backends.COMPILED:
+        fast.eval()
+        with torch.no_grad(), record_fused_runs("cpu", "cpu") as runs:
+            fast(x)
+        assert not runs.convs and runs.counts == {"ghost_fwd": 1}  # eval mode: fused
