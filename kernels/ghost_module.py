@@ -462,6 +462,15 @@ def _gate_scatter(gg_ptr, gg_off_c, o00, o01, o10, o11, lh, lw, val, mask, BILIN
 
 
 @triton.jit
+def _stats_grad(ca_ptr, cc_ptr, cm_ptr, ch64, ch_ok, z):
+    """The BatchNorm statistics' gradient reaching z ([P, BLOCK_C]): a + c * (z - mean), per channel."""
+    ca = tl.load(ca_ptr + ch64, mask=ch_ok, other=0.0)
+    cc = tl.load(cc_ptr + ch64, mask=ch_ok, other=0.0)
+    cm = tl.load(cm_ptr + ch64, mask=ch_ok, other=0.0)
+    return ca[None, :] + cc[None, :] * (z - cm[None, :])
+
+
+@triton.jit
 def _ghost_module_bwd_kernel(
     go_ptr,  # [N, out_channels, H, W] grad_out, strides sgon, sgoc, sgoh, sgow
     x_ptr,  # [N, C_in, H, W], strides sxn, sxc, sxh, sxw
@@ -626,10 +635,7 @@ def _ghost_module_bwd_kernel(
                         tl.atomic_add(gb2_ptr + o2_64, tl.sum(g2t, axis=0), mask=m2c)
                     gy2 = g2 * s2[None, :]
                     if CORR == 2:
-                        ca = tl.load(ca_ptr + o2_64, mask=m2c, other=0.0)
-                        cc = tl.load(cc_ptr + o2_64, mask=m2c, other=0.0)
-                        cm = tl.load(cm_ptr + o2_64, mask=m2c, other=0.0)
-                        gy2 = tl.where(mb, gy2 + ca[None, :] + cc[None, :] * (y2 - cm[None, :]), 0.0)
+                        gy2 = tl.where(mb, gy2 + _stats_grad(ca_ptr, cc_ptr, cm_ptr, o2_64, m2c, y2), 0.0)
                     gy2t = tl.where(in_t[:, None], gy2, 0.0)
                     if DW > 1:
                         tl.store(scr_g + scr_off, gy2)
@@ -659,10 +665,7 @@ def _ghost_module_bwd_kernel(
             tl.atomic_add(gb1_ptr + c64, tl.sum(g1, axis=0), mask=c_ok)
             gy1 = g1 * s1[None, :]
             if CORR == 1:
-                ca = tl.load(ca_ptr + c64, mask=c_ok, other=0.0)
-                cc = tl.load(cc_ptr + c64, mask=c_ok, other=0.0)
-                cm = tl.load(cm_ptr + c64, mask=c_ok, other=0.0)
-                gy1 = tl.where(m1, gy1 + ca[None, :] + cc[None, :] * (y1 - cm[None, :]), 0.0)
+                gy1 = tl.where(m1, gy1 + _stats_grad(ca_ptr, cc_ptr, cm_ptr, c64, c_ok, y1), 0.0)
             if NEED_W1:
                 for k0 in range(0, C_in, BLOCK_K):
                     k = k0 + kr
