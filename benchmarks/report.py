@@ -246,25 +246,26 @@ def _memory_table(rows: List[dict]) -> List[str]:
     if not converted:
         return []
     has_peak = any(_float(r.get("peak_ratio_vs_eager")) for r in converted)
-    lines = ["Memory: activations saved for the backward (eval mode, trainable parameters; the parameters' own "
-             "storages not counted), converted / eager" + (", and peak memory of one forward+backward" if has_peak
-                                                          else "") + ": min-max over the cases.", "",
-             "| what | dtype | batch | cases | saved activations | peak memory |",
-             "| --- | --- | ---: | ---: | --- | --- |"]
+    lines = ["Memory: activations saved for the backward (mode eval: frozen BatchNorm, trainable parameters; train: "
+             "batch statistics; the parameters' own storages not counted), converted / eager"
+             + (", and peak memory of one forward+backward" if has_peak else "") + ": min-max over the cases.", "",
+             "| what | mode | dtype | batch | cases | saved activations | peak memory |",
+             "| --- | --- | --- | ---: | ---: | --- | --- |"]
     groups: Dict[tuple, List[dict]] = defaultdict(list)
     for r in converted:
         what = r["model"] if r["op"] == "model_forward_backward" else r["op"]
-        groups[(r["op"] == "model_forward_backward", what, r["dtype"], int(r["batch"]))].append(r)
+        groups[(r["op"] == "model_forward_backward", what, r.get("mode") or "eval", r["dtype"],
+                int(r["batch"]))].append(r)
 
     def span(values):
         if not values:
             return "-"
         return f"{min(values):.2f}" if min(values) == max(values) else f"{min(values):.2f}-{max(values):.2f}"
 
-    for (_, what, dtype, batch), group in sorted(groups.items()):
+    for (_, what, mode, dtype, batch), group in sorted(groups.items()):
         saved = [_float(r["activation_ratio_vs_eager"]) for r in group]
         peaks = [_float(r["peak_ratio_vs_eager"]) for r in group if _float(r.get("peak_ratio_vs_eager"))]
-        lines.append(f"| {what} | {dtype} | {batch} | {len(group)} | {span(saved)} | {span(peaks)} |")
+        lines.append(f"| {what} | {mode} | {dtype} | {batch} | {len(group)} | {span(saved)} | {span(peaks)} |")
     return lines
 
 
