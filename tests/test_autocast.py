@@ -86,6 +86,23 @@ def _check_errors(fused, eager, ref, dtype):
     return errors
 
 
+def _forward_backward(module, x, g, dtype, device, autocast, running=False):
+    """The output and the gradients of the input and of every parameter (and the running statistics when
+    `running`): under autocast, or (the float64 reference) on the input and gradient rounded to `dtype`."""
+    xi = (x if autocast else _rounded(x, dtype)).detach().requires_grad_(True)
+    with torch.autocast(device, dtype=dtype, enabled=autocast):
+        out = module(xi)
+    if autocast:  # the backward of out.float() hands the half-dtype output a rounded g
+        (out.float() * g).sum().backward()
+    else:
+        (out * _rounded(g, dtype)).sum().backward()
+    result = {"out": out.detach(), "x": xi.grad}
+    result.update({n: p.grad for n, p in module.named_parameters()})
+    if running:
+        result.update({n: b for n, b in module.named_buffers() if "running" in n})
+    return result
+
+
 @pytest.mark.parametrize("backend", kernel_backends.NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,factory,shape", MODULES, ids=[m[0] for m in MODULES])
@@ -122,22 +139,10 @@ def test_autocast_backward_matches_eager_autocast(name, factory, shape, dtype, b
     x = torch.randn(shape, device=device)
     g = torch.randn((shape[0], fast.out_chs) + shape[2:], device=device)
 
-    def grads(module, autocast):
-        xi = (x if autocast else _rounded(x, dtype)).detach().requires_grad_(True)
-        with torch.autocast(device, dtype=dtype, enabled=autocast):
-            out = module(xi)
-        if autocast:  # the backward of out.float() hands the half-dtype output a rounded g
-            (out.float() * g).sum().backward()
-        else:
-            (out * _rounded(g, dtype)).sum().backward()
-        result = {"out": out.detach(), "x": xi.grad}
-        result.update({n: p.grad for n, p in module.named_parameters()})
-        return result
-
-    ref = grads(ref_module, False)
-    eager_grads = grads(eager, True)
+    ref = _forward_backward(ref_module, x, g, dtype, device, autocast=False)
+    eager_grads = _forward_backward(eager, x, g, dtype, device, autocast=True)
     with record_fused_runs(device, backend) as runs:
-        fused_grads = grads(fast, True)
+        fused_grads = _forward_backward(fast, x, g, dtype, device, autocast=True)
     assert fused_grads["out"].dtype == eager_grads["out"].dtype == dtype
     assert not runs.convs
     has_attention = name.startswith("v2")
@@ -200,23 +205,10 @@ def test_autocast_train_mode_matches_eager_autocast(name, factory, shape, dtype,
     x = torch.randn(shape, device=device) + 0.5
     g = torch.randn((shape[0], fast.out_chs) + shape[2:], device=device)
 
-    def run(module, autocast):
-        xi = (x if autocast else _rounded(x, dtype)).detach().requires_grad_(True)
-        with torch.autocast(device, dtype=dtype, enabled=autocast):
-            out = module(xi)
-        if autocast:
-            (out.float() * g).sum().backward()
-        else:
-            (out * _rounded(g, dtype)).sum().backward()
-        result = {"out": out.detach(), "x": xi.grad}
-        result.update({n: p.grad for n, p in module.named_parameters()})
-        result.update({n: b for n, b in module.named_buffers() if "running" in n})
-        return result
-
-    ref = run(ref_module, False)
-    eager_res = run(eager, True)
+    ref = _forward_backward(ref_module, x, g, dtype, device, autocast=False, running=True)
+    eager_res = _forward_backward(eager, x, g, dtype, device, autocast=True, running=True)
     with record_fused_runs(device, backend) as runs:
-        fused = run(fast, True)
+        fused = _forward_backward(fast, x, g, dtype, device, autocast=True, running=True)
     assert fused["out"].dtype == eager_res["out"].dtype == dtype
     ghost_convs = [c for part in (fast.primary_conv, fast.cheap_operation) for c in part.modules()
                    if isinstance(c, nn.Conv2d)]
