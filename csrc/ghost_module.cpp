@@ -5,7 +5,10 @@
 // Conventions (checked by the implementations, arranged by ghostfast/ops.py):
 //  - x is contiguous in NCHW or in channels_last; `out` and grad_x have x's memory format.
 //  - primary_weight [init, C_in, 1, 1] and cheap_weight [init*(ratio-1), 1, k, k] are contiguous, x's dtype.
-//  - scales and biases are contiguous vectors in the accumulation dtype (float32; float64 for float64 inputs).
+//  - forward and statistics kernels take each BatchNorm as live tensors (bn1: after the primary conv, bn2: after the
+//    cheap depthwise; optional weight, bias, mean, var vectors and eps) and fold them per channel inside the launch
+//    (batch_norm.h); the backward kernels take the folded scales and biases as contiguous vectors in the
+//    accumulation dtype (float32; float64 for float64 inputs), computed by the op's autograd.
 //  - gate, when given, is [N, out_channels, Hg, Wg], contiguous NCHW, x's dtype; gate_mode 'nearest'|'bilinear'.
 //  - the kernels write every element of `out` and of every non-empty tensor in `grads`
 //    (order: x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate);
@@ -14,18 +17,20 @@
 
 TORCH_LIBRARY_FRAGMENT(ghostfast, m) {
   m.def(
-      "_ghost_module_kernel(Tensor x, Tensor primary_weight, Tensor primary_scale, Tensor primary_bias, "
-      "Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, bool relu, Tensor? gate, "
-      "str gate_mode, Tensor(a!) out) -> ()");
+      "_ghost_module_kernel(Tensor x, Tensor primary_weight, "
+      "Tensor? bn1_weight, Tensor? bn1_bias, Tensor? bn1_mean, Tensor? bn1_var, float bn1_eps, Tensor cheap_weight, "
+      "Tensor? bn2_weight, Tensor? bn2_bias, Tensor? bn2_mean, Tensor? bn2_var, float bn2_eps, "
+      "int out_channels, bool relu, Tensor? gate, str gate_mode, Tensor(a!) out) -> ()");
   m.def(
       "_ghost_module_backward_kernel(Tensor grad_out, Tensor x, Tensor primary_weight, Tensor primary_scale, "
       "Tensor primary_bias, Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, "
       "bool relu, Tensor? gate, str gate_mode, Tensor(a!)[] grads) -> ()");
   // Training-mode BatchNorm statistics (ghostfast.reference.ghost_module_stats): per channel over N, H, W, the
-  // mean and biased variance of z1 = W1 x (stage 1, [init]) or of z2 = dw(act(z1 * primary_scale +
-  // primary_bias)) (stage 2, every cheap channel). mean and var are accumulation-dtype vectors.
+  // mean and biased variance of z1 = W1 x (stage 1, [init]; bn1 unused) or of z2 = dw(act(bn1(z1))) (stage 2,
+  // every cheap channel). mean and var are accumulation-dtype vectors.
   m.def(
-      "_ghost_module_stats_kernel(Tensor x, Tensor primary_weight, Tensor primary_scale, Tensor primary_bias, "
+      "_ghost_module_stats_kernel(Tensor x, Tensor primary_weight, "
+      "Tensor? bn1_weight, Tensor? bn1_bias, Tensor? bn1_mean, Tensor? bn1_var, float bn1_eps, "
       "Tensor cheap_weight, bool relu, int stage, Tensor(a!) mean, Tensor(b!) var) -> ()");
   // Its backward: with dz = coef_a + coef_c * (z - mean) per channel of the stage's z, the gradients of
   // sum(dz * z) (grads order: x, primary_weight, primary_scale, primary_bias, cheap_weight; stage 1 fills at most

@@ -9,9 +9,13 @@
 
 namespace ghostfast {
 
-using GhostModuleKernel = void(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& primary_scale,
-                               const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
-                               const at::Tensor& cheap_scale, const at::Tensor& cheap_bias, int64_t out_channels,
+using GhostModuleKernel = void(const at::Tensor& x, const at::Tensor& primary_weight,
+                               const std::optional<at::Tensor>& bn1_weight, const std::optional<at::Tensor>& bn1_bias,
+                               const std::optional<at::Tensor>& bn1_mean, const std::optional<at::Tensor>& bn1_var,
+                               double bn1_eps, const at::Tensor& cheap_weight,
+                               const std::optional<at::Tensor>& bn2_weight, const std::optional<at::Tensor>& bn2_bias,
+                               const std::optional<at::Tensor>& bn2_mean, const std::optional<at::Tensor>& bn2_var,
+                               double bn2_eps, int64_t out_channels,
                                bool relu, const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
                                const at::Tensor& out);
 
@@ -23,7 +27,9 @@ using GhostModuleBackwardKernel = void(const at::Tensor& grad_out, const at::Ten
                                        c10::string_view gate_mode, at::TensorList grads);
 
 using GhostModuleStatsKernel = void(const at::Tensor& x, const at::Tensor& primary_weight,
-                                    const at::Tensor& primary_scale, const at::Tensor& primary_bias,
+                               const std::optional<at::Tensor>& bn1_weight, const std::optional<at::Tensor>& bn1_bias,
+                               const std::optional<at::Tensor>& bn1_mean, const std::optional<at::Tensor>& bn1_var,
+                               double bn1_eps,
                                     const at::Tensor& cheap_weight, bool relu, int64_t stage, const at::Tensor& mean,
                                     const at::Tensor& var);
 
@@ -33,10 +39,16 @@ using GhostModuleStatsBackwardKernel = void(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& coef_a, const at::Tensor& coef_c,
                                             const at::Tensor& mean, at::TensorList grads);
 
-using DfcKernel = void(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& conv_scale,
-                       const at::Tensor& conv_bias, const at::Tensor& h_weight, const at::Tensor& h_scale,
-                       const at::Tensor& h_bias, const at::Tensor& v_weight, const at::Tensor& v_scale,
-                       const at::Tensor& v_bias, c10::string_view mode, const at::Tensor& out);
+using DfcKernel = void(const at::Tensor& x, const at::Tensor& conv_weight,
+                               const std::optional<at::Tensor>& bn3_weight, const std::optional<at::Tensor>& bn3_bias,
+                               const std::optional<at::Tensor>& bn3_mean, const std::optional<at::Tensor>& bn3_var,
+                               double bn3_eps, const at::Tensor& h_weight,
+                               const std::optional<at::Tensor>& bn4_weight, const std::optional<at::Tensor>& bn4_bias,
+                               const std::optional<at::Tensor>& bn4_mean, const std::optional<at::Tensor>& bn4_var,
+                               double bn4_eps, const at::Tensor& v_weight,
+                               const std::optional<at::Tensor>& bn5_weight, const std::optional<at::Tensor>& bn5_bias,
+                               const std::optional<at::Tensor>& bn5_mean, const std::optional<at::Tensor>& bn5_var,
+                               double bn5_eps, c10::string_view mode, const at::Tensor& out);
 
 using DfcBackwardKernel = void(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& conv_weight,
                                const at::Tensor& conv_scale, const at::Tensor& conv_bias, const at::Tensor& h_weight,

@@ -122,16 +122,18 @@ def cuda_decision() -> tuple[bool, str]:
 
 
 def sources(with_cuda: bool, ops=OPS) -> List[str]:
-    """Schema file per op, its CPU kernel, its CUDA kernel (when built), and the pybind11 bindings."""
+    """Schema file per op, its CPU translation units (`cpu/<op>.cpp`, `cpu/<op>_*.cpp`), its CUDA ones when built
+    (`cuda/<op>.cu`, `cuda/<op>_*.cu`), and the pybind11 bindings. Shared layers are headers."""
     files = [CSRC / "bindings.cpp"]
     if with_cuda:
         files.append(CSRC / "cuda" / "build_info.cu")
     for op in ops:
         files.append(CSRC / f"{op}.cpp")
-        if (CSRC / "cpu" / f"{op}.cpp").exists():
-            files.append(CSRC / "cpu" / f"{op}.cpp")
-        if with_cuda and (CSRC / "cuda" / f"{op}.cu").exists():
-            files.append(CSRC / "cuda" / f"{op}.cu")
+        files += [CSRC / "cpu" / f"{op}.cpp"] if (CSRC / "cpu" / f"{op}.cpp").exists() else []
+        files += sorted((CSRC / "cpu").glob(f"{op}_*.cpp"))
+        if with_cuda:
+            files += [CSRC / "cuda" / f"{op}.cu"] if (CSRC / "cuda" / f"{op}.cu").exists() else []
+            files += sorted((CSRC / "cuda").glob(f"{op}_*.cu"))
     return [str(f.relative_to(ROOT)) if f.is_relative_to(ROOT) else str(f) for f in files]
 
 
