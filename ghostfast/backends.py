@@ -1,4 +1,9 @@
-"""Backend selection: which implementation runs an op for a tensor's device, and the fallback policy.
+"""The backends: one interface (`Backend`), one table (`BACKENDS`), and the selection and fallback policy.
+
+Every backend implements the same six functions with the same signatures (`Backend` below); `ghostfast.ops`
+dispatches by lookup in `BACKENDS`, and the tests enumerate backends from the same table. Each backend says what it
+cannot run and why (`Backend.unavailable`, `Backend.dtype_unsupported`): that reason is what the fallback warning
+and strict mode print.
 
 Backends: `triton` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1), `cuda` and `cpu` (the compiled C++
 kernels of `ghostfast._C`, csrc/), and `reference` (eager PyTorch, the spec). `auto` picks the fastest available:
@@ -44,16 +49,6 @@ _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 def _triton_importable() -> bool:
     return _TRITON_IMPORTABLE
-
-
-def _triton_runs_on(device_type: str) -> bool:
-    if not _triton_importable():
-        return False
-    if device_type == "cuda":
-        return torch.cuda.is_available() and not triton_interpreting()
-    if device_type == "cpu":
-        return triton_interpreting()
-    return False
 
 
 _C_STATE: dict = {}
@@ -106,27 +101,13 @@ def refresh_compiled() -> dict:
     return _compiled_registrations()
 
 
-def _compiled_runs_on(device_type: str) -> bool:
-    """True when the compiled kernels are registered for this device type (`cpu` -> CPU, `cuda` -> CUDA)."""
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return False
-    return _compiled_registrations().get(device_type, False)
-
-
 def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
     """The concrete backends that can run on `device` (default: cuda if present, else cpu), fastest first."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
-    names = []
-    if device_type == "cpu" and _compiled_runs_on("cpu"):
-        names.append("cpu")
-    if _triton_runs_on(device_type):
-        names.append("triton")
-    if device_type == "cuda" and _compiled_runs_on("cuda"):
-        names.append("cuda")
-    names.append("reference")
-    return names
+    order = ("cpu", "triton", "cuda", "reference")
+    return [n for n in order if BACKENDS[n].unavailable(device_type) is None]
 
 
 def stats_backend(name: str, device: torch.device) -> tuple[Optional[str], Optional[str]]:
@@ -134,26 +115,22 @@ def stats_backend(name: str, device: torch.device) -> tuple[Optional[str], Optio
     None; the reason when None). `cuda` has no statistics kernels of its own: Triton computes them on the GPU."""
     if name == "auto":  # several fused candidates: CUDA with triton and cuda
         name = torch.device(device).type
-    if name in ("triton", "reference"):
-        return name, None
-    if name == "cpu":
-        if _compiled_registrations().get("cpu_stats", False):
-            return "cpu", None
-        return None, "ghostfast._C was built without the CPU BatchNorm statistics kernels"
-    if name == "cuda":
-        if _triton_runs_on(torch.device(device).type):
-            return "triton", None
-        return None, "the cuda backend computes training-mode BatchNorm statistics with Triton, which cannot run here"
-    return None, f"no BatchNorm statistics kernels for backend {name!r}"
+    if name not in BACKENDS:
+        return None, f"no BatchNorm statistics kernels for backend {name!r}"
+    return BACKENDS[name].stats_backend(torch.device(device).type)
 
 
 def dtype_unsupported(name: str, dtype: torch.dtype) -> Optional[str]:
     """Why backend `name` cannot run `dtype`, or None."""
-    if name == "triton" and dtype == torch.bfloat16 and triton_interpreting():
-        return "the Triton interpreter does not support bfloat16"
-    if name in COMPILED_DTYPES and dtype not in COMPILED_DTYPES[name]:
-        return f"the {name} backend has no {dtype} kernels"
-    return None
+    return BACKENDS[name].dtype_unsupported(dtype) if name in BACKENDS else None
+
+
+def get_backend(name: str) -> "Backend":
+    """The backend called `name` (a concrete name: not 'auto'); a clear error for anything else."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {name!r}") from None
 
 
 def default_backend() -> str:
@@ -202,18 +179,7 @@ def resolve_backend(requested: Optional[str], device: torch.device,
 
 
 def _unavailable_reason(name: str, device: torch.device) -> str:
-    if name == "triton":
-        return {
-            "cpu": "Triton runs CPU tensors only under TRITON_INTERPRET=1",
-            "cuda": "Triton is not installed" if not _triton_importable() else "TRITON_INTERPRET=1 is set",
-        }.get(device.type, f"no Triton backend for device type {device.type!r}")
-    if name in ("cpu", "cuda"):
-        if load_extension() is None:
-            return f"the compiled extension ghostfast._C is not available ({extension_error()})"
-        if name != device.type:
-            return f"the {name} backend runs {name.upper()} tensors only"
-        return f"ghostfast._C was built without {name.upper()} kernels"
-    return "unavailable"
+    return BACKENDS[name].unavailable(device.type) or "unavailable"
 
 
 _warned: set = set()
@@ -228,5 +194,69 @@ def fallback(reason: str, strict: bool) -> None:
         warnings.warn(f"ghostfast: running eager PyTorch instead of a fused kernel: {reason}",
                       GhostfastFallbackWarning, stacklevel=3)
 
+
+
+class Backend:
+    """The interface every backend implements, with the same signatures (`ghostfast.ops` calls nothing else).
+
+    BatchNorm arguments (`bn1` ... `bn5`) are `ghostfast.reference.BatchNormParams` of live tensors, folded per
+    channel inside the forward launches; the backward functions take the folded (scale, shift) vectors in the
+    accumulation dtype (the op's autograd folds them) and return one gradient per input, None where `needs` is
+    False. `mode` of the DFC functions: 'gate' (pooled resolution) or 'nearest' / 'bilinear' (upsampled)."""
+
+    name: str = ""
+
+    # -- what it can run, and why not --------------------------------------------------------------------
+    def unavailable(self, device_type: str) -> Optional[str]:
+        """Why this backend cannot run tensors of `device_type` here, or None."""
+        raise NotImplementedError
+
+    def dtype_unsupported(self, dtype: torch.dtype) -> Optional[str]:
+        """Why this backend has no kernels for `dtype` here, or None."""
+        return None
+
+    def stats_backend(self, device_type: str) -> tuple[Optional[str], Optional[str]]:
+        """(the backend computing training-mode BatchNorm statistics for this one, reason when None)."""
+        return self.name, None
+
+    # -- the ops --------------------------------------------------------------------------------------------
+    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode):
+        raise NotImplementedError
+
+    def ghost_module_backward(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                              cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode, needs):
+        """-> [x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate]."""
+        raise NotImplementedError
+
+    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, relu, stage):
+        """-> (mean, biased var) of z1 (stage 1) or z2 (stage 2), in the accumulation dtype."""
+        raise NotImplementedError
+
+    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage,
+                                    coef_a, coef_c, mean, needs):
+        """Gradients of sum(dz * z) over the stage's z with dz = coef_a + coef_c * (z - mean) per channel
+        -> [x, primary_weight, primary_scale, primary_bias, cheap_weight] (stage 1: the first two at most)."""
+        raise NotImplementedError
+
+    def dfc(self, x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode):
+        raise NotImplementedError
+
+    def dfc_backward(self, grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale,
+                     v_bias, mode, needs):
+        """-> [x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias]."""
+        raise NotImplementedError
+
+
+# The table: every concrete backend, by name. Imported here, after the helpers they use are defined.
+from .backend_reference import ReferenceBackend  # noqa: E402
+from .backend_triton import TritonBackend  # noqa: E402
+from .compiled import CompiledBackend  # noqa: E402
+
+BACKENDS = {
+    "triton": TritonBackend(),
+    "cpu": CompiledBackend("cpu"),
+    "cuda": CompiledBackend("cuda"),
+    "reference": ReferenceBackend(),
+}
 
 _compiled_registrations()  # import ghostfast._C now, never for the first time inside a compiled trace

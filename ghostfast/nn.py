@@ -2,15 +2,17 @@
 `GhostModuleV2` (DFC attention; timm V2, Huawei's 'attn' mode, timm V3 'shortcut' mode).
 
 They keep the original submodules (`primary_conv`, `cheap_operation`, `short_conv`), so state_dict keys are
-identical to timm's, Huawei's and the paper's modules. In eval mode BatchNorm is folded once into per-channel
-scale and bias and cached; the cache is rebuilt when any parameter or buffer changes (in-place update, load,
-`.to()`). Under `torch.autocast` the fused ops run in the autocast dtype, as eager autocast runs the convolutions.
-`SyncBatchNorm` (after `convert_sync_batchnorm`) folds like `BatchNorm2d` in eval mode.
+identical to timm's, Huawei's and the paper's modules. Every call reads the live submodules: each BatchNorm's own
+train/eval flag, its current tensors (passed to the kernels, which fold them per channel inside the launch:
+there is no cache to go stale after fused optimizers, `.data` edits, `eps` changes or `inference_mode`), and the
+current structure (a submodule replaced after conversion re-plans the module, or runs eagerly with the usual
+one-time warning when the new structure has no kernel). Under `torch.autocast` the fused ops run in the autocast
+dtype, as eager autocast runs the convolutions. `SyncBatchNorm` computes like `BatchNorm2d` in eval mode.
 
 Training mode: a BatchNorm in training mode normalises with batch statistics, computed by fused statistics
-kernels (`ghostfast.ops.ghost_module_stats`: one launch for z1, one for z2) and folded into the scale and bias
-the fused op applies, differentiably, so gradients flow through the statistics; running statistics are updated
-as `nn.BatchNorm2d` updates them (momentum or cumulative average, unbiased running_var, num_batches_tracked).
+kernels (`ghostfast.ops.ghost_module_stats`: one launch for z1, one for z2) and passed to the fused op as its
+mean and var, differentiably, so gradients flow through the statistics; running statistics are updated as
+`nn.BatchNorm2d` updates them (momentum or cumulative average, unbiased running_var, num_batches_tracked).
 GhostModuleV2's DFC branch runs eagerly while its BatchNorms are in training mode (its gate still enters the
 fused Ghost op). SyncBatchNorm in training mode, and configurations without a fused kernel, run the eager
 submodules.
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from . import ops
 from .backends import check_backend_name, default_backend, default_strict, fallback, resolve_backend
 from .backends import stats_backend
-from .reference import GATE_MODES, batch_norm_train_fold, fold_bn
+from .reference import GATE_MODES, BatchNormParams
 
 
 class StructureError(ValueError):
@@ -66,7 +68,7 @@ def _split_conv_bn_act(seq: nn.Module, what: str) -> Tuple[nn.Conv2d, Optional[n
     paper, and GhostNetV3 after reparameterization, which drops the BatchNorm and gives the conv a bias)."""
     if not isinstance(seq, nn.Sequential) or len(seq) == 0 or not isinstance(seq[0], nn.Conv2d):
         raise StructureError(f"{what} is not a Sequential starting with a Conv2d")
-    layers = list(seq)
+    layers = [seq[0]] + [m for m in list(seq)[1:] if not isinstance(m, nn.Identity)]
     conv, rest = layers[0], layers[1:]
     bn = None
     if rest and _is_batchnorm(rest[0], what):
@@ -93,32 +95,13 @@ def _conv_is(conv: nn.Conv2d, kernel, padding, groups) -> Optional[str]:
     return None
 
 
-def _fold(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(weight, scale, bias) of conv -> [BN] in eval mode; half-precision scale and bias are kept in float32."""
-    w = conv.weight
-    dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-    conv_bias = None if conv.bias is None else conv.bias.to(dt)
-    if bn is not None:
-        scale, bias = fold_bn(_bn_in(bn, dt), conv_bias)
-    else:
-        scale = torch.ones(conv.out_channels, dtype=dt, device=w.device)
-        bias = torch.zeros_like(scale) if conv_bias is None else conv_bias
-    return w, scale.to(dt), bias.to(dt)
-
-
-class _BNView:
-    """The BatchNorm fields fold_bn reads, cast to the folding dtype (half BN params fold in float32)."""
-
-    def __init__(self, bn: nn.BatchNorm2d, dt: torch.dtype):
-        self.running_mean = bn.running_mean.to(dt)
-        self.running_var = bn.running_var.to(dt)
-        self.weight = None if bn.weight is None else bn.weight.to(dt)
-        self.bias = None if bn.bias is None else bn.bias.to(dt)
-        self.eps = bn.eps
-
-
-def _bn_in(bn: nn.BatchNorm2d, dt: torch.dtype):
-    return bn if bn.running_mean.dtype == dt and (bn.weight is None or bn.weight.dtype == dt) else _BNView(bn, dt)
+def _eval_bn(conv: nn.Conv2d, bn: Optional[nn.Module]) -> BatchNormParams:
+    """conv -> [BN in eval mode] as the live tensors the kernels fold (no arithmetic: a conv bias before a BN, rare,
+    costs one subtraction; without a BN it is the shift)."""
+    if bn is None:
+        return BatchNormParams(None, conv.bias, None, None, 0.0)
+    mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias.to(bn.running_mean.dtype)
+    return BatchNormParams(bn.weight, bn.bias, mean, bn.running_var, float(bn.eps))
 
 
 def _batch_stats(bn: Optional[nn.Module]) -> bool:
@@ -144,33 +127,28 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: 
         bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
-def _train_scale_bias(bn: nn.BatchNorm2d, conv: nn.Conv2d, mean: Tensor, var: Tensor, count: int,
-                      dt: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Scale and bias of a training-mode BatchNorm from the batch statistics of its conv's output without the conv
-    bias (differentiable in the statistics and the BN weight and bias), and the running-statistics update.
+def _train_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d, mean: Tensor, var: Tensor, count: int) -> BatchNormParams:
+    """A training-mode BatchNorm with the batch statistics of its conv's output without the conv bias (they stay
+    differentiable), and the running-statistics update.
 
     A conv bias cancels against the batch mean: it stays in the graph with an exactly zero gradient (eager
     PyTorch computes rounding noise there), so optimizers see a zero gradient, not a missing one."""
-    weight = None if bn.weight is None else bn.weight.to(dt)
-    bias = None if bn.bias is None else bn.bias.to(dt)
-    scale, shift = batch_norm_train_fold(mean.to(dt), var.to(dt), weight, bias, bn.eps)
-    if conv.bias is not None:
-        shift = shift + 0.0 * conv.bias.to(dt)
     _update_running_stats(bn, mean.detach(), var.detach(), count, conv.bias)
-    return scale, shift
+    if conv.bias is not None:
+        mean = mean + 0.0 * conv.bias.to(mean.dtype)
+    return BatchNormParams(bn.weight, bn.bias, mean, var, float(bn.eps))
 
 
 # What autocast casts: floating tensors except float64.
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _cast_weights(folded: tuple, dtype: Optional[torch.dtype]) -> tuple:
-    """Conv weights (4-D) in `dtype`, as autocast casts them for eager convolutions (differentiably); the folded
-    BN scale and bias stay as they are (float32 for half weights), which the ops accept."""
-    if dtype is None:
-        return folded
-    return tuple(t.to(dtype) if t.dim() == 4 and t.dtype != dtype and t.dtype in _AUTOCAST_ELIGIBLE else t
-                 for t in folded)
+def _cast_weight(w: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """A conv weight in `dtype`, as autocast casts it for eager convolutions (differentiably); BatchNorm tensors
+    stay as they are (the kernels read any floating dtype)."""
+    if dtype is None or w.dtype == dtype or w.dtype not in _AUTOCAST_ELIGIBLE:
+        return w
+    return w.to(dtype)
 
 
 def _fused_region(x: Tensor):
@@ -198,8 +176,16 @@ def _ghost_layers(in_chs, out_chs, kernel_size, ratio, dw_size, stride, act_laye
     return primary, cheap
 
 
+# The hook dictionaries of nn.Module: carried over (shared) when a module is wrapped, so that hooks registered on the
+# original keep firing and their handles keep removing them.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 class _FusedGhostBase(nn.Module):
-    """Shared machinery: structure check, backend choice, fallback policy, the folded-parameter cache."""
+    """Shared machinery: structure analysis (re-planned when a submodule is replaced), backend choice, fallback
+    policy, the live BatchNorm arguments."""
 
     def _init_options(self, out_chs: int, backend: Optional[str], strict: Optional[bool], gate_mode: str = "nearest"):
         if backend is not None:
@@ -210,15 +196,15 @@ class _FusedGhostBase(nn.Module):
         self.backend = backend
         self.strict = strict
         self.gate_mode = gate_mode
-        self._fold_key = None
-        self._fold_value = None
-        self._analyse()
+        self._plan_key = None
+        self._replan()
         if self.unsupported_reason is not None and self._is_strict():
             fallback(self.unsupported_reason, True)
 
     @classmethod
     def _wrap(cls, m: nn.Module, submodules, out_chs, backend, strict, gate_mode="nearest"):
-        """A new module holding `m`'s own submodules (shared parameters, identical state_dict keys)."""
+        """A new module holding `m`'s own submodules (shared parameters, identical state_dict keys), with `m`'s
+        train/eval flag (its BatchNorms keep their own) and `m`'s hooks."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         for name in submodules:
@@ -228,7 +214,10 @@ class _FusedGhostBase(nn.Module):
         if out_chs is None:
             raise StructureError(f"{type(m).__name__} has neither out_chs nor oup; pass out_chs=")
         self._init_options(out_chs, backend, strict, gate_mode)
-        self.train(m.training)
+        self.training = m.training  # not .train(): that would reset every BatchNorm's own flag (frozen BNs)
+        for name in _HOOK_DICTS:
+            if name in vars(m):
+                setattr(self, name, getattr(m, name))
         return self
 
     @property
@@ -237,6 +226,20 @@ class _FusedGhostBase(nn.Module):
 
     def _is_strict(self) -> bool:
         return default_strict() if self.strict is None else bool(self.strict)
+
+    # -- the plan: what the current submodules are, re-read when one is replaced ------------------------------
+    def _structure_key(self) -> tuple:
+        return (self.out_chs, tuple(map(id, self.modules())))
+
+    def _current_plan(self) -> Optional[str]:
+        """The reason this module cannot run fused now, or None; re-analysed when a submodule was replaced."""
+        if self._structure_key() != self._plan_key:
+            self._replan()
+        return self.unsupported_reason
+
+    def _replan(self) -> None:
+        self._analyse()
+        self._plan_key = self._structure_key()
 
     def _analyse_ghost(self) -> Optional[str]:
         try:
@@ -256,6 +259,8 @@ class _FusedGhostBase(nn.Module):
             return f"primary conv {why}"
         init = conv1.out_channels
         k = conv2.kernel_size[0]
+        if conv2.out_channels == 0:
+            return "cheap conv has no output channels (ratio 1: no cheap half to fuse)"
         if conv2.in_channels != init or conv2.out_channels % init:
             return "cheap conv channels do not follow the primary conv"
         if k not in ops.SUPPORTED_DW_SIZES:
@@ -270,29 +275,6 @@ class _FusedGhostBase(nn.Module):
     def _analyse(self) -> None:
         self.unsupported_reason = self._analyse_ghost()
 
-    # -- eval-mode folding, cached -----------------------------------------------------------------------
-    def _state_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
-                     list(self.parameters()) + list(self.buffers()))
-
-    def _folded(self, dtype: Optional[torch.dtype] = None) -> tuple:
-        """The folded parameters, conv weights cast to `dtype` (autocast's; None: as they are), scale and bias in
-        float32 or their own dtype. Cached per dtype under no_grad; folded per call when gradients must flow."""
-        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if differentiable or torch.compiler.is_compiling():
-            # gradients must reach the BN and conv parameters; a compiled graph folds inline
-            return _cast_weights(self._fold_all(), dtype)
-        key = (self._state_key(), dtype)
-        if key != self._fold_key:
-            with torch.no_grad():
-                self._fold_value = tuple(t.detach() for t in _cast_weights(self._fold_all(), dtype))
-            self._fold_key = key
-        return self._fold_value
-
-    def _fold_ghost(self) -> tuple:
-        conv1, bn1, conv2, bn2 = self._ghost_layers
-        return _fold(conv1, bn1) + _fold(conv2, bn2)
-
     # -- dispatch -----------------------------------------------------------------------------------------
     def _autocast_dtype(self, x: Tensor) -> Optional[torch.dtype]:
         """The dtype eager autocast would run this module's convolutions in, or None (no autocast for x's device,
@@ -302,16 +284,18 @@ class _FusedGhostBase(nn.Module):
         return torch.get_autocast_dtype(x.device.type)
 
     def _fused_backend(self, x: Tensor) -> Tuple[Optional[str], Optional[torch.dtype]]:
-        """(backend to run the fused op with, or None to run the eager submodules; autocast's dtype or None)."""
+        """(backend to run the fused op with, or None to run the eager submodules; autocast's dtype or None).
+        Resolved once per module call."""
+        reason = self._current_plan()
+        if reason is not None:
+            fallback(f"{type(self).__name__}: {reason}", self._is_strict())
+            return None, None
         self._check_input(x)
         autocast_dtype = self._autocast_dtype(x)
         return self._backend_for(x, autocast_dtype or x.dtype), autocast_dtype
 
     def _backend_for(self, x: Tensor, dtype: torch.dtype) -> Optional[str]:
         strict = self._is_strict()
-        if self.unsupported_reason is not None:
-            fallback(f"{type(self).__name__}: {self.unsupported_reason}", strict)
-            return None
         train_bns = self._training_bns()
         if any(isinstance(m, nn.SyncBatchNorm) for m in train_bns):
             fallback(f"{type(self).__name__} in training mode with SyncBatchNorm (batch statistics reduced across "
@@ -325,7 +309,7 @@ class _FusedGhostBase(nn.Module):
             # and a training step through them is slower than eager (benchmarks/results/cpu-2core/models.csv:
             # 0.66x / 0.85x on ghostnet_100 / ghostnetv2_100). backend='cpu' trains fused (half the activations).
             return None
-        name, reason = resolve_backend(self.backend, x.device, dtype)
+        name, reason = resolve_backend(requested, x.device, dtype)
         if reason is not None:
             fallback(f"{type(self).__name__}: {reason}", strict)
             return None
@@ -346,24 +330,28 @@ class _FusedGhostBase(nn.Module):
         _, bn1, _, bn2 = self._ghost_layers
         return _batch_stats(bn1) or _batch_stats(bn2)
 
-    def _ghost_params(self, x: Tensor, dtype: Optional[torch.dtype], backend: str) -> tuple:
-        """(w1, s1, b1, w2, s2, b2) for this call. A BatchNorm in training mode normalises with the batch
-        statistics of its input, computed by the statistics kernels (differentiable), and has its running
-        statistics updated; one in eval mode folds its running statistics."""
-        if not self._ghost_batch_stats():
-            return self._folded(dtype)[:6]
+    def _ghost_args(self, x: Tensor, dtype: Optional[torch.dtype], backend: str) -> tuple:
+        """(primary_weight, bn1, cheap_weight, bn2) for this call, from the live submodules. A BatchNorm in
+        training mode normalises with the batch statistics of its input, computed by the statistics kernels
+        (differentiable), and has its running statistics updated; one in eval mode passes its running statistics."""
         conv1, bn1, conv2, bn2 = self._ghost_layers
-        stats, _ = stats_backend(backend, x.device)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        w1, s1, b1 = _cast_weights(_fold(conv1, None if _batch_stats(bn1) else bn1), dtype)
-        w2, s2, b2 = _cast_weights(_fold(conv2, None if _batch_stats(bn2) else bn2), dtype)
-        if _batch_stats(bn1):
-            mean, var = ops.ghost_module_stats(x, w1, None, None, w2, self.relu, 1, backend=stats)
-            s1, b1 = _train_scale_bias(bn1, conv1, mean, var, count, s1.dtype)
-        if _batch_stats(bn2):
-            mean, var = ops.ghost_module_stats(x, w1, s1, b1, w2, self.relu, 2, backend=stats)
-            s2, b2 = _train_scale_bias(bn2, conv2, mean, var, count, s2.dtype)
-        return w1, s1, b1, w2, s2, b2
+        w1, w2 = _cast_weight(conv1.weight, dtype), _cast_weight(conv2.weight, dtype)
+        p1 = None if _batch_stats(bn1) else _eval_bn(conv1, bn1)
+        p2 = None if _batch_stats(bn2) else _eval_bn(conv2, bn2)
+        if p1 is None or p2 is None:
+            stats, _ = stats_backend(backend, x.device)
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            if p1 is None:
+                mean, var = ops.run_ghost_module_stats(x, w1, BatchNormParams(), w2, self.relu, 1, stats)
+                p1 = _train_bn(bn1, conv1, mean, var, count)
+            if p2 is None:
+                mean, var = ops.run_ghost_module_stats(x, w1, p1, w2, self.relu, 2, stats)
+                p2 = _train_bn(bn2, conv2, mean, var, count)
+        return w1, p1, w2, p2
+
+    def _run_ghost(self, x: Tensor, dtype: Optional[torch.dtype], backend: str, gate: Optional[Tensor]) -> Tensor:
+        w1, bn1, w2, bn2 = self._ghost_args(x, dtype, backend)
+        return ops.run_ghost_module(x, w1, bn1, w2, bn2, self.out_chs, self.relu, gate, self.gate_mode, backend)
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -371,9 +359,10 @@ class _FusedGhostBase(nn.Module):
             raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
-        w = self.primary_conv[0].weight
-        if x.shape[1] != self.primary_conv[0].in_channels:
-            raise ValueError(f"{name}: expected input with {self.primary_conv[0].in_channels} channels, got "
+        conv1 = self._ghost_layers[0]
+        w = conv1.weight
+        if x.shape[1] != conv1.in_channels:
+            raise ValueError(f"{name}: expected input with {conv1.in_channels} channels, got "
                              f"{x.shape[1]} (input shape {tuple(x.shape)})")
         if x.device != w.device:
             raise ValueError(f"{name}: input is on {x.device} but the weights are on {w.device}")
@@ -386,7 +375,8 @@ class _FusedGhostBase(nn.Module):
         return torch.cat([x1, x2], dim=1)[:, :self.out_chs]
 
     def extra_repr(self) -> str:
-        fused = "fused" if self.unsupported_reason is None else f"eager: {self.unsupported_reason}"
+        reason = self._current_plan()
+        fused = "fused" if reason is None else f"eager: {reason}"
         return f"out_chs={self.out_chs}, backend={self.backend or 'default'}, {fused}"
 
 
@@ -411,17 +401,13 @@ class GhostModule(_FusedGhostBase):
         `out_chs` defaults to `m.out_chs` or `m.oup`."""
         return cls._wrap(m, ("primary_conv", "cheap_operation"), out_chs, backend, strict)
 
-    def _fold_all(self) -> tuple:
-        return self._fold_ghost()
-
     def forward(self, x: Tensor) -> Tensor:
         backend, dtype = self._fused_backend(x)
         if backend is None:
             return self._eager_ghost(x)
         with _fused_region(x):
             x = x if dtype is None else x.to(dtype)
-            return ops.ghost_module(x, *self._ghost_params(x, dtype, backend), out_channels=self.out_chs,
-                                    relu=self.relu, backend=backend, strict=self.strict)
+            return self._run_ghost(x, dtype, backend, None)
 
 
 class GhostModuleV2(_FusedGhostBase):
@@ -481,10 +467,6 @@ class GhostModuleV2(_FusedGhostBase):
         self._dfc_layers = tuple(layers)
         return None
 
-    def _fold_all(self) -> tuple:
-        l = self._dfc_layers
-        return self._fold_ghost() + _fold(l[0], l[1]) + _fold(l[2], l[3]) + _fold(l[4], l[5])
-
     def _eager_gate(self, x: Tensor, size) -> Tensor:
         res = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
         if self.gate_mode == "nearest":
@@ -496,19 +478,19 @@ class GhostModuleV2(_FusedGhostBase):
         if backend is None:
             gate = self._eager_gate(x, x.shape[-2:])
             return self._eager_ghost(x) * gate
+        l = self._dfc_layers
         gate = None
-        if any(_batch_stats(self._dfc_layers[i]) for i in (1, 3, 5)):
+        if any(_batch_stats(l[i]) for i in (1, 3, 5)):
             # batch statistics in the DFC branch: it runs eagerly (autocast included), at the pooled resolution;
             # its gate is upsampled and applied in the fused Ghost op's epilogue
             gate = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
         with _fused_region(x):
             x = x if dtype is None else x.to(dtype)
             if gate is None:
-                gate = ops.dfc_gate(x, *self._folded(dtype)[6:], backend=backend, strict=self.strict)
-            gate = gate.to(x.dtype)
-            return ops.ghost_module(x, *self._ghost_params(x, dtype, backend), out_channels=self.out_chs,
-                                    relu=self.relu, gate=gate, gate_mode=self.gate_mode, backend=backend,
-                                    strict=self.strict)
+                gate = ops.run_dfc(x, _cast_weight(l[0].weight, dtype), _eval_bn(l[0], l[1]),
+                                   _cast_weight(l[2].weight, dtype), _eval_bn(l[2], l[3]),
+                                   _cast_weight(l[4].weight, dtype), _eval_bn(l[4], l[5]), "gate", backend)
+            return self._run_ghost(x, dtype, backend, gate.to(x.dtype))
 
 
 __all__: List[str] = ["GhostModule", "GhostModuleV2", "StructureError"]

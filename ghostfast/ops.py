@@ -1,21 +1,31 @@
-"""The ghostfast op registry: `torch.library` custom ops, their fake kernels and autograd, backend dispatch.
+"""The ghostfast op registry: `torch.library` custom ops, their argument checks, fake kernels and autograd, and
+dispatch by lookup in the backend table (`ghostfast.backends.BACKENDS`).
 
-Public entry points (`ghost_module`, `dfc_gate`, `dfc_attention`) validate their arguments, pick a backend and
-call the custom ops `torch.ops.ghostfast.*`, which run the chosen backend's kernel. BatchNorm arrives folded
-into per-channel scale and bias (`ghostfast.reference.fold_bn`).
+BatchNorm arrives as live tensors (`ghostfast.reference.BatchNormParams`: weight, bias, mean, var, eps; any may be
+None) and is folded per channel inside the forward launches: nothing is cached, so nothing can go stale. The
+registered ops `torch.ops.ghostfast.*` (what compiled and exported graphs call) check their own arguments, on every
+backend, before any kernel runs; the fake kernels run the same checks and give the shapes the kernels produce.
+
+Autograd: the backward folds each BatchNorm once (per-channel vectors), runs the backend's fused backward kernel,
+which gives the gradients of the folded scale and shift, and carries them to the BatchNorm's tensors by the chain
+rule (`reference.fold_bn_backward`): training-mode batch statistics passed as mean and var get theirs too.
 """
 from __future__ import annotations
 
+import operator
+from numbers import Real
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import compiled, reference
-from .backends import auto_candidates, default_strict, fallback, resolve_backend
+from . import reference
+from .backends import BACKENDS, auto_candidates, default_strict, fallback, resolve_backend
+from .reference import BatchNormParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SUPPORTED_DW_SIZES = (1, 3, 5, 7)
+DFC_MODES = ("gate", "nearest", "bilinear")
 
 
 def output_memory_format(x: Tensor) -> torch.memory_format:
@@ -25,145 +35,290 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _empty_output(x: Tensor, shape: Sequence[int]) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
+def as_batch_norm(bn, what: str = "bn") -> BatchNormParams:
+    """A BatchNormParams from what users pass: a BatchNormParams or 5-tuple, an eval-mode BatchNorm module, or
+    None (no normalisation)."""
+    if bn is None:
+        return BatchNormParams()
+    if isinstance(bn, BatchNormParams):
+        return bn
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return BatchNormParams.of(bn)
+    if isinstance(bn, (tuple, list)) and len(bn) == 5:
+        return BatchNormParams(*bn)
+    raise TypeError(f"{what}: expected a ghostfast.reference.BatchNormParams (weight, bias, mean, var, eps), a "
+                    f"BatchNorm module or None, got {type(bn).__name__}")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Custom ops. `backend` is a concrete name ('triton', 'cpu', 'cuda' or 'reference'), a constant for the graph.
+# Argument checks: a clear error naming what was expected and what came, before any kernel runs. Shared by the
+# custom ops, their fake kernels and the public wrappers.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_input(op: str, x: Tensor, in_channels: int, min_hw: int = 0) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D input [N, C, H, W], got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{op}: expected input with {in_channels} channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)})")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: expected a floating input ({', '.join(str(d) for d in SUPPORTED_DTYPES)}), "
+                        f"got {x.dtype}")
+    if min_hw and x.numel() and (x.shape[2] < min_hw or x.shape[3] < min_hw):
+        raise ValueError(f"{op}: the 2x2 average pool needs H and W >= {min_hw}, got {x.shape[2]}x{x.shape[3]}")
+
+
+def _check_same_device(op: str, name: str, t: Tensor, x: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: expected {name} to be a Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}; expected both on {x.device}")
+
+
+def _check_weight(op: str, name: str, w: Tensor, x: Tensor, shape: Optional[tuple] = None) -> None:
+    _check_same_device(op, name, w, x)
+    if w.dtype != x.dtype:
+        raise TypeError(f"{op}: expected {name} of dtype {x.dtype} (the input's), got {w.dtype}")
+    if shape is not None and tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(w.shape)}")
+
+
+def _check_vector(op: str, name: str, v: Optional[Tensor], n: int, x: Tensor) -> None:
+    if v is None:
+        return
+    _check_same_device(op, name, v, x)
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(f"{op}: expected {name} of shape ({n},), got {tuple(v.shape)}")
+    if v.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: expected {name} of a floating dtype, got {v.dtype}")
+
+
+def _check_bn(op: str, stage: str, bn: BatchNormParams, n: int, x: Tensor) -> None:
+    for field, t in zip(("weight", "bias", "mean", "var"), bn.tensors()):
+        _check_vector(op, f"{stage}_{field}", t, n, x)
+    if not isinstance(bn.eps, Real) or isinstance(bn.eps, bool):
+        raise TypeError(f"{op}: expected {stage}_eps to be a float, got {type(bn.eps).__name__}")
+
+
+def _check_out_channels(op: str, out_channels, limit: int) -> int:
+    try:
+        out_channels = operator.index(out_channels)
+    except TypeError:
+        raise TypeError(f"{op}: expected out_channels to be an int, got {out_channels!r}") from None
+    if not 1 <= out_channels <= limit:
+        raise ValueError(f"{op}: out_channels must be in [1, {limit}], got {out_channels}")
+    return out_channels
+
+
+def _check_backend(op: str, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+
+
+def _check_ghost_weights(op: str, x: Tensor, primary_weight: Tensor, cheap_weight: Tensor) -> Tuple[int, int]:
+    """(init, cheap) after checking x, the 1x1 primary weight and the depthwise cheap weight."""
+    if not isinstance(primary_weight, Tensor) or primary_weight.dim() != 4 or \
+            tuple(primary_weight.shape[2:]) != (1, 1) or primary_weight.shape[0] < 1:
+        raise ValueError(f"{op}: expected a 1x1 primary_weight [init, C_in, 1, 1] with init >= 1, got "
+                         f"{tuple(getattr(primary_weight, 'shape', ()))}")
+    init, c_in = primary_weight.shape[:2]
+    _check_input(op, x, c_in)
+    _check_weight(op, "primary_weight", primary_weight, x)
+    if not isinstance(cheap_weight, Tensor) or cheap_weight.dim() != 4 or cheap_weight.shape[1] != 1 or \
+            cheap_weight.shape[2] != cheap_weight.shape[3]:
+        raise ValueError(f"{op}: expected a square depthwise cheap_weight [init*(ratio-1), 1, k, k], got "
+                         f"{tuple(getattr(cheap_weight, 'shape', ()))}")
+    cheap = cheap_weight.shape[0]
+    if cheap < init or cheap % init:
+        raise ValueError(f"{op}: cheap_weight has {cheap} output channels; expected a positive multiple of "
+                         f"init={init} (init*(ratio-1), ratio >= 2)")
+    if cheap_weight.shape[-1] not in SUPPORTED_DW_SIZES:
+        raise ValueError(f"{op}: depthwise size must be one of {SUPPORTED_DW_SIZES}, got {cheap_weight.shape[-1]}")
+    _check_weight(op, "cheap_weight", cheap_weight, x)
+    return init, cheap
+
+
+def _check_gate(op: str, gate: Optional[Tensor], gate_mode: str, x: Tensor, out_channels: int) -> None:
+    if gate_mode not in reference.GATE_MODES:
+        raise ValueError(f"{op}: gate_mode must be one of {reference.GATE_MODES}, got {gate_mode!r}")
+    if gate is None:
+        return
+    _check_same_device(op, "gate", gate, x)
+    if gate.dim() != 4 or gate.shape[0] != x.shape[0] or gate.shape[1] != out_channels or (
+            x.numel() and min(gate.shape[2:]) < 1):
+        raise ValueError(f"{op}: expected gate of shape ({x.shape[0]}, {out_channels}, Hg, Wg) with Hg, Wg >= 1, "
+                         f"got {tuple(gate.shape)}")
+    if gate.dtype != x.dtype:
+        raise TypeError(f"{op}: expected gate dtype {x.dtype} (the input's), got {gate.dtype}")
+
+
+def check_ghost_module_args(op: str, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode,
+                            backend: Optional[str] = None) -> int:
+    """Every check of the Ghost module op; returns out_channels as an int."""
+    init, cheap = _check_ghost_weights(op, x, primary_weight, cheap_weight)
+    _check_bn(op, "bn1", bn1, init, x)
+    _check_bn(op, "bn2", bn2, cheap, x)
+    out_channels = _check_out_channels(op, out_channels, init + cheap)
+    if not isinstance(relu, bool):
+        raise TypeError(f"{op}: expected relu to be a bool, got {relu!r}")
+    _check_gate(op, gate, gate_mode, x, out_channels)
+    if backend is not None:
+        _check_backend(op, backend)
+    return out_channels
+
+
+def check_ghost_module_stats_args(op: str, x, primary_weight, bn1, cheap_weight, relu, stage,
+                                  backend: Optional[str] = None) -> None:
+    if stage not in (1, 2) or isinstance(stage, bool):
+        raise ValueError(f"{op}: stage must be 1 or 2, got {stage!r}")
+    init, _ = _check_ghost_weights(op, x, primary_weight, cheap_weight)
+    _check_bn(op, "bn1", bn1, init, x)
+    if x.numel() // max(x.shape[1], 1) < 2:
+        raise ValueError(f"{op}: batch statistics need more than 1 value per channel, got input of shape "
+                         f"{tuple(x.shape)}")
+    if backend is not None:
+        _check_backend(op, backend)
+
+
+def check_dfc_args(op: str, x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode,
+                   backend: Optional[str] = None) -> None:
+    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or tuple(conv_weight.shape[2:]) != (1, 1) or \
+            conv_weight.shape[0] < 1:
+        raise ValueError(f"{op}: expected a 1x1 conv_weight [C, C_in, 1, 1] with C >= 1, got "
+                         f"{tuple(getattr(conv_weight, 'shape', ()))}")
+    c, c_in = conv_weight.shape[:2]
+    _check_input(op, x, c_in, min_hw=2)
+    _check_weight(op, "conv_weight", conv_weight, x)
+    _check_weight(op, "h_weight", h_weight, x, (c, 1, 1, 5))
+    _check_weight(op, "v_weight", v_weight, x, (c, 1, 5, 1))
+    for stage, bn in (("bn3", bn3), ("bn4", bn4), ("bn5", bn5)):
+        _check_bn(op, stage, bn, c, x)
+    if mode not in DFC_MODES:
+        raise ValueError(f"{op}: mode must be one of {DFC_MODES}, got {mode!r}")
+    if backend is not None:
+        _check_backend(op, backend)
+
+
+def _affine_bn(op: str, names: Tuple[str, str], scale: Tensor, shift: Tensor) -> BatchNormParams:
+    """Backward ops take folded (scale, shift) vectors: checked as a BatchNormParams of weight and bias."""
+    for name, t in zip(names, (scale, shift)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: expected {name} to be a Tensor, got {type(t).__name__}")
+    return BatchNormParams.affine(scale, shift)
+
+
+def _check_grad(op: str, name: str, g: Tensor, shape) -> None:
+    if not isinstance(g, Tensor) or tuple(g.shape) != tuple(shape):
+        raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(getattr(g, 'shape', ()))}")
+
+
+def _check_needs(op: str, needs, n: int) -> None:
+    if len(needs) != n or not all(isinstance(v, bool) for v in needs):
+        raise ValueError(f"{op}: expected needs to be {n} bools, got {list(needs)!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward custom ops. `backend` is a concrete name (a key of BACKENDS), a constant for the graph. Each BatchNorm
+# is five arguments: bnK_weight, bnK_bias, bnK_mean, bnK_var (optional vectors) and bnK_eps.
 # ----------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("ghostfast::ghost_module", mutates_args=())
 def _ghost_module_op(
-    x: Tensor,
-    primary_weight: Tensor,
-    primary_scale: Tensor,
-    primary_bias: Tensor,
-    cheap_weight: Tensor,
-    cheap_scale: Tensor,
-    cheap_bias: Tensor,
-    out_channels: int,
-    relu: bool,
-    gate: Optional[Tensor],
-    gate_mode: str,
-    backend: str,
+    x: Tensor, primary_weight: Tensor,
+    bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor], bn1_var: Optional[Tensor],
+    bn1_eps: float, cheap_weight: Tensor,
+    bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_mean: Optional[Tensor], bn2_var: Optional[Tensor],
+    bn2_eps: float, out_channels: int, relu: bool, gate: Optional[Tensor], gate_mode: str, backend: str,
 ) -> Tensor:
-    if backend == "triton":
-        from .kernels.ghost_module import ghost_module_forward
-
-        return ghost_module_forward(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
-                                    cheap_bias, out_channels, relu, gate, gate_mode)
-    if backend in ("cpu", "cuda"):
-        return compiled.ghost_module_forward(x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                                             cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode)
-    tensors = (primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias)
-    if gate is None:
-        return _run_reference(reference.ghost_module_forward, x, tensors, out_channels, relu)
-    return _run_reference(reference.ghost_module_forward, x, tensors, out_channels, relu, gate.to(_compute_dtype(x)),
-                          gate_mode)
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    bn2 = BatchNormParams(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps)
+    check_ghost_module_args("ghostfast::ghost_module", x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu,
+                            gate, gate_mode, backend)
+    return BACKENDS[backend].ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate,
+                                          gate_mode)
 
 
 @_ghost_module_op.register_fake
-def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, relu,
-      gate, gate_mode, backend):
+def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight, bn2_weight, bn2_bias,
+      bn2_mean, bn2_var, bn2_eps, out_channels, relu, gate, gate_mode, backend):
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    bn2 = BatchNormParams(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps)
+    check_ghost_module_args("ghostfast::ghost_module", x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu,
+                            gate, gate_mode, backend)
     return _empty_output(x, (x.shape[0], out_channels, x.shape[2], x.shape[3]))
-
-
-@torch.library.custom_op("ghostfast::dfc_gate", mutates_args=())
-def _dfc_gate_op(
-    x: Tensor,
-    conv_weight: Tensor,
-    conv_scale: Tensor,
-    conv_bias: Tensor,
-    h_weight: Tensor,
-    h_scale: Tensor,
-    h_bias: Tensor,
-    v_weight: Tensor,
-    v_scale: Tensor,
-    v_bias: Tensor,
-    backend: str,
-) -> Tensor:
-    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    if backend == "triton":
-        from .kernels.dfc import dfc_gate_forward
-
-        return dfc_gate_forward(x, *params)
-    if backend in ("cpu", "cuda"):
-        return compiled.dfc_forward(x, *params, mode="gate")
-    return _run_reference(reference.dfc_gate_forward, x, params)
-
-
-@_dfc_gate_op.register_fake
-def _(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, backend):
-    return _empty_output(x, (x.shape[0], conv_weight.shape[0], x.shape[2] // 2, x.shape[3] // 2))
-
-
-@torch.library.custom_op("ghostfast::dfc_attention", mutates_args=())
-def _dfc_attention_op(
-    x: Tensor,
-    conv_weight: Tensor,
-    conv_scale: Tensor,
-    conv_bias: Tensor,
-    h_weight: Tensor,
-    h_scale: Tensor,
-    h_bias: Tensor,
-    v_weight: Tensor,
-    v_scale: Tensor,
-    v_bias: Tensor,
-    mode: str,
-    backend: str,
-) -> Tensor:
-    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    if backend == "triton":
-        from .kernels.dfc import dfc_attention_forward
-
-        return dfc_attention_forward(x, *params, mode=mode)
-    if backend in ("cpu", "cuda"):
-        return compiled.dfc_forward(x, *params, mode=mode)
-    return _run_reference(reference.dfc_attention_forward, x, params, mode=mode)
-
-
-@_dfc_attention_op.register_fake
-def _(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode, backend):
-    return _empty_output(x, (x.shape[0], conv_weight.shape[0], x.shape[2], x.shape[3]))
 
 
 @torch.library.custom_op("ghostfast::ghost_module_stats", mutates_args=())
 def _ghost_module_stats_op(
-    x: Tensor,
-    primary_weight: Tensor,
-    primary_scale: Tensor,
-    primary_bias: Tensor,
-    cheap_weight: Tensor,
-    relu: bool,
-    stage: int,
-    backend: str,
+    x: Tensor, primary_weight: Tensor,
+    bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor], bn1_var: Optional[Tensor],
+    bn1_eps: float, cheap_weight: Tensor, relu: bool, stage: int, backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """Training-mode BatchNorm statistics (mean, biased variance) of z1 (stage 1) or z2 (stage 2), in the
     accumulation dtype: `ghostfast.reference.ghost_module_stats`."""
-    args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage)
-    if backend == "triton":
-        from .kernels.ghost_module import ghost_module_stats
-
-        return ghost_module_stats(*args)
-    if backend == "cpu":
-        return compiled.ghost_module_stats(*args)
-    dt = _compute_dtype(x)
-    mean, var = reference.ghost_module_stats(x.to(dt), *[t.to(dt) for t in args[1:5]], relu, stage)
-    return mean.contiguous(), var.contiguous()
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    check_ghost_module_stats_args("ghostfast::ghost_module_stats", x, primary_weight, bn1, cheap_weight, relu, stage,
+                                  backend)
+    return tuple(BACKENDS[backend].ghost_module_stats(x, primary_weight, bn1, cheap_weight, relu, stage))
 
 
 @_ghost_module_stats_op.register_fake
-def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, backend):
+def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight, relu, stage, backend):
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    check_ghost_module_stats_args("ghostfast::ghost_module_stats", x, primary_weight, bn1, cheap_weight, relu, stage,
+                                  backend)
     n = primary_weight.shape[0] if stage == 1 else cheap_weight.shape[0]
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     return x.new_empty(n, dtype=dt), x.new_empty(n, dtype=dt)
 
 
+@torch.library.custom_op("ghostfast::dfc", mutates_args=())
+def _dfc_op(
+    x: Tensor, conv_weight: Tensor,
+    bn3_weight: Optional[Tensor], bn3_bias: Optional[Tensor], bn3_mean: Optional[Tensor], bn3_var: Optional[Tensor],
+    bn3_eps: float, h_weight: Tensor,
+    bn4_weight: Optional[Tensor], bn4_bias: Optional[Tensor], bn4_mean: Optional[Tensor], bn4_var: Optional[Tensor],
+    bn4_eps: float, v_weight: Tensor,
+    bn5_weight: Optional[Tensor], bn5_bias: Optional[Tensor], bn5_mean: Optional[Tensor], bn5_var: Optional[Tensor],
+    bn5_eps: float, mode: str, backend: str,
+) -> Tensor:
+    """The DFC gate: at the pooled resolution (mode 'gate') or upsampled to x's H x W ('nearest', 'bilinear')."""
+    bn3, bn4, bn5 = (BatchNormParams(bn3_weight, bn3_bias, bn3_mean, bn3_var, bn3_eps),
+                     BatchNormParams(bn4_weight, bn4_bias, bn4_mean, bn4_var, bn4_eps),
+                     BatchNormParams(bn5_weight, bn5_bias, bn5_mean, bn5_var, bn5_eps))
+    check_dfc_args("ghostfast::dfc", x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode, backend)
+    return BACKENDS[backend].dfc(x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode)
+
+
+@_dfc_op.register_fake
+def _(x, conv_weight, bn3_weight, bn3_bias, bn3_mean, bn3_var, bn3_eps, h_weight, bn4_weight, bn4_bias, bn4_mean,
+      bn4_var, bn4_eps, v_weight, bn5_weight, bn5_bias, bn5_mean, bn5_var, bn5_eps, mode, backend):
+    bn3, bn4, bn5 = (BatchNormParams(bn3_weight, bn3_bias, bn3_mean, bn3_var, bn3_eps),
+                     BatchNormParams(bn4_weight, bn4_bias, bn4_mean, bn4_var, bn4_eps),
+                     BatchNormParams(bn5_weight, bn5_bias, bn5_mean, bn5_var, bn5_eps))
+    check_dfc_args("ghostfast::dfc", x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode, backend)
+    n, _, h, w = x.shape
+    c = conv_weight.shape[0]
+    return _empty_output(x, (n, c, h // 2, w // 2) if mode == "gate" else (n, c, h, w))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Backward ops: the fused backward kernels (Triton or compiled), as custom ops of their own so that a compiled training graph
-# keeps them opaque. They have no autograd formula: double backward through them raises a clear error.
+# Backward ops: the fused backward kernels, as custom ops of their own so that a compiled training graph keeps them
+# opaque. They take the folded (scale, shift) vectors. No autograd formula: double backward raises a clear error.
 # Gradients that are not needed come back as empty placeholders (a custom op cannot return None in a list).
 # ----------------------------------------------------------------------------------------------------------
 
@@ -187,124 +342,111 @@ def _fake_grads(inputs: Sequence[Optional[Tensor]], needs: Sequence[bool], x: Te
             if (t is not None and need) else x.new_empty(0) for t, need in zip(inputs, needs)]
 
 
+def _check_ghost_backward(op, grad_out, x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode, needs,
+                          backend):
+    bn1 = _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1)
+    bn2 = _affine_bn(op, ("cheap_scale", "cheap_bias"), s2, b2)
+    out_channels = check_ghost_module_args(op, x, w1, bn1, w2, bn2, out_channels, relu, gate, gate_mode, backend)
+    _check_grad(op, "grad_out", grad_out, (x.shape[0], out_channels, x.shape[2], x.shape[3]))
+    _check_needs(op, needs, 8)
+
+
 @torch.library.custom_op("ghostfast::ghost_module_backward", mutates_args=())
 def _ghost_module_backward_op(
-    grad_out: Tensor,
-    x: Tensor,
-    primary_weight: Tensor,
-    primary_scale: Tensor,
-    primary_bias: Tensor,
-    cheap_weight: Tensor,
-    cheap_scale: Tensor,
-    cheap_bias: Tensor,
-    out_channels: int,
-    relu: bool,
-    gate: Optional[Tensor],
-    gate_mode: str,
-    needs: List[bool],
-    backend: str,
+    grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+    cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor, out_channels: int, relu: bool,
+    gate: Optional[Tensor], gate_mode: str, needs: List[bool], backend: str,
 ) -> List[Tensor]:
     args = (grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
             out_channels, relu, gate, gate_mode)
-    if backend == "triton":
-        from .kernels.ghost_module import ghost_module_backward
-
-        grads = ghost_module_backward(*args, needs=tuple(needs))
-    else:
-        grads = compiled.ghost_module_backward(*args, needs)
-    return _grads_or_placeholders(grads, x)
+    _check_ghost_backward("ghostfast::ghost_module_backward", *args, needs, backend)
+    return _grads_or_placeholders(BACKENDS[backend].ghost_module_backward(*args, list(needs)), x)
 
 
 @_ghost_module_backward_op.register_fake
 def _(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
       out_channels, relu, gate, gate_mode, needs, backend):
+    _check_ghost_backward("ghostfast::ghost_module_backward", grad_out, x, primary_weight, primary_scale,
+                          primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode,
+                          needs, backend)
     inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
     return _fake_grads(inputs, needs, x)
 
 
-@torch.library.custom_op("ghostfast::dfc_backward", mutates_args=())
-def _dfc_backward_op(
-    grad: Tensor,
-    x: Tensor,
-    conv_weight: Tensor,
-    conv_scale: Tensor,
-    conv_bias: Tensor,
-    h_weight: Tensor,
-    h_scale: Tensor,
-    h_bias: Tensor,
-    v_weight: Tensor,
-    v_scale: Tensor,
-    v_bias: Tensor,
-    mode: str,
-    needs: List[bool],
-    backend: str,
-) -> List[Tensor]:
-    """Backward of dfc_gate (mode 'gate': `grad` at the pooled resolution) or of dfc_attention (mode 'nearest' or
-    'bilinear': `grad` at full resolution)."""
-    from .kernels.dfc import dfc_attention_backward, dfc_gate_backward
-
-    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    if backend != "triton":
-        grads = compiled.dfc_backward(grad, x, *params, mode=mode, needs=needs)
-    elif mode == "gate":
-        grads = dfc_gate_backward(grad, x, *params, needs=tuple(needs))
-    else:
-        grads = dfc_attention_backward(grad, x, *params, mode=mode, needs=tuple(needs))
-    return _grads_or_placeholders(grads, x)
-
-
-@_dfc_backward_op.register_fake
-def _(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode, needs,
-      backend):
-    inputs = (x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    return _fake_grads(inputs, needs, x)
+def _check_stats_backward(op, x, w1, s1, b1, w2, relu, stage, coef_a, coef_c, mean, needs, backend):
+    check_ghost_module_stats_args(op, x, w1, _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1), w2, relu,
+                                  stage, backend)
+    n = w1.shape[0] if stage == 1 else w2.shape[0]
+    for name, t in (("coef_a", coef_a), ("coef_c", coef_c), ("mean", mean)):
+        _check_vector(op, name, t, n, x)
+    _check_needs(op, needs, 5)
 
 
 @torch.library.custom_op("ghostfast::ghost_module_stats_backward", mutates_args=())
 def _ghost_module_stats_backward_op(
-    x: Tensor,
-    primary_weight: Tensor,
-    primary_scale: Tensor,
-    primary_bias: Tensor,
-    cheap_weight: Tensor,
-    relu: bool,
-    stage: int,
-    coef_a: Tensor,
-    coef_c: Tensor,
-    mean: Tensor,
-    needs: List[bool],
-    backend: str,
+    x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor, cheap_weight: Tensor, relu: bool,
+    stage: int, coef_a: Tensor, coef_c: Tensor, mean: Tensor, needs: List[bool], backend: str,
 ) -> List[Tensor]:
     """Gradients of sum(dz * z) over the stage's z, dz = coef_a + coef_c * (z - mean) per channel: for (x,
     primary_weight, primary_scale, primary_bias, cheap_weight)."""
     args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c, mean)
-    if backend == "triton":
-        from .kernels.ghost_module import ghost_module_stats_backward
-
-        grads = ghost_module_stats_backward(*args, needs=tuple(needs))
-    else:
-        grads = compiled.ghost_module_stats_backward(*args, needs)
-    return _grads_or_placeholders(grads, x)
+    _check_stats_backward("ghostfast::ghost_module_stats_backward", *args, needs, backend)
+    return _grads_or_placeholders(BACKENDS[backend].ghost_module_stats_backward(*args, list(needs)), x)
 
 
 @_ghost_module_stats_backward_op.register_fake
 def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c, mean, needs,
       backend):
+    _check_stats_backward("ghostfast::ghost_module_stats_backward", x, primary_weight, primary_scale, primary_bias,
+                          cheap_weight, relu, stage, coef_a, coef_c, mean, needs, backend)
     inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight)
     return _fake_grads(inputs, [n and (stage == 2 or i < 2) for i, n in enumerate(needs)], x)
 
 
+def _check_dfc_backward(op, grad, x, cw, s3, b3, hw, s4, b4, vw, s5, b5, mode, needs, backend):
+    check_dfc_args(op, x, cw, _affine_bn(op, ("conv_scale", "conv_bias"), s3, b3), hw,
+                   _affine_bn(op, ("h_scale", "h_bias"), s4, b4), vw, _affine_bn(op, ("v_scale", "v_bias"), s5, b5),
+                   mode, backend)
+    n, _, h, w = x.shape
+    c = cw.shape[0]
+    _check_grad(op, "grad", grad, (n, c, h // 2, w // 2) if mode == "gate" else (n, c, h, w))
+    _check_needs(op, needs, 10)
+
+
+@torch.library.custom_op("ghostfast::dfc_backward", mutates_args=())
+def _dfc_backward_op(
+    grad: Tensor, x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
+    h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor, mode: str,
+    needs: List[bool], backend: str,
+) -> List[Tensor]:
+    """Backward of the DFC gate (mode 'gate': `grad` at the pooled resolution; 'nearest' / 'bilinear': at full
+    resolution)."""
+    args = (grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode)
+    _check_dfc_backward("ghostfast::dfc_backward", *args, needs, backend)
+    return _grads_or_placeholders(BACKENDS[backend].dfc_backward(*args, list(needs)), x)
+
+
+@_dfc_backward_op.register_fake
+def _(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, mode, needs,
+      backend):
+    _check_dfc_backward("ghostfast::dfc_backward", grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale,
+                        h_bias, v_weight, v_scale, v_bias, mode, needs, backend)
+    inputs = (x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
+    return _fake_grads(inputs, needs, x)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Autograd of the forward ops. The fused backends differentiate with their fused backward kernels; the reference
-# backend differentiates the reference math (the forward is recomputed in eager PyTorch).
+# Autograd of the forward ops: fold each BatchNorm (per-channel vectors), run the backend's backward kernel, carry
+# the folded vectors' gradients to the BatchNorm tensors.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _save_inputs(ctx, inputs, output, extra: Sequence[Tensor] = ()):
+def _setup(ctx, inputs, output):
     tensors = [t if isinstance(t, Tensor) else None for t in inputs]
     ctx.tensor_slots = [i for i, t in enumerate(tensors) if t is not None]
     ctx.non_tensors = {i: v for i, v in enumerate(inputs) if not isinstance(v, Tensor)}
     ctx.num_inputs = len(inputs)
+    extra = (output[0],) if isinstance(output, (tuple, list)) else ()  # the statistics op keeps its mean
     ctx.save_for_backward(*[tensors[i] for i in ctx.tensor_slots], *extra)
 
 
@@ -317,174 +459,125 @@ def _saved_args(ctx) -> list:
     return args
 
 
-def _saved_extra(ctx) -> tuple:
-    return tuple(ctx.saved_tensors[len(ctx.tensor_slots):])
+def _fold_for_backward(bn: BatchNormParams, channels: int, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(scale, shift) in the accumulation dtype, as the forward kernel folded them."""
+    return reference.fold_bn_vectors(bn, channels, compute_dtype(x), x.device)
 
 
-def _reference_vjp(ctx, grad_out, reference_fn):
-    args = _saved_args(ctx)
-    leaves = []
-    dt = _compute_dtype(args[0])
-    with torch.enable_grad():
-        for slot in ctx.tensor_slots:
-            t = args[slot].detach().requires_grad_(ctx.needs_input_grad[slot])
-            args[slot] = t.to(dt)  # differentiable: gradients come back in each input's own dtype
-            if t.requires_grad:
-                leaves.append((slot, t))
-        out = reference_fn(*args[:-1])  # the last argument is the backend name
-        grads = torch.autograd.grad(out, [t for _, t in leaves], None if grad_out is None else grad_out.to(out.dtype),
-                                    allow_unused=True)
-    result = [None] * ctx.num_inputs
-    for (slot, t), g in zip(leaves, grads):
-        result[slot] = torch.zeros_like(t) if g is None else g
-    return tuple(result)
+def _bn_grads(ctx, first: int, bn: BatchNormParams, grad_scale, grad_shift) -> List[Optional[Tensor]]:
+    """Gradients of the BatchNorm arguments at slots first .. first+4 (eps: None)."""
+    needs = [bool(ctx.needs_input_grad[first + i]) for i in range(4)]
+    if not any(needs) or grad_scale is None:
+        return [None] * 5
+    return reference.fold_bn_backward(grad_scale, grad_shift, bn, needs) + [None]
 
 
-def _scatter_grads(ctx, slots: Sequence[int], grads: Sequence[Tensor]) -> tuple:
-    result = [None] * ctx.num_inputs
-    for slot, g in zip(slots, grads):
-        result[slot] = g if ctx.needs_input_grad[slot] else None
-    return tuple(result)
+def _bn_needed(ctx, first: int) -> bool:
+    return any(ctx.needs_input_grad[first:first + 4])
 
 
-_GHOST_GRAD_SLOTS = (0, 1, 2, 3, 4, 5, 6, 9)  # x, the six parameters, gate
+def _backward(op, name: str, backend: str, *args):
+    """A backward kernel through its custom op; the reference backend differentiates its eager math directly
+    (autograd does not run inside a custom op's kernel)."""
+    if backend == "reference":
+        return getattr(BACKENDS["reference"], name)(*args)
+    return op(*args, backend)
 
 
 def _ghost_module_backward(ctx, grad_out):
-    args = _saved_args(ctx)
-    if args[-1] == "reference":
-        return _reference_vjp(ctx, grad_out, reference.ghost_module_forward)
-    x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode, backend = args
-    needs = [bool(ctx.needs_input_grad[i]) for i in _GHOST_GRAD_SLOTS]
-    grads = _ghost_module_backward_op(grad_out, x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode,
-                                      needs, backend)
-    return _scatter_grads(ctx, _GHOST_GRAD_SLOTS, grads)
-
-
-def _dfc_backward(mode_of):
-    def backward(ctx, grad):
-        args = _saved_args(ctx)
-        mode = mode_of(args)
-        if args[-1] == "reference":
-            if mode == "gate":
-                return _reference_vjp(ctx, grad, reference.dfc_gate_forward)
-            return _reference_vjp(ctx, grad, lambda x, *rest: reference.dfc_attention_forward(x, *rest[:-1],
-                                                                                              mode=rest[-1]))
-        needs = [bool(ctx.needs_input_grad[i]) for i in range(10)]
-        grads = _dfc_backward_op(grad, *args[:10], mode, needs, args[-1])
-        return _scatter_grads(ctx, range(10), grads)
-
-    return backward
+    a = _saved_args(ctx)
+    x, w1, w2, out_channels, relu, gate, gate_mode, backend = a[0], a[1], a[7], a[13], a[14], a[15], a[16], a[17]
+    bn1, bn2 = BatchNormParams(*a[2:7]), BatchNormParams(*a[8:13])
+    s1, b1 = _fold_for_backward(bn1, w1.shape[0], x)
+    s2, b2 = _fold_for_backward(bn2, w2.shape[0], x)
+    need = ctx.needs_input_grad
+    n1, n2 = _bn_needed(ctx, 2), _bn_needed(ctx, 8)
+    needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), n2, n2, bool(need[15])]
+    g = _backward(_ghost_module_backward_op, "ghost_module_backward", backend,
+                  grad_out.contiguous(memory_format=output_memory_format(x)), x, w1, s1, b1, w2, s2, b2, out_channels,
+                  relu, gate, gate_mode, needs)
+    g = [t if need_t else None for t, need_t in zip(g, needs)]
+    return (g[0], g[1], *_bn_grads(ctx, 2, bn1, g[2], g[3]), g[4], *_bn_grads(ctx, 8, bn2, g[5], g[6]),
+            None, None, g[7], None, None)
 
 
 def _ghost_module_stats_backward(ctx, grad_mean, grad_var):
     """The statistics' gradient reaches z as dz = grad_mean / M + 2 grad_var (z - mean) / M (M = N*H*W)."""
-    args = _saved_args(ctx)
-    x, w1, s1, b1, w2, relu, stage, backend = args
-    (mean,) = _saved_extra(ctx)
+    a = _saved_args(ctx)
+    x, w1, w2, relu, stage, backend = a[0], a[1], a[7], a[8], a[9], a[10]
+    mean = ctx.saved_tensors[len(ctx.tensor_slots)]
+    bn1 = BatchNormParams(*a[2:7])
     if grad_mean is None:
         grad_mean = torch.zeros_like(mean)
     if grad_var is None:
         grad_var = torch.zeros_like(mean)
-    if backend == "reference":
-        def fn(x, w1, s1, b1, w2, relu, stage):
-            m, v = reference.ghost_module_stats(x, w1, s1, b1, w2, relu, stage)
-            return m * grad_mean.to(m.dtype) + v * grad_var.to(v.dtype)  # a scalar-valued vjp of both outputs
-
-        return _reference_vjp(ctx, None, lambda *a: fn(*a).sum())
+    s1, b1 = _fold_for_backward(bn1, w1.shape[0], x)
     m = x.shape[0] * x.shape[2] * x.shape[3]
-    needs = [bool(ctx.needs_input_grad[i]) for i in range(5)]
-    grads = _ghost_module_stats_backward_op(x, w1, s1, b1, w2, relu, stage, grad_mean / m, grad_var * (2.0 / m),
-                                            mean, needs, backend)
-    if stage == 1:  # z1 depends on x and primary_weight only
-        grads = list(grads[:2]) + [None] * 3
-    return _scatter_grads(ctx, range(5), grads)
+    need = ctx.needs_input_grad
+    n1 = stage == 2 and _bn_needed(ctx, 2)
+    needs = [bool(need[0]), bool(need[1]), n1, n1, stage == 2 and bool(need[7])]
+    g = _backward(_ghost_module_stats_backward_op, "ghost_module_stats_backward", backend, x, w1, s1, b1, w2, relu,
+                  stage, grad_mean / m, grad_var * (2.0 / m), mean, needs)
+    g = [t if need_t else None for t, need_t in zip(g, needs)]
+    bn_grads = _bn_grads(ctx, 2, bn1, g[2], g[3]) if n1 else [None] * 5
+    return (g[0], g[1], *bn_grads, g[4], None, None, None)
 
 
-def _setup_stats(ctx, inputs, output):
-    _save_inputs(ctx, inputs, output, extra=(output[0],))
-
-
-def _setup(ctx, inputs, output):
-    _save_inputs(ctx, inputs, output)
+def _dfc_backward(ctx, grad):
+    a = _saved_args(ctx)
+    x, cw, hw, vw, mode, backend = a[0], a[1], a[7], a[13], a[19], a[20]
+    bns = [BatchNormParams(*a[2:7]), BatchNormParams(*a[8:13]), BatchNormParams(*a[14:19])]
+    c = cw.shape[0]
+    (s3, b3), (s4, b4), (s5, b5) = [_fold_for_backward(bn, c, x) for bn in bns]
+    need = ctx.needs_input_grad
+    n3, n4, n5 = _bn_needed(ctx, 2), _bn_needed(ctx, 8), _bn_needed(ctx, 14)
+    needs = [bool(need[0]), bool(need[1]), n3, n3, bool(need[7]), n4, n4, bool(need[13]), n5, n5]
+    g = _backward(_dfc_backward_op, "dfc_backward", backend, grad.contiguous(memory_format=output_memory_format(x)),
+                  x, cw, s3, b3, hw, s4, b4, vw, s5, b5, mode, needs)
+    g = [t if need_t else None for t, need_t in zip(g, needs)]
+    return (g[0], g[1], *_bn_grads(ctx, 2, bns[0], g[2], g[3]), g[4], *_bn_grads(ctx, 8, bns[1], g[5], g[6]),
+            g[7], *_bn_grads(ctx, 14, bns[2], g[8], g[9]), None, None)
 
 
 _ghost_module_op.register_autograd(_ghost_module_backward, setup_context=_setup)
-_dfc_gate_op.register_autograd(_dfc_backward(lambda args: "gate"), setup_context=_setup)
-_ghost_module_stats_op.register_autograd(_ghost_module_stats_backward, setup_context=_setup_stats)
-_dfc_attention_op.register_autograd(_dfc_backward(lambda args: args[10]), setup_context=_setup)
+_ghost_module_stats_op.register_autograd(_ghost_module_stats_backward, setup_context=_setup)
+_dfc_op.register_autograd(_dfc_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Validation: a clear error naming what was expected and what came, before any kernel runs.
+# Running the ops with a resolved backend (what the nn modules call, once per module call), and `auto` on GPUs.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_input(x: Tensor, op: str, in_channels: int, min_hw: int = 0) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: expected a Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{op}: expected a 4-D input [N, C, H, W], got a {x.dim()}-D tensor of shape "
-                         f"{tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(f"{op}: expected input with {in_channels} channels, got {x.shape[1]} "
-                         f"(input shape {tuple(x.shape)})")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: expected a floating input ({', '.join(str(d) for d in SUPPORTED_DTYPES)}), "
-                        f"got {x.dtype}")
-    if min_hw and x.numel() and (x.shape[2] < min_hw or x.shape[3] < min_hw):
-        raise ValueError(f"{op}: the 2x2 average pool needs H and W >= {min_hw}, got {x.shape[2]}x{x.shape[3]}")
+def run_ghost_module(x, primary_weight, bn1: BatchNormParams, cheap_weight, bn2: BatchNormParams, out_channels: int,
+                     relu: bool, gate: Optional[Tensor], gate_mode: str, backend: str) -> Tensor:
+    """The Ghost module op on a resolved backend: a concrete name, or 'auto' with several fused candidates (CUDA:
+    settled per shape by measuring)."""
+    def run(name):
+        return _ghost_module_op(x, primary_weight, *bn1, cheap_weight, *bn2, out_channels, relu, gate, gate_mode,
+                                name)
+
+    if backend == "auto":
+        key = (tuple(primary_weight.shape), tuple(cheap_weight.shape), out_channels, relu,
+               None if gate is None else (tuple(gate.shape), gate_mode))
+        backend = _fastest("ghost_module", x, run, key)
+    return run(backend)
 
 
-def _check_params(op: str, x: Tensor, named: dict) -> None:
-    """Weights (4-D) must have the input's dtype; per-channel scale and bias may also be float32."""
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}; expected both on "
-                             f"{x.device}")
-        allowed = (x.dtype,) if t.dim() == 4 else (x.dtype, torch.float32)
-        if t.dtype not in allowed:
-            raise TypeError(f"{op}: expected {name} of dtype {' or '.join(map(str, allowed))} to match the input "
-                            f"({x.dtype}), got {t.dtype}")
+def run_dfc(x, conv_weight, bn3: BatchNormParams, h_weight, bn4: BatchNormParams, v_weight, bn5: BatchNormParams,
+            mode: str, backend: str) -> Tensor:
+    def run(name):
+        return _dfc_op(x, conv_weight, *bn3, h_weight, *bn4, v_weight, *bn5, mode, name)
+
+    if backend == "auto":
+        backend = _fastest("dfc", x, run, (tuple(conv_weight.shape), mode))
+    return run(backend)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+def run_ghost_module_stats(x, primary_weight, bn1: BatchNormParams, cheap_weight, relu: bool, stage: int,
+                           backend: str) -> Tuple[Tensor, Tensor]:
+    return _ghost_module_stats_op(x, primary_weight, *bn1, cheap_weight, relu, stage, backend)
 
-
-def _run_reference(fn, x: Tensor, tensors: Sequence[Optional[Tensor]], *args, **kwargs) -> Tensor:
-    """The reference backend inside an op: computes in float32 for half inputs, returns the input's dtype."""
-    dt = _compute_dtype(x)
-    cast = [None if t is None else t.to(dt) for t in tensors]
-    out = fn(x.to(dt), *cast, *args, **kwargs)
-    return out.to(x.dtype).contiguous(memory_format=output_memory_format(x))
-
-
-def _check_weight(op: str, name: str, w: Tensor, shape: tuple) -> None:
-    if tuple(w.shape) != tuple(shape):
-        raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(w.shape)}")
-
-
-def _check_vector(op: str, name: str, v: Tensor, n: int) -> None:
-    if v.dim() != 1 or v.shape[0] != n:
-        raise ValueError(f"{op}: expected {name} of shape ({n},), got {tuple(v.shape)}")
-
-
-def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[bool], run=None, key=()) -> str:
-    """The concrete backend for this call. `auto` with several fused candidates (CUDA: triton and cuda) is
-    settled per op and shape by `_fastest`, with `run(name)` computing the op through backend `name`."""
-    strict = default_strict() if strict is None else strict
-    name, reason = resolve_backend(backend, x.device, x.dtype)
-    if reason is not None:
-        fallback(f"{op}: {reason}", strict)
-    if name == "auto":
-        name = _fastest(op, x, auto_candidates(x.device, x.dtype), run, key)
-    return name
-
-
-# ---- auto on GPUs: the faster of the fused backends, measured once per op and shape -------------------------
 
 _AUTO_CHOICE: dict = {}
 _AGREE_TOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -495,18 +588,28 @@ def auto_choices() -> dict:
     return dict(_AUTO_CHOICE)
 
 
-def _fastest(op: str, x: Tensor, candidates: List[str], run, key) -> str:
+def _fastest(op: str, x: Tensor, run, key) -> str:
+    """The faster fused backend for this op and shape, measured once (after checking each against the
+    reference); a candidate that fails to compile or launch, or disagrees, is never chosen."""
     full_key = (op, str(x.device), x.dtype, tuple(x.shape), output_memory_format(x) == torch.channels_last, *key)
     if full_key in _AUTO_CHOICE:
         return _AUTO_CHOICE[full_key][0]
-    if len(candidates) == 1 or run is None or torch.compiler.is_compiling() or _is_fake(x):
+    candidates = auto_candidates(x.device, x.dtype)
+    if not candidates:
+        return "reference"
+    if len(candidates) == 1 or torch.compiler.is_compiling() or _is_fake(x):
         return candidates[0]  # tracing: no real data to time; the eager run of the same shape decides
     with torch.no_grad():
         ref = run("reference").double()
         times = {}
         for name in candidates:
-            out = run(name)
-            err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+            try:
+                out = run(name)
+                err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+            except Exception as e:  # e.g. Triton's OutOfResources or a compile error: fall back, don't abort
+                fallback(f"{op}: backend {name!r} failed for input {tuple(x.shape)} {x.dtype} "
+                         f"({type(e).__name__}: {e}); not using it for this shape", strict=False)
+                continue
             if not err <= _AGREE_TOL[x.dtype]:  # also catches NaN: a kernel that disagrees is never chosen
                 fallback(f"{op}: backend {name!r} disagrees with the reference (relative error {err:.2e}) for "
                          f"input {tuple(x.shape)} {x.dtype}; not using it for this shape", strict=False)
@@ -541,156 +644,71 @@ def _is_fake(x: Tensor) -> bool:
     return isinstance(x, FakeTensor)
 
 
-def ghost_module(
-    x: Tensor,
-    primary_weight: Tensor,
-    primary_scale: Tensor,
-    primary_bias: Tensor,
-    cheap_weight: Tensor,
-    cheap_scale: Tensor,
-    cheap_bias: Tensor,
-    out_channels: Optional[int] = None,
-    relu: bool = True,
-    gate: Optional[Tensor] = None,
-    gate_mode: str = "nearest",
-    *,
-    backend: Optional[str] = None,
-    strict: Optional[bool] = None,
-) -> Tensor:
-    """Fused Ghost module, eval mode: `cat(act(conv1x1(x)*s1+b1), act(dw(x1)*s2+b2))[:, :out_channels]`,
-    optionally multiplied by `upsample(gate, (H, W), gate_mode)` in the same launch.
+def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[bool]) -> str:
+    """The backend for a public call: a concrete name, or 'auto' when several fused backends compete."""
+    strict = default_strict() if strict is None else strict
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a Tensor input, got {type(x).__name__}")
+    name, reason = resolve_backend(backend, x.device, x.dtype if x.dtype in SUPPORTED_DTYPES else None)
+    if reason is not None:
+        fallback(f"{op}: {reason}", strict)
+    return name
 
-    `primary_weight` [init, C_in, 1, 1], `cheap_weight` [init*(ratio-1), 1, dw, dw]; `gate` [N, out, Hg, Wg]."""
+
+# ----------------------------------------------------------------------------------------------------------
+# The public ops.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ghost_module(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, bn2, out_channels: Optional[int] = None,
+                 relu: bool = True, gate: Optional[Tensor] = None, gate_mode: str = "nearest", *,
+                 backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
+    """Fused Ghost module: `cat(act(bn1(conv1x1(x))), act(bn2(dw(x1))))[:, :out_channels]`, optionally multiplied
+    by `upsample(gate, (H, W), gate_mode)` in the same launch.
+
+    `primary_weight` [init, C_in, 1, 1], `cheap_weight` [init*(ratio-1), 1, k, k]; `bn1`, `bn2`: BatchNormParams
+    (or BatchNorm modules in eval mode, or None); `gate` [N, out_channels, Hg, Wg]."""
     op = "ghostfast.ops.ghost_module"
-    if primary_weight.dim() != 4 or primary_weight.shape[2:] != (1, 1):
-        raise ValueError(f"{op}: expected a 1x1 primary_weight [init, C_in, 1, 1], got {tuple(primary_weight.shape)}")
-    init, c_in = primary_weight.shape[:2]
-    _check_input(x, op, c_in)
-    if cheap_weight.dim() != 4 or cheap_weight.shape[1] != 1 or cheap_weight.shape[2] != cheap_weight.shape[3]:
-        raise ValueError(f"{op}: expected a square depthwise cheap_weight [init*(ratio-1), 1, k, k], got "
-                         f"{tuple(cheap_weight.shape)}")
-    new = cheap_weight.shape[0]
-    if new < init or new % init:
-        raise ValueError(f"{op}: cheap_weight has {new} output channels; expected a positive multiple of "
-                         f"init={init} (init*(ratio-1))")
-    dw = cheap_weight.shape[-1]
-    if dw not in SUPPORTED_DW_SIZES:
-        raise ValueError(f"{op}: depthwise size must be one of {SUPPORTED_DW_SIZES}, got {dw}")
-    out_channels = init + new if out_channels is None else int(out_channels)
-    if not 1 <= out_channels <= init + new:
-        raise ValueError(f"{op}: out_channels must be in [1, {init + new}], got {out_channels}")
-    _check_vector(op, "primary_scale", primary_scale, init)
-    _check_vector(op, "primary_bias", primary_bias, init)
-    _check_vector(op, "cheap_scale", cheap_scale, new)
-    _check_vector(op, "cheap_bias", cheap_bias, new)
-    if gate is not None:
-        if gate_mode not in reference.GATE_MODES:
-            raise ValueError(f"{op}: gate_mode must be one of {reference.GATE_MODES}, got {gate_mode!r}")
-        if gate.dim() != 4 or gate.shape[0] != x.shape[0] or gate.shape[1] != out_channels or (
-                x.numel() and min(gate.shape[2:]) < 1):
-            raise ValueError(f"{op}: expected gate of shape ({x.shape[0]}, {out_channels}, Hg, Wg) with Hg, Wg >= 1, "
-                             f"got {tuple(gate.shape)}")
-        if gate.dtype != x.dtype:
-            raise TypeError(f"{op}: expected gate dtype {x.dtype} (the input's), got {gate.dtype}")
-    _check_params(op, x, dict(primary_weight=primary_weight, primary_scale=primary_scale,
-                              primary_bias=primary_bias, cheap_weight=cheap_weight, cheap_scale=cheap_scale,
-                              cheap_bias=cheap_bias, gate=gate))
-    def run(name):
-        return _ghost_module_op(x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
-                                cheap_bias, out_channels, bool(relu), gate, gate_mode, name)
-
-    key = (tuple(primary_weight.shape), tuple(cheap_weight.shape), out_channels, bool(relu),
-           None if gate is None else (tuple(gate.shape), gate_mode))
-    return run(_pick_backend(op, x, backend, strict, run, key))
+    bn1, bn2 = as_batch_norm(bn1, f"{op}: bn1"), as_batch_norm(bn2, f"{op}: bn2")
+    if out_channels is None and isinstance(primary_weight, Tensor) and isinstance(cheap_weight, Tensor):
+        out_channels = primary_weight.shape[0] + cheap_weight.shape[0]
+    out_channels = check_ghost_module_args(op, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate,
+                                           gate_mode)
+    return run_ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode,
+                            _pick_backend(op, x, backend, strict))
 
 
-def ghost_module_stats(
-    x: Tensor,
-    primary_weight: Tensor,
-    primary_scale: Optional[Tensor],
-    primary_bias: Optional[Tensor],
-    cheap_weight: Tensor,
-    relu: bool,
-    stage: int,
-    *,
-    backend: str,
-) -> Tuple[Tensor, Tensor]:
+def ghost_module_stats(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, relu: bool, stage: int, *,
+                       backend: str) -> Tuple[Tensor, Tensor]:
     """Training-mode BatchNorm statistics of a Ghost module, per channel over N, H, W: (mean, biased variance) of
-    z1 = conv1x1(x) (stage 1; primary_scale and primary_bias unused, may be None) or of every channel of
-    z2 = dw(act(z1 * primary_scale + primary_bias)) (stage 2). Differentiable (gradients flow through the
-    statistics into x and the parameters). `backend`: 'triton', 'cpu' or 'reference' (see
-    `ghostfast.backends.stats_backend`). Returned in float32 (float64 for float64 inputs)."""
+    z1 = conv1x1(x) (stage 1; bn1 unused) or of every channel of z2 = dw(act(bn1(z1))) (stage 2). Differentiable
+    (gradients flow through the statistics into x, the weights and bn1's tensors). `backend`: a concrete name
+    (see `ghostfast.backends.stats_backend`). Returned in float32 (float64 for float64 inputs)."""
     op = "ghostfast.ops.ghost_module_stats"
-    if stage not in (1, 2):
-        raise ValueError(f"{op}: stage must be 1 or 2, got {stage!r}")
-    if backend not in ("triton", "cpu", "reference"):
-        raise ValueError(f"{op}: backend must be 'triton', 'cpu' or 'reference', got {backend!r}")
-    if primary_weight.dim() != 4 or primary_weight.shape[2:] != (1, 1):
-        raise ValueError(f"{op}: expected a 1x1 primary_weight [init, C_in, 1, 1], got {tuple(primary_weight.shape)}")
-    init, c_in = primary_weight.shape[:2]
-    _check_input(x, op, c_in)
-    if x.numel() // max(x.shape[1], 1) < 2:
-        raise ValueError(f"{op}: batch statistics need more than 1 value per channel, got input of shape "
-                         f"{tuple(x.shape)}")
-    new = cheap_weight.shape[0]
-    if cheap_weight.dim() != 4 or cheap_weight.shape[1] != 1 or new % init or cheap_weight.shape[-1] not in \
-            SUPPORTED_DW_SIZES or cheap_weight.shape[-1] != cheap_weight.shape[-2]:
-        raise ValueError(f"{op}: expected a square depthwise cheap_weight [init*(ratio-1), 1, k, k] with init={init} "
-                         f"and k in {SUPPORTED_DW_SIZES}, got {tuple(cheap_weight.shape)}")
-    dt = _compute_dtype(x)
-    if primary_scale is None:
-        primary_scale = torch.ones(init, dtype=dt, device=x.device)
-    if primary_bias is None:
-        primary_bias = torch.zeros(init, dtype=dt, device=x.device)
-    _check_vector(op, "primary_scale", primary_scale, init)
-    _check_vector(op, "primary_bias", primary_bias, init)
-    _check_params(op, x, dict(primary_weight=primary_weight, primary_scale=primary_scale, primary_bias=primary_bias,
-                              cheap_weight=cheap_weight))
-    return _ghost_module_stats_op(x, primary_weight, primary_scale, primary_bias, cheap_weight, bool(relu),
-                                  int(stage), backend)
+    bn1 = as_batch_norm(bn1, f"{op}: bn1")
+    check_ghost_module_stats_args(op, x, primary_weight, bn1, cheap_weight, relu, stage, backend)
+    return run_ghost_module_stats(x, primary_weight, bn1, cheap_weight, relu, stage, backend)
 
 
-def _check_dfc(op: str, x: Tensor, params: Sequence[Tensor]) -> None:
-    conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias = params
-    if conv_weight.dim() != 4 or conv_weight.shape[2:] != (1, 1):
-        raise ValueError(f"{op}: expected a 1x1 conv_weight [C, C_in, 1, 1], got {tuple(conv_weight.shape)}")
-    c, c_in = conv_weight.shape[:2]
-    _check_input(x, op, c_in, min_hw=2)
-    _check_weight(op, "h_weight", h_weight, (c, 1, 1, 5))
-    _check_weight(op, "v_weight", v_weight, (c, 1, 5, 1))
-    for name, v in dict(conv_scale=conv_scale, conv_bias=conv_bias, h_scale=h_scale, h_bias=h_bias,
-                        v_scale=v_scale, v_bias=v_bias).items():
-        _check_vector(op, name, v, c)
-    _check_params(op, x, dict(zip(("conv_weight", "conv_scale", "conv_bias", "h_weight", "h_scale", "h_bias",
-                                   "v_weight", "v_scale", "v_bias"), params)))
+def dfc(x: Tensor, conv_weight: Tensor, bn3, h_weight: Tensor, bn4, v_weight: Tensor, bn5, mode: str = "gate", *,
+        backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
+    """Fused DFC attention gate in one launch: sigmoid(bn5(dw5x1(bn4(dw1x5(bn3(conv1x1(avgpool2x2(x)))))))) at the
+    pooled resolution [N, C, H//2, W//2] (mode 'gate'), or upsampled to x's H x W (mode 'nearest' or 'bilinear')."""
+    op = "ghostfast.ops.dfc"
+    bn3, bn4, bn5 = (as_batch_norm(b, f"{op}: {n}") for b, n in ((bn3, "bn3"), (bn4, "bn4"), (bn5, "bn5")))
+    check_dfc_args(op, x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode)
+    return run_dfc(x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode, _pick_backend(op, x, backend, strict))
 
 
-def dfc_gate(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
-             h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor, *,
+def dfc_gate(x: Tensor, conv_weight: Tensor, bn3, h_weight: Tensor, bn4, v_weight: Tensor, bn5, *,
              backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
-    """Fused DFC attention gate at the pooled resolution [N, C, H//2, W//2]:
-    sigmoid(BN5(dw5x1(BN4(dw1x5(BN3(conv1x1(avgpool2x2(x)))))))) in one launch."""
-    op = "ghostfast.ops.dfc_gate"
-    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    _check_dfc(op, x, params)
-
-    def run(name):
-        return _dfc_gate_op(x, *params, name)
-
-    return run(_pick_backend(op, x, backend, strict, run, (tuple(conv_weight.shape),)))
+    """The DFC gate at the pooled resolution [N, C, H//2, W//2]: `dfc(..., mode='gate')`."""
+    return dfc(x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, "gate", backend=backend, strict=strict)
 
 
-def dfc_attention(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
-                  h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor,
+def dfc_attention(x: Tensor, conv_weight: Tensor, bn3, h_weight: Tensor, bn4, v_weight: Tensor, bn5,
                   mode: str = "nearest", *, backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
-    """The DFC gate upsampled to x's full H x W (`mode` 'nearest' or 'bilinear'), computed in one launch."""
-    op = "ghostfast.ops.dfc_attention"
+    """The DFC gate upsampled to x's full H x W (`mode` 'nearest' or 'bilinear'), in one launch."""
     if mode not in reference.GATE_MODES:
-        raise ValueError(f"{op}: mode must be one of {reference.GATE_MODES}, got {mode!r}")
-    params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
-    _check_dfc(op, x, params)
-
-    def run(name):
-        return _dfc_attention_op(x, *params, mode, name)
-
-    return run(_pick_backend(op, x, backend, strict, run, (tuple(conv_weight.shape), mode)))
+        raise ValueError(f"ghostfast.ops.dfc_attention: mode must be one of {reference.GATE_MODES}, got {mode!r}")
+    return dfc(x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode, backend=backend, strict=strict)

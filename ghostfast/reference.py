@@ -1,11 +1,11 @@
 """The eager-PyTorch math of the Ghost module and of DFC attention: the spec every backend is tested against.
 
-All functions take NCHW (or channels_last) tensors and BatchNorm already folded into per-channel `scale` and
-`bias` (see `fold_bn`). They are also the `reference` backend, so they must stay plain, differentiable PyTorch.
+The op functions take NCHW (or channels_last) tensors and BatchNorm folded into per-channel `scale` and `bias`
+(`fold_bn` folds a `BatchNormParams`, the live-tensor form the kernels take, exactly as the kernels do). They are also the `reference` backend, so they must stay plain, differentiable PyTorch.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,18 +14,93 @@ from torch import Tensor, nn
 GATE_MODES = ("nearest", "bilinear")
 
 
-def fold_bn(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm as `y = x * scale + bias` (a conv bias before the BN folds into `bias`)."""
-    if bn.running_var is None or bn.running_mean is None:
-        raise ValueError("fold_bn needs running statistics (track_running_stats=True)")
-    inv_std = torch.rsqrt(bn.running_var + bn.eps)
-    scale = inv_std if bn.weight is None else bn.weight * inv_std
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+class BatchNormParams(NamedTuple):
+    """A BatchNorm as the live tensors the kernels fold per channel: `y = z * scale + shift` with
+    `scale = weight / sqrt(var + eps)`, `shift = bias - mean * scale`. A missing tensor (None) is the identity
+    (weight 1, bias 0, mean 0; no var: no 1/sqrt), so one form covers an eval-mode BatchNorm (running statistics),
+    a training-mode one (batch statistics as mean and var), affine=False, a conv bias without BatchNorm
+    (bias only), an already folded (scale, shift) pair (weight, bias) and no normalisation at all."""
+
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    mean: Optional[Tensor] = None
+    var: Optional[Tensor] = None
+    eps: float = 0.0
+
+    @classmethod
+    def of(cls, bn: nn.Module) -> "BatchNormParams":
+        """An eval-mode BatchNorm module's live tensors (no copy, no arithmetic)."""
+        if bn.running_var is None or bn.running_mean is None:
+            raise ValueError("BatchNormParams.of needs running statistics (track_running_stats=True)")
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps))
+
+    @classmethod
+    def affine(cls, scale: Optional[Tensor], shift: Optional[Tensor]) -> "BatchNormParams":
+        """An already folded `z * scale + shift`."""
+        return cls(scale, shift, None, None, 0.0)
+
+    def tensors(self) -> Tuple[Optional[Tensor], ...]:
+        return (self.weight, self.bias, self.mean, self.var)
+
+
+def fold_bn(bn, conv_bias: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """(scale, shift) of `y = z * scale + shift` for a BatchNormParams (or an eval-mode BatchNorm module), in
+    `dtype` (default: the tensors' own); a conv bias before the BN folds into `shift`. Differentiable."""
+    if not isinstance(bn, BatchNormParams):
+        bn = BatchNormParams.of(bn)
+    present = [t for t in bn.tensors() if t is not None] + ([conv_bias] if conv_bias is not None else [])
+    if not present:
+        raise ValueError("fold_bn: every tensor is None; the channel count is unknown")
+    ref = present[0]
+    dt = dtype or ref.dtype
+    n = ref.shape[0]
+
+    def get(t, default):
+        return torch.full((n,), default, dtype=dt, device=ref.device) if t is None else t.to(dt)
+
+    scale = get(bn.weight, 1.0)
+    if bn.var is not None:
+        scale = scale / torch.sqrt(bn.var.to(dt) + bn.eps)
+    shift = get(bn.bias, 0.0) - get(bn.mean, 0.0) * scale
     if conv_bias is not None:
-        shift = shift + conv_bias * scale
+        shift = shift + conv_bias.to(dt) * scale
     return scale, shift
+
+
+def fold_bn_vectors(bn: BatchNormParams, channels: int, dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
+    """`fold_bn` for any BatchNormParams, the all-None one included (scale 1, shift 0), without autograd: the
+    per-channel vectors the backward kernels take (and the reference backend applies)."""
+    with torch.no_grad():
+        if all(t is None for t in bn.tensors()):
+            return (torch.ones(channels, dtype=dtype, device=device), torch.zeros(channels, dtype=dtype, device=device))
+        return fold_bn(bn, dtype=dtype)
+
+
+def fold_bn_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], bn: BatchNormParams,
+                     needs: Sequence[bool]) -> List[Optional[Tensor]]:
+    """Gradients of (weight, bias, mean, var) of a BatchNormParams from those of its folded (scale, shift)
+    (the chain rule through `fold_bn`), each in its tensor's dtype; None where not needed or the tensor is None.
+    Computed in the gradients' (accumulation) dtype."""
+    weight, bias, mean, var, eps = bn
+    gs = grad_scale
+    gt = grad_shift
+    dt = (gs if gs is not None else gt).dtype
+    inv_std = None if var is None else torch.rsqrt(var.to(dt) + eps)
+    w = None if weight is None else weight.to(dt)
+    scale = w if inv_std is None else (inv_std if w is None else w * inv_std)
+    # shift = bias - mean * scale: the gradient reaching scale through shift is -mean * grad_shift
+    gs_total = gs if mean is None else gs - mean.to(dt) * gt
+    out: List[Optional[Tensor]] = [None] * 4
+    if needs[0] and weight is not None:
+        out[0] = (gs_total if inv_std is None else gs_total * inv_std).to(weight.dtype)
+    if needs[1] and bias is not None:
+        out[1] = gt.to(bias.dtype)
+    if needs[2] and mean is not None:
+        out[2] = (-gt if scale is None else -gt * scale).to(mean.dtype)
+    if needs[3] and var is not None:
+        # d scale / d var = -scale / (2 (var + eps))
+        out[3] = (-0.5 * gs_total * scale * inv_std * inv_std).to(var.dtype)
+    return out
 
 
 def _affine(y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
@@ -84,6 +159,14 @@ def ghost_module_stats(
     stage 1: of `z1 = conv1x1(x)`, the primary conv's output ([init] each).
     stage 2: of `z2 = dw(act(z1 * scale + bias))`, the cheap depthwise's output, every one of its channels
     ([init * (ratio - 1)] each), whatever `out_channels` later keeps: BatchNorm updates all of them."""
+    var, mean = torch.var_mean(ghost_module_preactivation(x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                                                          relu, stage), dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def ghost_module_preactivation(x: Tensor, primary_weight: Tensor, primary_scale: Optional[Tensor],
+                               primary_bias: Optional[Tensor], cheap_weight: Tensor, relu: bool, stage: int) -> Tensor:
+    """z1 = conv1x1(x) (stage 1) or z2 = dw(act(z1 * scale + bias)) (stage 2): what a BatchNorm normalises."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     z = F.conv2d(x, primary_weight)
@@ -93,20 +176,7 @@ def ghost_module_stats(
             x1 = F.relu(x1)
         dw = cheap_weight.shape[-1]
         z = F.conv2d(x1, cheap_weight, padding=dw // 2, groups=primary_weight.shape[0])
-    var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
-    return mean, var
-
-
-def batch_norm_train_fold(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                          eps: float) -> Tuple[Tensor, Tensor]:
-    """Training-mode BatchNorm of z with batch statistics (`mean`, biased `var` of z) as `z * scale + shift`;
-    differentiable in all of its tensors, so gradients flow through the batch statistics."""
-    inv_std = torch.rsqrt(var + eps)
-    scale = inv_std if weight is None else weight * inv_std
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
+    return z
 
 
 def dfc_gate_forward(
