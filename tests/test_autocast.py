@@ -155,22 +155,18 @@ def test_autocast_backward_matches_eager_autocast(name, factory, shape, dtype, b
 
 
 @pytest.mark.parametrize("backend", kernel_backends.NAMES)
-def test_autocast_cached_fold_follows_dtype_and_updates(backend, device):
-    """Under no_grad the folded (and cast) weights are cached per autocast dtype and rebuilt after a change."""
+def test_autocast_follows_dtype_and_updates(backend, device):
+    """Under no_grad and autocast the fused ops see the live parameters (no cache): an update between two calls
+    takes effect, and autocast off again runs float32."""
     eager, fast, _ = _modules(lambda: timm_ghost.GhostModuleV2(8, 12), device, backend)
     x = torch.randn(1, 8, 6, 6, device=device)
     with torch.no_grad():
         with torch.autocast(device, dtype=torch.float16):
             fast(x)
-            cached = fast._fold_value
-            assert all(t.dtype == torch.float16 for t in cached if t.dim() == 4)
-            assert all(t.dtype == torch.float32 for t in cached if t.dim() == 1)
-            fast(x)
-            assert fast._fold_value is cached
             eager.cheap_operation[1].weight.mul_(1.5)  # shared nothing: update both copies alike
             fast.cheap_operation[1].weight.mul_(1.5)
             out, ref = fast(x), eager(x)
-            assert fast._fold_value is not cached
+        assert out.dtype == ref.dtype == torch.float16
         assert rel_error(out, ref) <= 2 * REL_TOL[torch.float16]
         out32 = fast(x)  # autocast off again: float32 weights
         assert out32.dtype == torch.float32 and rel_error(out32, eager(x)) <= REL_TOL[torch.float32]

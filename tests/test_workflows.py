@@ -221,3 +221,30 @@ def test_ratio_one_module_is_skipped_not_converted(device):
     with pytest.raises(RuntimeError, match="groups") as fast_error:
         fast(x)
     assert str(fast_error.value) == str(eager_error.value)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inference_call_runs_only_the_fused_ops(backend, device):
+    """The BatchNorms fold inside the launches: an eval-mode call under no_grad dispatches exactly the fused ops
+    (GhostModule: 1, GhostModuleV2: 2), no per-call folding or casting ops around them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    net = ghostfast.convert(_net(device).eval(), backend=backend, strict=True)
+    x = torch.randn(1, 8, 6, 6, device=device)
+    for grad_mode in (torch.no_grad, torch.inference_mode):
+        with grad_mode():
+            for m, expected in ((net[0], ["ghostfast.ghost_module"]),
+                                (net[1], ["ghostfast.dfc", "ghostfast.ghost_module"])):
+                inp = x if m is net[0] else net[0](x)
+                with Ops() as seen:
+                    m(inp)
+                assert seen.names == expected
