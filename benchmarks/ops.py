@@ -66,9 +66,8 @@ class EagerDFCGate(nn.Module):
 
 
 class FusedDFCGate(nn.Module):
-    """The DFC gate through `ghostfast.ops.dfc_gate` on the BN folded by a converted ghostfast.nn.GhostModuleV2
-    (the same folded parameters its forward passes to the op). Under no_grad the folding is cached; with
-    gradients it is redone per call for the whole module, the Ghost branch's few vectors included."""
+    """The DFC gate through `ghostfast.ops.dfc_gate` on the live BatchNorms of a converted
+    ghostfast.nn.GhostModuleV2's short_conv (what its forward passes to the op; folded inside the launch)."""
 
     def __init__(self, fused: ghostfast.nn.GhostModuleV2, backend: str):
         super().__init__()
@@ -76,7 +75,9 @@ class FusedDFCGate(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        return ghostfast.ops.dfc_gate(x, *self.fused._folded()[6:], backend=self.backend)
+        l = self.fused.short_conv
+        return ghostfast.ops.dfc_gate(x, l[0].weight, l[1], l[2].weight, l[3], l[4].weight, l[5],
+                                      backend=self.backend)
 
 
 def conv1x1_peer(shape: GhostShape) -> nn.Module:
@@ -114,7 +115,7 @@ def provider_note(provider: str, op: str, direction: str) -> str:
     if provider == "ghostfast-reference" and op != "dfc_gate":
         notes.append("reference backend: the module runs the original timm submodules")
     if provider == "ghostfast-reference" and op == "dfc_gate":
-        notes.append("reference backend: ghostfast.reference math on folded BN")
+        notes.append("reference backend: ghostfast.reference math")
     if provider == "ghostfast-reference" and op == "dfc_gate" and direction != "forward":
         notes.append("backward differentiates the reference math")
     if provider == "ghostfast-triton" and direction != "forward":
