@@ -127,9 +127,13 @@ def test_data_edits_and_eps_changes_take_effect(backend, device):
             assert_close_rel(fast_out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-params", "trainable-params"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_inference_mode_then_autograd(backend, device):
+def test_inference_mode_then_autograd(backend, frozen, device):
+    """A first call under inference_mode, then one with input gradients (frozen parameters: saliency maps,
+    adversarial inputs) or parameter gradients: works as eager does."""
     eager = _pair(lambda: timm_ghost.GhostModuleV2(8, 12), device)
+    eager.requires_grad_(not frozen)
     fast = GhostModuleV2.from_module(copy.deepcopy(eager), backend=backend, strict=True)
     x = torch.randn(1, 8, 6, 6, device=device)
     with torch.inference_mode():
@@ -140,7 +144,9 @@ def test_inference_mode_then_autograd(backend, device):
     eager(xe).sum().backward()
     assert rel_error(xg.grad, xe.grad) <= REL_TOL[torch.float32]
     for (name, p), q in zip(fast.named_parameters(), eager.parameters()):
-        assert rel_error(p.grad, q.grad) <= 10 * REL_TOL[torch.float32], name
+        assert (p.grad is None) == frozen == (q.grad is None), name
+        if not frozen:
+            assert rel_error(p.grad, q.grad) <= 10 * REL_TOL[torch.float32], name
 
 
 @pytest.mark.parametrize("backend", FUSED)
