@@ -1,9 +1,10 @@
 """DFC attention forward as one Triton kernel: avgpool2x2 -> conv1x1+BN -> dw1x5+BN -> dw5x1+BN -> sigmoid, optionally
-upsampled back to H x W; x and out in NCHW, channels_last or any strides; fp32 accumulation (fp64 for fp64)."""
+upsampled back to H x W, each BN folded per channel from its live tensors inside the launch (kernels/batch_norm.py);
+and its backward (folded BN vectors) as one more. x and out in NCHW, channels_last or any strides; fp32 accumulation
+(fp64 for fp64)."""
 from __future__ import annotations
 
-import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -11,9 +12,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .batch_norm import _fold_bn, bn_launch_args
 
-_UPSAMPLE = {None: 0, "nearest": 1, "bilinear": 2}
+_UPSAMPLE = {"gate": 0, "nearest": 1, "bilinear": 2}  # mode -> the kernels' UPSAMPLE
 
 
 @triton.jit
@@ -36,15 +37,8 @@ def _pooled_conv1x1(x_base, x_pix, in_img, cw_ptr, ci, cmask, CIN, sxc, sxh, sxw
         pooled = (v * 0.25).to(XDT)
         wm = cmask[:, None] & kmask[None, :]
         w = tl.load(cw_ptr + ci[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm, other=0.0)
-        acc = tl.dot(w.to(XDT), pooled, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(w.to(XDT), pooled, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     return acc
-
-
-@triton.jit
-def _load_bn(scale_ptr, bias_ptr, ci, s_scale, s_bias, cmask, ACC: tl.constexpr):
-    scale = tl.load(scale_ptr + ci * s_scale, mask=cmask, other=0.0).to(ACC)
-    bias = tl.load(bias_ptr + ci * s_bias, mask=cmask, other=0.0).to(ACC)
-    return scale, bias
 
 
 @triton.jit
@@ -64,14 +58,14 @@ def _bilinear_scales(H, W, HP, WP, scale_h, scale_w, IS_FP64: tl.constexpr):
 def _dfc_kernel(
     x_ptr,  # [N, CIN, H, W], any strides
     cw_ptr,  # [C, CIN, 1, 1] conv1x1 weight
-    cs_ptr,  # [C] BN3 scale
-    cb_ptr,  # [C] BN3 bias
+    bn3_weight, bn3_bias, bn3_mean, bn3_var,  # [C] BN3's live vectors, contiguous, any float dtype (x if absent)
+    bn3_eps: tl.float64,  # BN3's eps (fp64: rounded to ACC in the fold)
     hw_ptr,  # [C, 1, 1, 5] dw 1x5 weight
-    hs_ptr,  # [C] BN4 scale
-    hb_ptr,  # [C] BN4 bias
+    bn4_weight, bn4_bias, bn4_mean, bn4_var,  # [C] BN4's live vectors
+    bn4_eps: tl.float64,
     vw_ptr,  # [C, 1, 5, 1] dw 5x1 weight
-    vs_ptr,  # [C] BN5 scale
-    vb_ptr,  # [C] BN5 bias
+    bn5_weight, bn5_bias, bn5_mean, bn5_var,  # [C] BN5's live vectors
+    bn5_eps: tl.float64,
     out_ptr,  # [N, C, HP, WP] gate, or [N, C, H, W] upsampled gate; any strides
     scratch_ptr,  # [num_programs, 2, BLOCK_C, HALO_H * HALO_W] per-program tiles (y3 then gate; y4)
     CIN,  # scalar: input channels
@@ -85,7 +79,6 @@ def _dfc_kernel(
     scw_c, scw_k,  # conv weight strides (out channel, in channel)
     shw_c, shw_t,  # h_weight strides (channel, tap)
     svw_c, svw_t,  # v_weight strides (channel, tap)
-    s_cs, s_cb, s_hs, s_hb, s_vs, s_vb,  # scale / bias strides
     scale_h,  # scalar fp32: HP / H, as F.interpolate computes it in float32
     scale_w,  # scalar fp32: WP / W
     row_span,  # scalar: full-res rows visited per tile (upsample only)
@@ -107,6 +100,9 @@ def _dfc_kernel(
     IS_FP64: tl.constexpr,  # accumulate in fp64 (fp64 inputs), else fp32
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs only)
     INDEX64: tl.constexpr,  # offsets within one image of x / out / weights may pass int32
+    BN3_HAS_W: tl.constexpr, BN3_HAS_B: tl.constexpr, BN3_HAS_M: tl.constexpr, BN3_HAS_V: tl.constexpr,
+    BN4_HAS_W: tl.constexpr, BN4_HAS_B: tl.constexpr, BN4_HAS_M: tl.constexpr, BN4_HAS_V: tl.constexpr,
+    BN5_HAS_W: tl.constexpr, BN5_HAS_B: tl.constexpr, BN5_HAS_M: tl.constexpr, BN5_HAS_V: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # Offsets inside one image in int32 unless an image spans 2^31 elements (int64 pointer math costs registers).
@@ -156,7 +152,8 @@ def _dfc_kernel(
         x_pix = (2 * ph).to(IDX) * sxh + (2 * pw).to(IDX) * sxw
         acc = _pooled_conv1x1(x_base, x_pix, in_img, cw_ptr, ci, cmask, CIN, sxc, sxh, sxw, scw_c, scw_k,
                               BLOCK_C, BLOCK_K, HALO_PIX, ACC, XDT, IDX, DOT_PRECISION)
-        s3, b3 = _load_bn(cs_ptr, cb_ptr, ci, s_cs, s_cb, cmask, ACC)
+        s3, b3 = _fold_bn(bn3_weight, bn3_bias, bn3_mean, bn3_var, bn3_eps, ci, cmask,
+                          BN3_HAS_W, BN3_HAS_B, BN3_HAS_M, BN3_HAS_V, ACC)
         y3 = acc * s3[:, None] + b3[:, None]
         # Lanes outside the image hold the bias; the readers mask them, which is the zero padding of the
         # biased output.
@@ -172,7 +169,8 @@ def _dfc_kernel(
             wt = tl.load(hw_ptr + ci * shw_c + tap * shw_t, mask=cmask, other=0.0).to(ACC)
             y3t = tl.load(scr_a + scr_tile + (tap - 2), mask=m[None, :], other=0.0)
             y4 += wt[:, None] * y3t
-        s4, b4 = _load_bn(hs_ptr, hb_ptr, ci, s_hs, s_hb, cmask, ACC)
+        s4, b4 = _fold_bn(bn4_weight, bn4_bias, bn4_mean, bn4_var, bn4_eps, ci, cmask,
+                          BN4_HAS_W, BN4_HAS_B, BN4_HAS_M, BN4_HAS_V, ACC)
         y4 = y4 * s4[:, None] + b4[:, None]
         tl.store(scr_b + scr_tile, y4)
         tl.debug_barrier()
@@ -186,7 +184,8 @@ def _dfc_kernel(
             wt = tl.load(vw_ptr + ci * svw_c + tap * svw_t, mask=cmask, other=0.0).to(ACC)
             y4t = tl.load(scr_b + scr_tile + (tap - 2) * HALO_W, mask=m[None, :], other=0.0)
             y5 += wt[:, None] * y4t
-        s5, b5 = _load_bn(vs_ptr, vb_ptr, ci, s_vs, s_vb, cmask, ACC)
+        s5, b5 = _fold_bn(bn5_weight, bn5_bias, bn5_mean, bn5_var, bn5_eps, ci, cmask,
+                          BN5_HAS_W, BN5_HAS_B, BN5_HAS_M, BN5_HAS_V, ACC)
         gate = tl.sigmoid(y5 * s5[:, None] + b5[:, None])
 
         o_base = out_ptr + n.to(tl.int64) * son + ci[:, None] * soc
@@ -269,54 +268,81 @@ def _max_programs(device: torch.device) -> int:
     return _SM_COUNT[idx] * 4
 
 
-def _config(n, cin, c, h, w, upsample, device, override=None):
-    """Tile sizes and launch shape. One deterministic config per shape (no autotune: the interpreter needs it)."""
-    o = dict(override or {})
+def _config(n, cin, c, h, w, upsample, device):
+    """The forward's launch choices for a shape: one deterministic config per shape (no autotune, which the
+    interpreter cannot run), depending only on the shape and the device. A dict of
+        halo_h, halo_w      the computed pooled tile, powers of two;
+        tiled_h, tiled_w    True: the dim is cut into tiles with a 2-lane halo each side (a tile owns halo - 4
+                            rows / cols, halo - 5 for bilinear); False: one tile covers it (halo >= the pooled
+                            size), no halo lanes;
+        block_c, block_k    output channels per item, input channels per dot step: powers of two >= 16;
+        full_rows           full-resolution rows per upsample step, a power of two;
+        max_programs        the persistent grid's cap;
+        num_warps;
+        index64             True forces int64 offsets inside an image (else only where an image needs them).
+    `_plan` looks this function up at call time, derives the launch shape and checks it: a test may monkeypatch it
+    to return any such dict that passes those checks, e.g. the default with small tiled halos and
+    max_programs=3 (the multi-tile path and the persistent loop on small images) or index64=True."""
     hp, wp = h // 2, w // 2
-    ring = 1 if upsample == 2 else 0
-
-    def dim(p, cap, tiled_halo, key):
-        # One tile covers the dim when it fits: no halo lanes are computed, the readers mask the border.
-        forced = o.get("halo_" + key)  # tests force the tiled path on small shapes
-        halo = forced or (tiled_halo if _pow2(p) > cap else None)
-        if halo is None:
-            return _pow2(p), 0, _pow2(p)
-        assert halo - 4 - ring >= 1, "halo too small for the 5-tap convs"
-        return halo, 2, halo - 4 - ring
-
+    shrink = 5 if upsample == 2 else 4
     # At most 256 lanes per tile: the chain keeps several [BLOCK_C, lanes] tensors and their addresses live,
-    # and bigger tiles spill on sm_90 (checked with ptxas, not yet timed). The interpreter tiles W at 16 so
-    # test-sized images already take the tiled path.
-    wide = 16 if _INTERPRET else 32
-    halo_w, margin_w, tile_w = dim(wp, wide, 16, "w")
-    cap_h = 256 // halo_w if margin_w == 0 else 16
-    halo_h, margin_h, tile_h = dim(hp, cap_h, min(max(cap_h, 8), 64), "h")
+    # and bigger tiles spill on sm_90 (checked with ptxas, not yet timed). One tile covers a dim when it fits:
+    # no halo lanes are computed, the readers mask the border.
+    tiled_w = _pow2(wp) > 32
+    halo_w = 16 if tiled_w else _pow2(wp)
+    cap_h = 16 if tiled_w else 256 // halo_w
+    tiled_h = _pow2(hp) > cap_h
+    halo_h = min(max(cap_h, 8), 64) if tiled_h else _pow2(hp)
     while halo_h * halo_w < 16:  # tl.dot needs >= 16 columns
-        if margin_w == 0:
-            halo_w *= 2
-            tile_w = halo_w
-        else:
+        if tiled_w:
             halo_h *= 2
-            tile_h = halo_h if margin_h == 0 else halo_h - 4 - ring
+        else:
+            halo_w *= 2
     pix = halo_h * halo_w
-    block_c = o.get("block_c") or min(max(16, _pow2(c)), 128, max(16, 4096 // pix))
-    block_k = o.get("block_k") or 16  # one MMA k-step; wider K only added registers (ptxas, sm_90)
-    tiles_h = triton.cdiv(hp, tile_h)
-    tiles_w = triton.cdiv(wp, tile_w)
-    if margin_w:
-        full_w = _pow2(2 * tile_w + 3)
-    else:
-        full_w = _pow2(w)
-    row_span = (2 * tile_h + 3) if margin_h else h
-    full_rows = o.get("full_rows") or max(1, min(_pow2(row_span), 2048 // (block_c * full_w)))
-    cblocks = triton.cdiv(c, block_c)
-    total = n * tiles_h * tiles_w * cblocks
-    grid = max(1, min(total, o.get("max_programs") or _max_programs(device)))
-    num_warps = o.get("num_warps") or min(16, max(4, block_c * pix // 256))  # ~8 elements per thread
-    return dict(halo_h=halo_h, halo_w=halo_w, margin_h=margin_h, margin_w=margin_w, tile_h=tile_h, tile_w=tile_w,
-                block_c=block_c, block_k=block_k, tiles_h=tiles_h, tiles_w=tiles_w, cblocks=cblocks, total=total,
-                grid=grid, full_w=full_w, full_rows=full_rows, row_span=row_span, num_warps=num_warps,
-                index64=bool(o.get("index64")))
+    block_c = min(max(16, _pow2(c)), 128, max(16, 4096 // pix))
+    full_w = _pow2(2 * (halo_w - shrink) + 3) if tiled_w else _pow2(w)
+    row_span = 2 * (halo_h - shrink) + 3 if tiled_h else h
+    return dict(halo_h=halo_h, halo_w=halo_w, tiled_h=tiled_h, tiled_w=tiled_w, block_c=block_c,
+                block_k=16,  # one MMA k-step; wider K only added registers (ptxas, sm_90)
+                full_rows=max(1, min(_pow2(row_span), 2048 // (block_c * full_w))),
+                max_programs=_max_programs(device),
+                num_warps=min(16, max(4, block_c * pix // 256)),  # ~8 elements per thread
+                index64=False)
+
+
+def _is_pow2(v) -> bool:
+    return isinstance(v, int) and v >= 1 and v & (v - 1) == 0
+
+
+def _tiles(cfg: dict, hp: int, wp: int, margin: int, shrink: int) -> None:
+    """Adds margin_h/w, tile_h/w, tiles_h/w to a config, checking its halos against the pooled size."""
+    for key, size in (("h", hp), ("w", wp)):
+        halo = cfg["halo_" + key]
+        assert _is_pow2(halo), f"halo_{key} = {halo}: a power of two"
+        if cfg["tiled_" + key]:
+            assert halo - shrink >= 1, f"halo_{key} = {halo} too small for a tiled dim"
+            cfg["margin_" + key], cfg["tile_" + key] = margin, halo - shrink
+        else:
+            assert halo >= size, f"halo_{key} = {halo} does not cover the pooled size {size}"
+            cfg["margin_" + key], cfg["tile_" + key] = 0, halo
+        cfg["tiles_" + key] = triton.cdiv(size, cfg["tile_" + key])
+    assert cfg["halo_h"] * cfg["halo_w"] >= 16, "tl.dot needs >= 16 lanes"
+    assert _is_pow2(cfg["block_c"]) and _is_pow2(cfg["block_k"]) and min(cfg["block_c"], cfg["block_k"]) >= 16
+    assert _is_pow2(cfg["num_warps"]) and cfg["max_programs"] >= 1
+
+
+def _plan(n, cin, c, h, w, upsample, device) -> dict:
+    """The forward's full launch shape: `_config`'s choices (looked up now) plus margin_h/w, tile_h/w (owned
+    pooled rows / cols per tile), tiles_h/w, cblocks, total (items), grid, full_w and row_span."""
+    cfg = dict(_config(n, cin, c, h, w, upsample, device))
+    _tiles(cfg, h // 2, w // 2, 2, 5 if upsample == 2 else 4)
+    assert _is_pow2(cfg["full_rows"])
+    cfg["full_w"] = _pow2(2 * cfg["tile_w"] + 3) if cfg["tiled_w"] else _pow2(w)
+    cfg["row_span"] = 2 * cfg["tile_h"] + 3 if cfg["tiled_h"] else h
+    cfg["cblocks"] = triton.cdiv(c, cfg["block_c"])
+    cfg["total"] = n * cfg["tiles_h"] * cfg["tiles_w"] * cfg["cblocks"]
+    cfg["grid"] = max(1, min(cfg["total"], cfg["max_programs"]))
+    return cfg
 
 
 def _needs_index64(*tensors: Tensor) -> bool:
@@ -354,20 +380,23 @@ def _dot_precision(x: Tensor) -> str:
     return "ieee"
 
 
-def _param_args(conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
-                h, w, hp, wp):
-    """The kernels' shared scalar arguments after the image strides: parameter strides, then the upsample scales
+def _param_args(conv_weight, h_weight, v_weight, h, w, hp, wp):
+    """The kernels' shared scalar arguments after the image strides: weight strides, then the upsample scales
     computed in float32 as F.interpolate does (Triton's fp32 divide is not correctly rounded on the GPU)."""
     return (conv_weight.stride(0), conv_weight.stride(1),
             h_weight.stride(0), h_weight.stride(3),
             v_weight.stride(0), v_weight.stride(2),
-            conv_scale.stride(0), conv_bias.stride(0), h_scale.stride(0), h_bias.stride(0),
-            v_scale.stride(0), v_bias.stride(0),
             float(np.float32(hp) / np.float32(h)), float(np.float32(wp) / np.float32(w)))
 
 
-def _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
-            mode, out, _override=None):
+def dfc_forward(x: Tensor, conv_weight: Tensor, bn3, h_weight: Tensor, bn4, v_weight: Tensor, bn5, mode: str,
+                out: Optional[Tensor] = None) -> Tensor:
+    """DFC attention in one launch: sigmoid(BN5(dw5x1(BN4(dw1x5(BN3(conv1x1(avgpool2x2(x)))))))), each BatchNorm
+    `(weight, bias, mean, var, eps)` folded per channel inside the kernel (tensors optional 1-D per-channel
+    vectors of any float dtype; None: the identity). `mode` 'gate': the gate at the pooled resolution
+    [N, C, H//2, W//2]; 'nearest' / 'bilinear': upsampled to x's H x W as F.interpolate does. Writes `out` (x's
+    dtype, any strides) when given."""
+    assert mode in _UPSAMPLE, f"mode must be one of {tuple(_UPSAMPLE)}, got {mode!r}"
     n, cin, c, h, w, hp, wp, upsample, shape = _dims(x, conv_weight, h_weight, v_weight, mode)
     if out is None:
         out = _out_like(x, shape)
@@ -375,42 +404,27 @@ def _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_
         assert tuple(out.shape) == shape and out.dtype == x.dtype and out.device == x.device
     if out.numel() == 0:
         return out
-    cfg = _config(n, cin, c, h, w, upsample, x.device, _override)  # _override: tests' small tiles, index64
+    cfg = _plan(n, cin, c, h, w, upsample, x.device)
+    bn3_ptrs, bn3_eps, bn3_flags = bn_launch_args(bn3, c, x, "BN3")
+    bn4_ptrs, bn4_eps, bn4_flags = bn_launch_args(bn4, c, x, "BN4")
+    bn5_ptrs, bn5_eps, bn5_flags = bn_launch_args(bn5, c, x, "BN5")
     is_fp64 = x.dtype == torch.float64
     acc_dtype = torch.float64 if is_fp64 else torch.float32
     scratch = torch.empty(cfg["grid"] * 2 * cfg["block_c"] * cfg["halo_h"] * cfg["halo_w"], dtype=acc_dtype,
                           device=x.device)
     _dfc_kernel[(cfg["grid"],)](
-        x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, out, scratch,
+        x, conv_weight, *bn3_ptrs, bn3_eps, h_weight, *bn4_ptrs, bn4_eps, v_weight, *bn5_ptrs, bn5_eps, out, scratch,
         cin, c, h, w, hp, wp,
         *x.stride(), *out.stride(),
-        *_param_args(conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
-                     h, w, hp, wp),
+        *_param_args(conv_weight, h_weight, v_weight, h, w, hp, wp),
         cfg["row_span"], cfg["tiles_h"], cfg["tiles_w"], cfg["cblocks"], cfg["total"],
         HALO_H=cfg["halo_h"], HALO_W=cfg["halo_w"], MARGIN_H=cfg["margin_h"], MARGIN_W=cfg["margin_w"],
         TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
         UPSAMPLE=upsample, FULL_ROWS=cfg["full_rows"], FULL_W=cfg["full_w"], IS_FP64=is_fp64,
-        DOT_PRECISION=_dot_precision(x), INDEX64=cfg["index64"] or _needs_index64(x, out, conv_weight),
-        num_warps=cfg["num_warps"],
+        DOT_PRECISION=_dot_precision(x), INDEX64=bool(cfg["index64"]) or _needs_index64(x, out, conv_weight),
+        **bn3_flags, **bn4_flags, **bn5_flags, num_warps=cfg["num_warps"],
     )
     return out
-
-
-def dfc_gate_forward(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
-                     h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor,
-                     out: Optional[Tensor] = None) -> Tensor:
-    """The DFC gate at the pooled resolution [N, C, H//2, W//2], in one launch."""
-    return _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
-                   None, out)
-
-
-def dfc_attention_forward(x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor, h_weight: Tensor,
-                          h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor,
-                          mode: str = "nearest", out: Optional[Tensor] = None) -> Tensor:
-    """The DFC gate upsampled to x's H x W ('nearest' or 'bilinear', as F.interpolate), in one launch."""
-    assert mode in ("nearest", "bilinear"), mode
-    return _launch(x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
-                   mode, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,14 +449,14 @@ _PART_ROWS = 16
 def _dfc_backward_kernel(
     x_ptr,  # [N, CIN, H, W], any strides
     cw_ptr,  # [C, CIN, 1, 1] conv1x1 weight
-    cs_ptr,  # [C] BN3 scale
-    cb_ptr,  # [C] BN3 bias
+    cs_ptr,  # [C] BN3 folded scale (contiguous)
+    cb_ptr,  # [C] BN3 folded shift (contiguous)
     hw_ptr,  # [C, 1, 1, 5] dw 1x5 weight
     hs_ptr,  # [C] BN4 scale
-    hb_ptr,  # [C] BN4 bias
+    hb_ptr,  # [C] BN4 shift
     vw_ptr,  # [C, 1, 5, 1] dw 5x1 weight
     vs_ptr,  # [C] BN5 scale
-    vb_ptr,  # [C] BN5 bias
+    vb_ptr,  # [C] BN5 shift
     go_ptr,  # incoming grad: [N, C, HP, WP] (gate) or [N, C, H, W] (upsampled gate); any strides
     gx_ptr,  # [N, CIN, H, W] grad of x, any strides; every element written here
     part_ptr,  # [num_programs, PART_LEN] per-program partial sums (accumulate dtype), written before read
@@ -459,7 +473,6 @@ def _dfc_backward_kernel(
     scw_c, scw_k,  # conv weight strides (out channel, in channel)
     shw_c, shw_t,  # h_weight strides (channel, tap)
     svw_c, svw_t,  # v_weight strides (channel, tap)
-    s_cs, s_cb, s_hs, s_hb, s_vs, s_vb,  # scale / bias strides
     scale_h,  # scalar fp32: HP / H, as F.interpolate computes it in float32
     scale_w,  # scalar fp32: WP / W
     tiles_h,  # scalar: pooled tiles along H
@@ -534,7 +547,7 @@ def _dfc_backward_kernel(
             # ---- forward recompute: y3 (pre-BN) on the whole halo tile, as the forward kernel does.
             y3 = _pooled_conv1x1(x_base, x_pix, in_img, cw_ptr, ci, cmask, CIN, sxc, sxh, sxw, scw_c, scw_k,
                                  BLOCK_C, BLOCK_K, HALO_PIX, ACC, XDT, IDX, DOT_PRECISION)
-            s3, b3 = _load_bn(cs_ptr, cb_ptr, ci, s_cs, s_cb, cmask, ACC)
+            s3, b3 = _fold_bn(cs_ptr, cb_ptr, cs_ptr, cs_ptr, 0.0, ci, cmask, True, True, False, False, ACC)
             # Zero outside the image: the zero padding of the biased output.
             a3 = tl.where(in_img[None, :], y3 * s3[:, None] + b3[:, None], 0.0)
             tl.store(scr_1 + scr_tile, a3)
@@ -547,7 +560,7 @@ def _dfc_backward_kernel(
                 m = (jj >= 0) & (jj < HALO_W)
                 wt = tl.load(hw_ptr + ci * shw_c + tap * shw_t, mask=cmask, other=0.0).to(ACC)
                 y4 += wt[:, None] * tl.load(scr_1 + scr_tile + (tap - 2), mask=m[None, :], other=0.0)
-            s4, b4 = _load_bn(hs_ptr, hb_ptr, ci, s_hs, s_hb, cmask, ACC)
+            s4, b4 = _fold_bn(hs_ptr, hb_ptr, hs_ptr, hs_ptr, 0.0, ci, cmask, True, True, False, False, ACC)
             a4 = tl.where(in_img[None, :], y4 * s4[:, None] + b4[:, None], 0.0)
             tl.store(scr_2 + scr_tile, a4)
             tl.debug_barrier()
@@ -559,7 +572,7 @@ def _dfc_backward_kernel(
                 m = (ii >= 0) & (ii < HALO_H)
                 wt = tl.load(vw_ptr + ci * svw_c + tap * svw_t, mask=cmask, other=0.0).to(ACC)
                 y5 += wt[:, None] * tl.load(scr_2 + scr_tile + (tap - 2) * HALO_W, mask=m[None, :], other=0.0)
-            s5, b5 = _load_bn(vs_ptr, vb_ptr, ci, s_vs, s_vb, cmask, ACC)
+            s5, b5 = _fold_bn(vs_ptr, vb_ptr, vs_ptr, vs_ptr, 0.0, ci, cmask, True, True, False, False, ACC)
             gate = tl.sigmoid(y5 * s5[:, None] + b5[:, None])
 
             # ---- grad of the gate at the pooled pixel: loaded, or gathered from the full-res grad (the adjoint
@@ -691,13 +704,13 @@ def _dfc_backward_kernel(
                     wm = cmask[:, None] & kmask[None, :]
                     if NEED_W3:
                         gw = tl.dot(gy3, pooled_t, tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC),
-                                    input_precision=DOT_PRECISION)
+                                    input_precision=DOT_PRECISION, out_dtype=ACC)
                         pw3 = part_w3 + c[:, None] * CIN + k[None, :]
                         tl.store(pw3, tl.load(pw3, mask=wm & acc_part, other=0.0) + gw, mask=wm)
                     if NEED_X:
                         w = tl.load(cw_ptr + c.to(IDX)[:, None] * scw_c + k.to(IDX)[None, :] * scw_k, mask=wm,
                                     other=0.0)
-                        gp = tl.dot(tl.trans(w.to(XDT)), gy3, gp, input_precision=DOT_PRECISION)
+                        gp = tl.dot(tl.trans(w.to(XDT)), gy3, gp, input_precision=DOT_PRECISION, out_dtype=ACC)
                 if NEED_X:
                     gv = (gp * 0.25).to(GDT)
                     m = kmask[:, None] & own[None, :]
@@ -725,56 +738,68 @@ def _dfc_backward_kernel(
 _BWD_BUDGET_BYTES = 128 << 20  # partial sums + scratch of all programs; caps the grid for wide layers
 
 
-def _backward_config(n, cin, c, h, w, need_gy3, need_w3, elem, device, override=None):
-    """Tile sizes and launch shape of the backward (one deterministic config per shape, as the forward)."""
-    o = dict(override or {})
+def _backward_config(n, cin, c, h, w, need_gy3, need_w3, elem, device):
+    """The backward's launch choices (one deterministic config per shape, as the forward's), a dict of
+        halo_h, halo_w      the computed pooled tile, powers of two;
+        tiled_h, tiled_w    True: tiles with a 4-lane margin each side (a tile owns halo - 8 rows / cols);
+                            False: one tile covers the dim (halo >= the pooled size);
+        block_c, block_k    channels per step, input channels per dot step: powers of two >= 16;
+        max_programs        the persistent grid's cap (`_backward_plan` also caps it by memory);
+        num_warps;
+        index64             True forces int64 offsets inside an image.
+    `_backward_plan` looks it up at call time, derives the launch shape and checks it: a test may monkeypatch it
+    to return any such dict that passes those checks (small tiled halos, few programs, index64=True)."""
     hp, wp = h // 2, w // 2
-
-    def dim(p, cap, key):
-        forced = o.get("halo_" + key)  # tests force the tiled path on small shapes
-        halo = forced or (cap if _pow2(p) > cap else None)
-        if halo is None:
-            return _pow2(p), 0, _pow2(p)
-        assert halo - 8 >= 1, "halo too small for the backward's 4-lane margins"
-        return halo, 4, halo - 8
-
-    # A 4-lane margin each side: a tile of 16 owns 8 (the interpreter tiles at 16 so tests take the tiled path).
-    wide = 16 if _INTERPRET else 32
-    halo_w, margin_w, tile_w = dim(wp, wide, "w")
-    cap_h = max(16, (256 if _INTERPRET else 512) // halo_w)
-    halo_h, margin_h, tile_h = dim(hp, cap_h, "h")
+    # A 4-lane margin each side: a tile of 32 owns 24, one of 16 owns 8.
+    tiled_w = _pow2(wp) > 32
+    halo_w = 32 if tiled_w else _pow2(wp)
+    cap_h = max(16, 512 // halo_w)
+    tiled_h = _pow2(hp) > cap_h
+    halo_h = cap_h if tiled_h else _pow2(hp)
     while halo_h * halo_w < 16:  # tl.dot needs >= 16 on every dim
-        if margin_w == 0:
-            halo_w *= 2
-            tile_w = halo_w
-        else:
+        if tiled_w:
             halo_h *= 2
-            tile_h = halo_h if margin_h == 0 else halo_h - 8
+        else:
+            halo_w *= 2
     pix = halo_h * halo_w
-    block_c = o.get("block_c") or min(max(16, _pow2(c)), 64, max(16, 4096 // pix))
-    block_k = o.get("block_k") or 16
-    tiles_h = triton.cdiv(hp, tile_h)
-    tiles_w = triton.cdiv(wp, tile_w)
-    cblocks = triton.cdiv(c, block_c)
-    cpad = cblocks * block_c if need_gy3 else 0
-    total = n * tiles_h * tiles_w
-    part_len = _PART_ROWS * c + (c * cin if need_w3 else 0)
-    per_program = elem * ((3 * block_c + cpad) * pix + part_len)
+    block_c = min(max(16, _pow2(c)), 64, max(16, 4096 // pix))
+    return dict(halo_h=halo_h, halo_w=halo_w, tiled_h=tiled_h, tiled_w=tiled_w, block_c=block_c, block_k=16,
+                max_programs=_max_programs(device), num_warps=min(16, max(4, block_c * pix // 256)), index64=False)
+
+
+def _backward_plan(n, cin, c, h, w, need_gy3, need_w3, elem, device) -> dict:
+    """The backward's full launch shape: `_backward_config`'s choices (looked up now) plus margin_h/w, tile_h/w,
+    tiles_h/w, cblocks, cpad (rows of the gy3 scratch), part_len, total (items) and grid, capped so the partial
+    rows and scratch of all programs stay under _BWD_BUDGET_BYTES (`elem`: bytes per accumulator)."""
+    cfg = dict(_backward_config(n, cin, c, h, w, need_gy3, need_w3, elem, device))
+    _tiles(cfg, h // 2, w // 2, 4, 8)
+    pix = cfg["halo_h"] * cfg["halo_w"]
+    cfg["cblocks"] = triton.cdiv(c, cfg["block_c"])
+    cfg["cpad"] = cfg["cblocks"] * cfg["block_c"] if need_gy3 else 0
+    cfg["total"] = n * cfg["tiles_h"] * cfg["tiles_w"]
+    cfg["part_len"] = _PART_ROWS * c + (c * cin if need_w3 else 0)
+    per_program = elem * ((3 * cfg["block_c"] + cfg["cpad"]) * pix + cfg["part_len"])
     cap = max(1, _BWD_BUDGET_BYTES // per_program)
-    grid = max(1, min(total, o.get("max_programs") or _max_programs(device), cap))
-    num_warps = o.get("num_warps") or min(16, max(4, block_c * pix // 256))
-    return dict(halo_h=halo_h, halo_w=halo_w, margin_h=margin_h, margin_w=margin_w, tile_h=tile_h, tile_w=tile_w,
-                block_c=block_c, block_k=block_k, tiles_h=tiles_h, tiles_w=tiles_w, cblocks=cblocks, cpad=cpad,
-                part_len=part_len, total=total, grid=grid, num_warps=num_warps, index64=bool(o.get("index64")))
+    cfg["grid"] = max(1, min(cfg["total"], cfg["max_programs"], cap))
+    return cfg
 
 
-def _launch_backward(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale,
-                     v_bias, mode, needs, _override=None):
+def dfc_backward(grad: Tensor, x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor,
+                 h_weight: Tensor, h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor, v_bias: Tensor,
+                 mode: str, needs: Sequence[bool]) -> tuple:
+    """Grads of `dfc_forward` (each BatchNorm given folded, as its per-channel scale and shift) w.r.t. (x,
+    conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias), None where `needs`
+    (10 bools, list or tuple) is False. `grad` has the forward output's shape for `mode` ('gate', 'nearest',
+    'bilinear'); the upsample's adjoint is a gather inside the launch. One Triton launch, then one torch sum of
+    the per-program partials (and one cast when the parameters are fp16 / bf16) and one multi-tensor copy of them
+    into separate gradient tensors."""
+    assert mode in _UPSAMPLE, f"mode must be one of {tuple(_UPSAMPLE)}, got {mode!r}"
     params = (conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias)
     n, cin, c, h, w, hp, wp, upsample, shape = _dims(x, conv_weight, h_weight, v_weight, mode)
     needs = tuple(bool(b) for b in needs)
     assert len(needs) == 10, "needs: one flag per input (x and the nine parameters)"
     assert tuple(grad.shape) == shape, f"grad shape {tuple(grad.shape)} != output shape {shape}"
+    assert all(t.dim() == 1 and t.shape[0] == c for t in params[1::3] + params[2::3]), "folded vectors of [C]"
     inputs = (x,) + params
     if not any(needs):
         return (None,) * 10
@@ -784,24 +809,24 @@ def _launch_backward(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_sc
     is_fp64 = x.dtype == torch.float64
     acc_dtype = torch.float64 if is_fp64 else torch.float32
     need_x, need_w3 = needs[0], needs[1]
-    cfg = _backward_config(n, cin, c, h, w, need_x or need_w3, need_w3, 8 if is_fp64 else 4, x.device, _override)
+    cfg = _backward_plan(n, cin, c, h, w, need_x or need_w3, need_w3, 8 if is_fp64 else 4, x.device)
     grid = cfg["grid"]
     gx = _out_like(x, x.shape) if need_x else x  # x stands in for an unused pointer; never written then
     part = torch.empty(grid, cfg["part_len"], dtype=acc_dtype, device=x.device)
     pix = cfg["halo_h"] * cfg["halo_w"]
     scratch = torch.empty(grid * (3 * cfg["block_c"] + cfg["cpad"]) * pix, dtype=acc_dtype, device=x.device)
+    # the kernel indexes the folded vectors without strides
+    s3, b3, s4, b4, s5, b5 = (t.contiguous() for t in (conv_scale, conv_bias, h_scale, h_bias, v_scale, v_bias))
     _dfc_backward_kernel[(grid,)](
-        x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias, grad, gx, part,
-        scratch,
+        x, conv_weight, s3, b3, h_weight, s4, b4, v_weight, s5, b5, grad, gx, part, scratch,
         cin, c, h, w, hp, wp,
         *x.stride(), *grad.stride(), *gx.stride(),
-        *_param_args(conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight, v_scale, v_bias,
-                     h, w, hp, wp),
+        *_param_args(conv_weight, h_weight, v_weight, h, w, hp, wp),
         cfg["tiles_h"], cfg["tiles_w"], cfg["cblocks"], cfg["total"], cfg["part_len"],
         HALO_H=cfg["halo_h"], HALO_W=cfg["halo_w"], MARGIN_H=cfg["margin_h"], MARGIN_W=cfg["margin_w"],
         TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
         CPAD=cfg["cpad"], UPSAMPLE=upsample, IS_FP64=is_fp64, DOT_PRECISION=_dot_precision(x),
-        INDEX64=cfg["index64"] or _needs_index64(x, grad, gx, conv_weight),
+        INDEX64=bool(cfg["index64"]) or _needs_index64(x, grad, gx, conv_weight),
         NEED_X=need_x, NEED_W3=need_w3, num_warps=cfg["num_warps"],
     )
     total = part.sum(0) if grid > 1 else part[0]
@@ -814,32 +839,19 @@ def _launch_backward(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_sc
         pos[0] += length
         return total[pos[0] - length:pos[0]].view(shape)
 
-    # Views of one buffer in the partial-row layout: no copy when the dtypes match.
-    s3, b3, s4, b4, s5, b5 = (take(c, (c,)) for _ in range(6))
+    # Views of one buffer in the partial-row layout, then one multi-tensor copy into separate tensors (the
+    # registered op's outputs may not alias each other or sit at an offset into a shared buffer).
+    gs3, gb3, gs4, gb4, gs5, gb5 = (take(c, (c,)) for _ in range(6))
     gh, gv = take(5 * c, (c, 5)), take(5 * c, (c, 5))
     gw3 = take(c * cin, (c, cin)) if need_w3 else None
-    raw = (gw3, s3, b3, gh, s4, b4, gv, s5, b5)
-    out = [gx if need_x else None]
-    for t, g, nd in zip(params, raw, needs[1:]):
-        out.append(g.reshape(t.shape).to(t.dtype) if nd else None)
+    raw = (gw3, gs3, gb3, gh, gs4, gb4, gv, gs5, gb5)
+    out = [gx if need_x else None] + [None] * 9
+    same = [i for i, (t, g, nd) in enumerate(zip(params, raw, needs[1:])) if nd and g.dtype == t.dtype]
+    if same:
+        fresh = torch._foreach_mul([raw[i].view(params[i].shape) for i in same], 1.0)
+        for i, g in zip(same, fresh):
+            out[1 + i] = g
+    for i, (t, g, nd) in enumerate(zip(params, raw, needs[1:])):
+        if nd and i not in same:
+            out[1 + i] = g.view(t.shape).to(t.dtype)  # mixed parameter dtypes: one cast each
     return tuple(out)
-
-
-def dfc_gate_backward(grad_gate: Tensor, x: Tensor, conv_weight: Tensor, conv_scale: Tensor, conv_bias: Tensor,
-                      h_weight: Tensor, h_scale: Tensor, h_bias: Tensor, v_weight: Tensor, v_scale: Tensor,
-                      v_bias: Tensor, needs=(True,) * 10) -> tuple:
-    """Grads of `dfc_gate_forward` w.r.t. (x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias,
-    v_weight, v_scale, v_bias), None where `needs` is False: one Triton launch, then one torch sum of the
-    per-program partials (and one cast when the parameters are fp16 / bf16)."""
-    return _launch_backward(grad_gate, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight,
-                            v_scale, v_bias, None, needs)
-
-
-def dfc_attention_backward(grad_full: Tensor, x: Tensor, conv_weight: Tensor, conv_scale: Tensor,
-                           conv_bias: Tensor, h_weight: Tensor, h_scale: Tensor, h_bias: Tensor, v_weight: Tensor,
-                           v_scale: Tensor, v_bias: Tensor, mode: str = "nearest", needs=(True,) * 10) -> tuple:
-    """Grads of `dfc_attention_forward` (the gate upsampled to H x W with `mode`); the upsample's adjoint is a
-    gather inside the same launch."""
-    assert mode in ("nearest", "bilinear"), mode
-    return _launch_backward(grad_full, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_weight,
-                            v_scale, v_bias, mode, needs)

@@ -1,14 +1,18 @@
 """Ghost module forward as one Triton launch: 1x1 conv + BN + act, depthwise conv + BN + act, concat, channel cut
-and the optional upsampled DFC gate, read from and written to NCHW, channels_last or any strided layout."""
+and the optional upsampled DFC gate, read from and written to NCHW, channels_last or any strided layout; each BN
+folded per channel from its live tensors inside the launch (kernels/batch_norm.py). Also its training-mode BN
+statistics variant and the fused backward (folded BN vectors)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .batch_norm import NO_BN, _fold_bn, bn_launch_args
 
 
 @triton.jit
@@ -99,12 +103,6 @@ def _corner_offsets(h0, h1, w0, w1, sh, sw):
 
 
 @triton.jit
-def _load_bn(scale_ptr, bias_ptr, off, mask, ACC: tl.constexpr):
-    return (tl.load(scale_ptr + off, mask=mask, other=0.0).to(ACC),
-            tl.load(bias_ptr + off, mask=mask, other=0.0).to(ACC))
-
-
-@triton.jit
 def _tile_stats(psum_ptr, pm2_ptr, tile, n_stat, ch64, ch_ok, z, pix):
     """Per-tile BatchNorm partials of the [P, BLOCK_C] block z over the pixels `pix`: the sum and the sum of squares
     about the tile's own mean (merged across tiles with Chan's formula on the host: no cancellation when the mean is
@@ -124,11 +122,11 @@ def _tile_stats(psum_ptr, pm2_ptr, tile, n_stat, ch64, ch_ok, z, pix):
 def _ghost_module_fwd_kernel(
     x_ptr,  # [N, C_in, H, W], strides sxn, sxc, sxh, sxw
     w1_ptr,  # [init, C_in] primary 1x1 weight, strides sw1o, sw1k
-    s1_ptr,  # [init] primary BN scale (contiguous)
-    b1_ptr,  # [init] primary BN bias (contiguous)
+    bn1_weight, bn1_bias, bn1_mean, bn1_var,  # [init] BN1's live vectors, contiguous, any float dtype (x if absent)
+    bn1_eps: tl.float64,  # BN1's eps (fp64: rounded to ACC in the fold)
     w2_ptr,  # [init*(ratio-1), DW, DW] depthwise weight, strides sw2o, sw2h, sw2w
-    s2_ptr,  # [init*(ratio-1)] cheap BN scale (contiguous)
-    b2_ptr,  # [init*(ratio-1)] cheap BN bias (contiguous)
+    bn2_weight, bn2_bias, bn2_mean, bn2_var,  # [init*(ratio-1)] BN2's live vectors, as BN1's
+    bn2_eps: tl.float64,  # BN2's eps
     gate_ptr,  # [N, out_channels, Hg, Wg] low-res gate, strides sgn, sgc, sgh, sgw (x when HAS_GATE is False)
     out_ptr,  # [N, out_channels, H, W], strides son, soc, soh, sow (x when STATS)
     scratch_ptr,  # [num_programs, HALO_H*HALO_W, BLOCK_C] x1 halo tiles in ACC, one slot per program
@@ -149,7 +147,9 @@ def _ghost_module_fwd_kernel(
     RELU: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,  # epilogue flags
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 only)
     ACC: tl.constexpr, IS_FP64: tl.constexpr,  # accumulate dtype (fp32, or fp64 for fp64 inputs)
-    STATS: tl.constexpr = 0,  # 0: the forward; 1 / 2: per-tile BN statistics of z1 / z2 instead of any output
+    BN1_HAS_W: tl.constexpr, BN1_HAS_B: tl.constexpr, BN1_HAS_M: tl.constexpr, BN1_HAS_V: tl.constexpr,
+    BN2_HAS_W: tl.constexpr, BN2_HAS_B: tl.constexpr, BN2_HAS_M: tl.constexpr, BN2_HAS_V: tl.constexpr,
+    STATS: tl.constexpr,  # 0: the forward; 1 / 2: per-tile BN statistics of z1 / z2 instead of any output
 ):
     R: tl.constexpr = DW // 2
     P: tl.constexpr = HALO_H * HALO_W
@@ -197,7 +197,8 @@ def _ghost_module_fwd_kernel(
             # training-mode BN1 statistics of z1 = W1 @ x over this tile's own pixels; nothing else to do
             _tile_stats(psum_ptr, pm2_ptr, item // n_cblocks, init, c64, c_ok, acc, store_pix)
         else:
-            s1, b1 = _load_bn(s1_ptr, b1_ptr, c64, c_ok, ACC)
+            s1, b1 = _fold_bn(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, c64, c_ok,
+                              BN1_HAS_W, BN1_HAS_B, BN1_HAS_M, BN1_HAS_V, ACC)
             x1 = acc * s1[None, :] + b1[None, :]
             if RELU:
                 x1 = tl.where(x1 < 0, 0.0, x1)  # not maximum(): NaN must pass through as in F.relu
@@ -239,7 +240,8 @@ def _ghost_module_fwd_kernel(
                         # training-mode BN2 statistics of z2 = depthwise(x1), every cheap channel
                         _tile_stats(psum_ptr, pm2_ptr, item // n_cblocks, init * ratio_m1, o2_64, m2c, acc2, store_pix)
                     else:
-                        s2, b2 = _load_bn(s2_ptr, b2_ptr, o2_64, m2c, ACC)
+                        s2, b2 = _fold_bn(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps, o2_64, m2c,
+                                          BN2_HAS_W, BN2_HAS_B, BN2_HAS_M, BN2_HAS_V, ACC)
                         y2 = acc2 * s2[None, :] + b2[None, :]
                         if RELU:
                             y2 = tl.where(y2 < 0, 0.0, y2)
@@ -275,6 +277,12 @@ def _halo_side(size: int, r: int) -> int:
 
 
 def _pick_config(H: int, W: int, dw: int, n_x1: int, dtype: torch.dtype):
+    """The forward's launch config for an H x W image, a dw x dw depthwise (1 for the z1 statistics, which need no
+    halo), n_x1 x1 channels that reach the output, and x's dtype: (halo_h, halo_w, block_c, block_k, num_warps).
+    The launch looks it up at call time, so a test may monkeypatch it (small tiles on small images, to run the
+    multi-tile paths) with any such tuple where halo_h and halo_w are powers of two of at least dw (each tile
+    owns halo - 2 * (dw // 2) >= 1 rows / columns), halo_h * halo_w >= 16 (tl.dot's M), block_c and block_k are
+    powers of two >= 16, and num_warps a power of two."""
     r = dw // 2
     halo_h = _halo_side(H, r)
     halo_w = _halo_side(W, r)
@@ -312,10 +320,10 @@ def _empty_like_x(x: Tensor, shape) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
-def _bn_vectors(s1: Tensor, b1: Tensor, s2: Tensor, b2: Tensor):
-    # the kernels index the folded BN vectors without strides
-    assert all(t.dim() == 1 and t.stride(0) == 1 for t in (s1, b1, s2, b2))
-    return s1, b1, s2, b2
+def _folded_vectors(*vectors: Tensor):
+    # the backward kernels index the folded BN vectors without strides
+    assert all(t.dim() == 1 for t in vectors)
+    return tuple(t.contiguous() for t in vectors)
 
 
 def _gate_args(gate: Optional[Tensor], x: Tensor):
@@ -341,11 +349,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
-                         cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
-                         out_channels: int, relu: bool, gate: Optional[Tensor] = None, gate_mode: str = "nearest",
+def ghost_module_forward(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, bn2, out_channels: int,
+                         relu: bool, gate: Optional[Tensor] = None, gate_mode: str = "nearest",
                          out: Optional[Tensor] = None) -> Tensor:
-    """Fused Ghost module forward (eval, BN folded); same math as `ghostfast.reference.ghost_module_forward`."""
+    """Fused Ghost module forward (eval-mode BatchNorm, or any BatchNorm given as its live tensors): the math of
+    `ghostfast.reference.ghost_module_forward` with bn1 and bn2 folded per channel inside the launch.
+
+    bn1, bn2: `(weight, bias, mean, var, eps)`, each tensor an optional 1-D per-channel vector of any float dtype
+    (None: the identity). Writes `out` (x's dtype and shape [N, out_channels, H, W], any strides) when given."""
     N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
     if out is None:
         out = _empty_like_x(x, (N, out_channels, H, W))
@@ -353,13 +364,11 @@ def ghost_module_forward(x: Tensor, primary_weight: Tensor, primary_scale: Tenso
         assert out.shape == (N, out_channels, H, W) and out.dtype == x.dtype
     if N == 0 or H * W == 0:
         return out
-    s1, b1, s2, b2 = _bn_vectors(primary_scale, primary_bias, cheap_scale, cheap_bias)
-    _forward_launch(x, primary_weight, s1, b1, cheap_weight, s2, b2, out_channels, relu, gate, gate_mode, out)
+    _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode, out)
     return out
 
 
-def _forward_launch(x, primary_weight, s1, b1, cheap_weight, s2, b2, out_channels, relu, gate, gate_mode, out,
-                    stats=0):
+def _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode, out, stats=0):
     """One launch of the forward kernel; with `stats` 1 or 2, of its statistics variant: returns the per-tile
     partials (sums, centred sums of squares, pixel counts) of z1 or z2 instead of writing `out`."""
     N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
@@ -367,6 +376,8 @@ def _forward_launch(x, primary_weight, s1, b1, cheap_weight, s2, b2, out_channel
     w1 = primary_weight if primary_weight.dtype == dtype else primary_weight.to(dtype)
     w2 = cheap_weight
     g, Hg, Wg, sg, gscale_h, gscale_w = _gate_args(gate, x)
+    bn1_ptrs, bn1_eps, bn1_flags = bn_launch_args(bn1, init, x, "BN1")
+    bn2_ptrs, bn2_eps, bn2_flags = bn_launch_args(bn2, init * ratio_m1, x, "BN2")
 
     is_fp64 = dtype == torch.float64
     acc_t = torch.float64 if is_fp64 else torch.float32
@@ -377,6 +388,7 @@ def _forward_launch(x, primary_weight, s1, b1, cheap_weight, s2, b2, out_channel
     halo_h, halo_w, block_c, block_k, num_warps = _pick_config(H, W, k, n_x1, dtype)
     r = k // 2
     tile_h, tile_w = halo_h - 2 * r, halo_w - 2 * r
+    assert tile_h >= 1 and tile_w >= 1 and halo_h * halo_w >= 16, (halo_h, halo_w, k)
     tiles_h = triton.cdiv(H, tile_h)
     tiles_w = triton.cdiv(W, tile_w)
     n_cblocks = triton.cdiv(n_x1, block_c)
@@ -392,15 +404,15 @@ def _forward_launch(x, primary_weight, s1, b1, cheap_weight, s2, b2, out_channel
         out = x  # never written
 
     _ghost_module_fwd_kernel[(grid,)](
-        x, w1, s1, b1, w2, s2, b2, g, out, scratch, psum, pm2,
+        x, w1, *bn1_ptrs, bn1_eps, w2, *bn2_ptrs, bn2_eps, g, out, scratch, psum, pm2,
         C_in, H, W, init, ratio_m1, out_channels, Hg, Wg, gscale_h, gscale_w,
         *x.stride(), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(2), w2.stride(3),
         *sg, *out.stride(),
         tiles_h, tiles_w, n_cblocks, total,
         HALO_H=halo_h, HALO_W=halo_w, DW=k, BLOCK_C=block_c, BLOCK_K=block_k,
         RELU=bool(relu), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
-        INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64, STATS=stats,
-        num_warps=num_warps,
+        INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
+        **bn1_flags, **bn2_flags, STATS=stats, num_warps=num_warps,
     )
     if not stats:
         return None
@@ -420,23 +432,23 @@ def merge_tile_stats(psum: Tensor, pm2: Tensor, counts: Tensor, dtype: torch.dty
     return mean.to(dtype), (m2 / total).to(dtype)
 
 
-def ghost_module_stats(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
-                       cheap_weight: Tensor, relu: bool, stage: int):
+def ghost_module_stats(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, relu: bool, stage: int):
     """Training-mode BatchNorm statistics (mean, biased variance) of z1 (stage 1) or of every channel of z2
-    (stage 2), as `ghostfast.reference.ghost_module_stats`: one launch of the forward kernel's statistics variant
-    (per-tile partials, no atomics) and a float64 merge of the partials. Returned in the accumulation dtype."""
+    (stage 2), as `ghostfast.reference.ghost_module_stats`; stage 1 ignores bn1, stage 2 applies it (live tensors,
+    folded inside the launch, as the forward) to z1 before the activation and the depthwise. One launch of the
+    forward kernel's statistics variant (per-tile partials, no atomics) and a float64 merge of the partials.
+    Returned in the accumulation dtype."""
     assert stage in (1, 2)
     init = primary_weight.shape[0]
     cheap = cheap_weight.shape[0]
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    s1 = primary_scale.to(acc_t).contiguous()
-    b1 = primary_bias.to(acc_t).contiguous()
     full = init + cheap
     if x.numel() == 0:  # no values: NaN statistics, as torch.var_mean of an empty tensor
         n = init if stage == 1 else cheap
         return (torch.full((n,), float("nan"), dtype=acc_t, device=x.device),) * 2
-    psum, pm2, counts = _forward_launch(x, primary_weight, s1, b1, cheap_weight, s1, b1, full, relu, None, "nearest",
-                                        None, stats=stage)
+    # BN2 follows z2, which is what the statistics are of: it is never applied here
+    psum, pm2, counts = _forward_launch(x, primary_weight, bn1 if stage == 2 else NO_BN, cheap_weight, NO_BN, full,
+                                        relu, None, "nearest", None, stats=stage)
     return merge_tile_stats(psum, pm2, counts, acc_t)
 
 
@@ -572,7 +584,7 @@ def _ghost_module_bwd_kernel(
             # ---- recompute y1 = W1 @ x and x1 = act(BN1(y1)) on the whole halo tile ----
             y1 = _primary_conv(x_pix, in_img, w1_ptr, c64, c_ok, C_in, sxc, sw1o, sw1k, P, BLOCK_C, BLOCK_K,
                                INPUT_PRECISION, ACC)
-            s1, b1 = _load_bn(s1_ptr, b1_ptr, c64, c_ok, ACC)
+            s1, b1 = _fold_bn(s1_ptr, b1_ptr, s1_ptr, s1_ptr, 0.0, c64, c_ok, True, True, False, False, ACC)
             pre1 = y1 * s1[None, :] + b1[None, :]
             x1 = pre1
             if RELU:
@@ -607,7 +619,8 @@ def _ghost_module_bwd_kernel(
                     else:
                         wv = tl.load(w2_ptr + o2_64 * sw2o, mask=m2c, other=0.0).to(ACC)
                         y2 = x1 * wv[None, :]
-                    s2, b2 = _load_bn(s2_ptr, b2_ptr, o2_64, m2c, ACC)
+                    s2, b2 = _fold_bn(s2_ptr, b2_ptr, s2_ptr, s2_ptr, 0.0, o2_64, m2c, True, True, False, False,
+                                      ACC)
                     pre2 = y2 * s2[None, :] + b2[None, :]
                     mb = b_pix[:, None] & m2c[None, :]
                     oc = (init + o2).to(tl.int64)
@@ -701,6 +714,10 @@ def _ghost_module_bwd_kernel(
 
 
 def _pick_bwd_config(H: int, W: int, dw: int, n_x1: int):
+    """The backward's launch config (its halo is 2 * (dw // 2) per side): (halo_h, halo_w, block_c, block_k,
+    num_warps). Looked up at call time: a test may monkeypatch it with any such tuple where halo_h and halo_w are
+    powers of two with halo - 4 * (dw // 2) >= 1 (the owned tile), halo_h * halo_w >= 16 (tl.dot's M), block_c
+    and block_k are powers of two >= 16, and num_warps a power of two."""
     # the halo is 2R per side here (y2 and g2 are needed R past the tile, and they read x1 R further)
     r2 = 2 * (dw // 2)
     halo_h = _halo_side(H, r2)
@@ -723,23 +740,33 @@ def _pick_bwd_config(H: int, W: int, dw: int, n_x1: int):
 def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor,
                           primary_bias: Tensor, cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
                           out_channels: int, relu: bool, gate: Optional[Tensor], gate_mode: str,
-                          needs: tuple = (True,) * 8, _corr: Optional[tuple] = None) -> tuple:
-    """Fused Ghost module backward (eval, BN folded): gradients of `ghost_module_forward` for every input.
+                          needs: Sequence[bool]) -> tuple:
+    """Fused Ghost module backward (eval, BN folded by the caller): gradients of `ghost_module_forward` for every
+    input, with each BatchNorm given as its folded per-channel (scale, shift) vectors.
 
-    Returns (grad_x, grad_primary_weight, grad_primary_scale, grad_primary_bias, grad_cheap_weight,
-    grad_cheap_scale, grad_cheap_bias, grad_gate), None where `needs` says so (grad_gate None without a gate).
-    Launches: one multi-tensor zero-fill of the ACC accumulators and one Triton kernel (plus a cast per returned
-    parameter gradient for half inputs). The weight, BN and gate gradients are reduced with fp32 (fp64) atomics,
-    so on a GPU their last bits depend on the order programs finish; grad_x is complete in one program, no atomics.
+    `needs`: 8 bools (list or tuple), one per gradient below. Returns (grad_x, grad_primary_weight,
+    grad_primary_scale, grad_primary_bias, grad_cheap_weight, grad_cheap_scale, grad_cheap_bias, grad_gate), None
+    where `needs` says so (grad_gate None without a gate). Launches: one multi-tensor zero-fill of the ACC
+    accumulators and one Triton kernel (plus a cast per returned parameter gradient for half inputs). The weight,
+    BN and gate gradients are reduced with fp32 (fp64) atomics, so on a GPU their last bits depend on the order
+    programs finish; grad_x is complete in one program, no atomics."""
+    assert grad_out is not None
+    return _backward_launch(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
+                            cheap_bias, out_channels, relu, gate, gate_mode, needs, None)
 
-    `_corr` = (stage, a, c, mean) adds a + c * (z - mean) per channel to the gradient of z1 (stage 1) or z2 (stage 2)
-    (`ghost_module_stats_backward`); grad_out may then be None."""
+
+def _backward_launch(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
+                     out_channels, relu, gate, gate_mode, needs, corr) -> tuple:
+    """The launch behind `ghost_module_backward` and `ghost_module_stats_backward`. `corr` = (stage, a, c, mean)
+    adds a + c * (z - mean) per channel to the gradient of z1 (stage 1) or z2 (stage 2); grad_out may then be
+    None (no gradient from the module's output)."""
     N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
     cheap = init * ratio_m1
     assert grad_out is None or grad_out.shape == (N, out_channels, H, W)
-    assert grad_out is not None or _corr is not None
+    assert grad_out is not None or corr is not None
     assert gate is None or (gate.dim() == 4 and gate.shape[:2] == (N, out_channels))
-    needs = tuple(needs) + (True,) * (8 - len(needs))
+    needs = tuple(bool(b) for b in needs)
+    assert len(needs) == 8, "needs: one flag per gradient (x, the six parameters, gate)"
     dtype = x.dtype
     is_fp64 = dtype == torch.float64
     acc_t = torch.float64 if is_fp64 else torch.float32
@@ -761,13 +788,14 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
         w1 = primary_weight if primary_weight.dtype == dtype else primary_weight.to(dtype)
         w1 = w1.reshape(init, C_in)
         w2 = cheap_weight
-        s1, b1, s2, b2 = _bn_vectors(primary_scale, primary_bias, cheap_scale, cheap_bias)
+        s1, b1, s2, b2 = _folded_vectors(primary_scale, primary_bias, cheap_scale, cheap_bias)
         g, Hg, Wg, sg, gscale_h, gscale_w = _gate_args(gate, x)
         precision = _input_precision(dtype)
 
         n_x1 = min(init, out_channels)
         halo_h, halo_w, block_c, block_k, num_warps = _pick_bwd_config(H, W, dw, n_x1)
         r2 = 2 * (dw // 2)
+        assert halo_h - 2 * r2 >= 1 and halo_w - 2 * r2 >= 1 and halo_h * halo_w >= 16, (halo_h, halo_w, dw)
         tiles_h = triton.cdiv(H, halo_h - 2 * r2)
         tiles_w = triton.cdiv(W, halo_w - 2 * r2)
         n_cblocks = triton.cdiv(n_x1, block_c)
@@ -780,7 +808,7 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
         gg_t = gg if need_gate else gs1  # never touched
         Cg = gate.shape[1] if gate is not None else 0
         go = x if grad_out is None else grad_out  # never read without grad_out
-        corr_stage, ca, cc, cm = _corr if _corr is not None else (0, gs1, gs1, gs1)
+        corr_stage, ca, cc, cm = corr if corr is not None else (0, gs1, gs1, gs1)
 
         _ghost_module_bwd_kernel[(grid,)](
             go, x, w1, s1, b1, w2, s2, b2, g, gx_t, gw1, gs1, gb1, gw2, gs2, gb2, gg_t, scratch, ca, cc, cm,
@@ -815,23 +843,26 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
 
 def ghost_module_stats_backward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
                                 cheap_weight: Tensor, relu: bool, stage: int, coef_a: Tensor, coef_c: Tensor,
-                                mean: Tensor, needs: tuple = (True,) * 5) -> tuple:
+                                mean: Tensor, needs: Sequence[bool]) -> tuple:
     """Backward of `ghost_module_stats`: with dz = coef_a + coef_c * (z - mean) per channel of the stage's z
     (coef_a = grad_mean / M, coef_c = 2 grad_var / M for M = N*H*W), the gradients of sum(dz * z) for (x,
-    primary_weight, primary_scale, primary_bias, cheap_weight); stage 1 has only the first two (others None).
-    One launch of the backward kernel without grad_out, the correction added where it recomputes z (plus the
-    zero-fill of its accumulators)."""
+    primary_weight, primary_scale, primary_bias, cheap_weight) (BN1 folded: its scale and shift); stage 1 has only
+    the first two (others None). `needs`: 5 bools (list or tuple). One launch of the backward kernel without
+    grad_out, the correction added where it recomputes z (plus the zero-fill of its accumulators)."""
     assert stage in (1, 2)
     init = primary_weight.shape[0]
     cheap = cheap_weight.shape[0]
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    needs = tuple(bool(n) and (stage == 2 or i < 2) for i, n in enumerate(tuple(needs) + (True,) * (5 - len(needs))))
+    needs = tuple(bool(b) for b in needs)
+    assert len(needs) == 5, "needs: one flag per gradient (x, primary_weight, primary_scale, primary_bias, " \
+                            "cheap_weight)"
+    needs = tuple(n and (stage == 2 or i < 2) for i, n in enumerate(needs))
     vec = [t.to(acc_t).contiguous() for t in (primary_scale, primary_bias, coef_a, coef_c, mean)]
     s1, b1, ca, cc, cm = vec
     zeros = torch.zeros(cheap, dtype=acc_t, device=x.device)  # BN2 of a stats-only pass: nothing reaches it
     out_channels = init if stage == 1 else init + cheap  # stage 1 skips the cheap half, stage 2 keeps all of it
-    grads = ghost_module_backward(None, x, primary_weight, s1, b1, cheap_weight, zeros, zeros, out_channels, relu,
-                                  None, "nearest", needs=needs + (False, False, False), _corr=(stage, ca, cc, cm))
+    grads = _backward_launch(None, x, primary_weight, s1, b1, cheap_weight, zeros, zeros, out_channels, relu, None,
+                             "nearest", needs + (False, False, False), (stage, ca, cc, cm))
     out = list(grads[:5])
     # the scale and bias gradients come back in the accumulation dtype's copies: cast to the inputs' own dtype
     for i, like in ((2, primary_scale), (3, primary_bias)):

@@ -9,8 +9,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
-#include <string>
 
 #include "batch_norm.h"
 #include "common.h"
@@ -139,76 +139,54 @@ inline unsigned int grid_size(const char* op, int64_t blocks) {
   return static_cast<unsigned int>(blocks);
 }
 
-// ---- argument checks (host): each names the op, the argument, what was expected and what came ----------------
+// ---- argument checks (host), on top of ../common.h: each names the op, the argument, what was expected and what
+// came. The kernels index x, out, grad_out and grad_x through their strides; `cl` (from pick_channels_last) only
+// picks the thread mapping that coalesces.
 
-// x: on a CUDA device, dense in NCHW or channels_last, a dtype the kernels instantiate.
-inline void check_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected x on a CUDA device, got ", x.device());
-  check_layout(x, op, "x");
-  const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": expected x of dtype float32, float64, float16 or bfloat16, got ", dt);
-}
+// One entry of a backward kernel's `grads`: its name, the input it is the gradient of (null: none, e.g. no gate),
+// and whether it is in the accumulation dtype (the folded vectors) rather than the input's.
+struct GradSlot {
+  const char* name;
+  const at::Tensor* input;
+  bool acc_dtype;
+};
 
-// A weight: x's device and dtype, contiguous (its shape is checked by the caller).
-inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* op, const char* name) {
-  check_tensor(w, x, x.scalar_type(), op, name);
-  TORCH_CHECK(w.is_contiguous(), op, ": expected ", name, " contiguous, got strides ", w.strides());
-}
-
-// An activation-shaped tensor (out, grad_out): the given sizes, x's device and dtype.
-inline void check_sized(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes, const char* op,
-                        const char* name, const std::string& context = "") {
-  TORCH_CHECK(t.sizes() == sizes, op, ": expected ", name, " of shape ", sizes, context, ", got ", t.sizes());
-  TORCH_CHECK(t.device() == x.device(), op, ": expected ", name, " on ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": expected ", name, " of dtype ", x.scalar_type(), ", got ",
-              t.scalar_type());
-}
-
-// `t` dense in x's memory format (channels_last when x is channels_last, else NCHW). Shapes where both formats
-// coincide (a 1x1 gate, one channel) pass either way; the kernels index through the strides.
-inline void check_dense_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  const bool cl = is_channels_last(x);
-  TORCH_CHECK(t.dim() == 4 && t.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
-              op, ": expected ", name, " dense in the input's memory format (", cl ? "channels_last" : "NCHW",
-              "), got shape ", t.sizes(), " strides ", t.strides());
-}
-
-// A folded BatchNorm vector of the backward kernels: [n], contiguous, the accumulation dtype.
-inline void check_acc_vector(const at::Tensor& v, const at::Tensor& x, int64_t n, const char* op, const char* name) {
+// grads[0] is x's gradient (activation-sized: its layout is checked by pick_channels_last), the others are
+// parameter-like (contiguous). Empty tensors mark gradients that are not needed.
+inline void check_grads(const char* op, at::TensorList grads, const at::Tensor& x,
+                        std::initializer_list<GradSlot> slots) {
+  TORCH_CHECK(grads.size() == slots.size(), op, ": expected ", slots.size(), " tensors in grads, got ", grads.size());
   const at::ScalarType acc = acc_type(x.scalar_type());
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, op, ": expected ", name, " of shape [", n, "], got ", v.sizes());
-  TORCH_CHECK(v.device() == x.device(), op, ": expected ", name, " on ", x.device(), ", got ", v.device());
-  TORCH_CHECK(v.scalar_type() == acc, op, ": expected ", name, " of dtype ", acc, " (the accumulation dtype of ",
-              x.scalar_type(), " inputs), got ", v.scalar_type());
-  TORCH_CHECK(v.is_contiguous(), op, ": expected ", name, " contiguous, got strides ", v.strides());
+  size_t i = 0;
+  for (const GradSlot& s : slots) {
+    const at::Tensor& g = grads[i];
+    if (grad_requested(g)) {
+      TORCH_CHECK(s.input != nullptr, op, ": expected ", s.name, " empty (its input was not given), got shape ",
+                  g.sizes());
+      if (i == 0) {
+        check_output(g, x, op, s.name, x.sizes());
+      } else {
+        check_param(g, x, s.acc_dtype ? acc : x.scalar_type(), op, s.name, s.input->sizes());
+      }
+    }
+    ++i;
+  }
+}
+
+inline bool any_requested(at::TensorList grads) {
+  for (const at::Tensor& g : grads)
+    if (grad_requested(g)) return true;
+  return false;
 }
 
 // ---- gradient buffers of the backward kernels (host) ------------------------------------------------------------
-
-// An empty tensor in `grads` marks a gradient that is not needed.
-inline bool needed(const at::Tensor& g) { return g.defined() && g.numel() > 0; }
-
-inline void check_grad(const at::Tensor& g, const at::Tensor& like, at::ScalarType dtype, const char* op,
-                       const char* name) {
-  if (!needed(g)) return;
-  TORCH_CHECK(g.sizes() == like.sizes(), op, ": expected ", name, " of shape ", like.sizes(), ", got ", g.sizes());
-  TORCH_CHECK(g.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", g.device());
-  TORCH_CHECK(g.scalar_type() == dtype, op, ": expected ", name, " of dtype ", dtype, ", got ", g.scalar_type());
-}
-
-inline bool any_needed(at::TensorList grads) {
-  for (const at::Tensor& g : grads)
-    if (needed(g)) return true;
-  return false;
-}
 
 // An accumulation-dtype buffer for a reduced gradient: the gradient itself when it already is a contiguous
 // acc-dtype tensor (zeroed here), else a zeroed workspace copied into it by finish().
 struct AccBuffer {
   at::Tensor grad, acc;
   void init(const at::Tensor& g, at::ScalarType acc_dtype) {
-    if (!needed(g)) return;
+    if (!grad_requested(g)) return;
     grad = g;
     if (g.scalar_type() == acc_dtype && g.is_contiguous()) {
       g.zero_();

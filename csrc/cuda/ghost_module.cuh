@@ -31,26 +31,29 @@ struct GhostDims {
 inline GhostDims check_ghost_args(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
                                   const at::Tensor& cheap_weight, int64_t out_channels,
                                   const std::optional<at::Tensor>& gate, c10::string_view gate_mode) {
-  check_input(x, op);
+  check_x(x, c10::DeviceType::CUDA, op);
+  const at::ScalarType dt = x.scalar_type();
   GhostDims d{};
   d.N = x.size(0);
   d.C_in = x.size(1);
   d.H = x.size(2);
   d.W = x.size(3);
   const at::Tensor& w1 = primary_weight;
-  TORCH_CHECK(w1.dim() == 4 && w1.size(0) >= 1 && w1.size(1) == d.C_in && w1.size(2) == 1 && w1.size(3) == 1, op,
-              ": expected primary_weight of shape [init, ", d.C_in, ", 1, 1] with init >= 1, got ", w1.sizes());
-  check_weight(w1, x, op, "primary_weight");
+  TORCH_CHECK(w1.defined() && w1.dim() == 4 && w1.size(0) >= 1, op,
+              ": expected primary_weight of shape [init, C_in, 1, 1] with init >= 1, got ",
+              w1.defined() ? w1.sizes() : at::IntArrayRef{});
   d.init = w1.size(0);
+  check_param(w1, x, dt, op, "primary_weight", {d.init, d.C_in, 1, 1});
   const at::Tensor& w2 = cheap_weight;
-  const int64_t dw = w2.dim() == 4 ? w2.size(2) : 0;
-  TORCH_CHECK(w2.dim() == 4 && w2.size(1) == 1 && w2.size(3) == dw && (dw == 1 || dw == 3 || dw == 5 || dw == 7) &&
-                  w2.size(0) >= d.init && w2.size(0) % d.init == 0,
-              op, ": expected cheap_weight of shape [init*(ratio-1), 1, dw, dw] with init = ", d.init,
-              ", ratio >= 2 and dw in {1, 3, 5, 7}, got ", w2.sizes());
-  check_weight(w2, x, op, "cheap_weight");
+  TORCH_CHECK(w2.defined() && w2.dim() == 4, op, ": expected cheap_weight of shape [init*(ratio-1), 1, dw, dw], got ",
+              w2.defined() ? w2.sizes() : at::IntArrayRef{});
   d.cheap = w2.size(0);
-  d.dw = dw;
+  d.dw = w2.size(3);
+  TORCH_CHECK(d.cheap >= d.init && d.cheap % d.init == 0, op, ": expected cheap_weight.shape[0] a positive multiple ",
+              "of init = ", d.init, " (init * (ratio - 1)), got ", d.cheap);
+  TORCH_CHECK(d.dw == 1 || d.dw == 3 || d.dw == 5 || d.dw == 7, op,
+              ": expected a depthwise size dw of 1, 3, 5 or 7, got cheap_weight of shape ", w2.sizes());
+  check_param(w2, x, dt, op, "cheap_weight", {d.cheap, 1, d.dw, d.dw});
   d.ratio_m1 = d.cheap / d.init;
   TORCH_CHECK(out_channels >= 1 && out_channels <= d.init + d.cheap, op, ": expected out_channels in [1, ",
               d.init + d.cheap, "], got ", out_channels);
@@ -63,9 +66,8 @@ inline GhostDims check_ghost_args(const char* op, const at::Tensor& x, const at:
     const at::Tensor& g = *gate;
     TORCH_CHECK(g.dim() == 4 && g.size(0) == d.N && g.size(1) == d.out_channels, op, ": expected gate of shape [",
                 d.N, ", ", d.out_channels, ", Hg, Wg], got ", g.sizes());
+    check_param(g, x, dt, op, "gate", g.sizes());
     TORCH_CHECK(g.numel() > 0 || d.N * d.H * d.W == 0, op, ": expected a gate with Hg, Wg >= 1, got ", g.sizes());
-    check_tensor(g, x, x.scalar_type(), op, "gate");
-    TORCH_CHECK(g.is_contiguous(), op, ": expected gate contiguous (NCHW), got strides ", g.strides());
     d.Hg = g.size(2);
     d.Wg = g.size(3);
     TORCH_CHECK(gate_mode == "nearest" || gate_mode == "bilinear", op,
