@@ -22,3 +22,23 @@ def assert_close_rel(out, ref, dtype, factor=1.0):
     err = rel_error(out, ref)
     tol = REL_TOL[dtype] * factor
     assert err <= tol, f"relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def nonfinite_mismatch(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """None when `out` has NaN, +Inf and -Inf exactly where the float64 reference `ref` has them and its finite
+    elements are within `dtype`'s bound, else what differs (DESIGN.md: NaN and Inf propagate as in eager)."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return f"shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
+    out = out.detach().double()
+    ref = ref.detach().double()
+    for name, mask in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        got, want = mask(out), mask(ref)
+        if not torch.equal(got, want):
+            extra, missing = (got & ~want).nonzero().tolist(), (want & ~got).nonzero().tolist()
+            return f"{name}: {len(extra)} extra (e.g. {extra[:3]}), {len(missing)} missing (e.g. {missing[:3]})"
+    finite = torch.isfinite(ref)
+    if finite.any():
+        err = rel_error(out[finite], ref[finite])
+        if not err <= REL_TOL[dtype]:
+            return f"finite elements: relative error {err:.2e} > {REL_TOL[dtype]:.1e} ({dtype})"
+    return None

@@ -5,10 +5,10 @@ import torch
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
 
-from ghostfast import reference
 from kernel_backends import ghost_forward as ghost_module_forward
-from kernel_inputs import ghost_case_id, make_ghost_params, make_input, skip_unsupported
-from numerics import assert_close_rel, poisoned_like
+from kernel_inputs import (BN_FIELDS, ghost_case_id, ghost_reference as _reference, make_ghost_params, make_input,
+                           skip_unsupported, strided, without)
+from numerics import REL_TOL, assert_close_rel, poisoned_like
 
 
 def _gate(n, out_channels, h, w, mode, dtype, device):
@@ -17,16 +17,11 @@ def _gate(n, out_channels, h, w, mode, dtype, device):
     return torch.rand(n, out_channels, max(1, h // 2), max(1, w // 2), device=device).to(dtype)
 
 
-def _reference(x, p, out_channels, relu, gate, mode):
-    d = {k: v.double() for k, v in p.items()}
-    return reference.ghost_module_forward(x.double(), **d, out_channels=out_channels, relu=relu,
-                                          gate=None if gate is None else gate.double(), gate_mode=mode)
-
-
-def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode, device):
+def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode, device, p=None,
+           **param_kw):
     skip_unsupported(dtype, device)
     x = make_input(n, c_in, h, w, dtype, device, layout)
-    p = make_ghost_params(c_in, init, ratio, dw, dtype, device)
+    p = p or make_ghost_params(c_in, init, ratio, dw, dtype, device, **param_kw)
     gate = _gate(n, out_channels, h, w, gate_mode, dtype, device)
     ref = _reference(x, p, out_channels, relu, gate, gate_mode or "nearest")
     out = poisoned_like(ref.to(dtype))
@@ -34,6 +29,7 @@ def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, ga
                                gate_mode=gate_mode or "nearest", out=out)
     assert res is out
     assert_close_rel(res, ref, dtype)
+    return x, p
 
 
 # (N, C_in, H, W, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode): a covering set, not the product
@@ -71,6 +67,52 @@ def test_ghost_module_kernel_dw_ratio_sweep(dw, ratio, relu, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
 def test_ghost_module_kernel_dtype_layout_gate_sweep(dtype, layout, gate_mode, device):
     _check(2, 18, 9, 10, 16, 2, 3, 31, True, dtype, layout, gate_mode, device)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("stage", ["bn1", "bn2", "both"])
+@pytest.mark.parametrize("missing", BN_FIELDS + ("all",))
+def test_ghost_module_kernel_missing_bn_tensors(missing, stage, device):
+    """A missing BatchNorm tensor is the identity for it (weight 1, bias 0, mean 0; no var: no 1/sqrt(var + eps)).
+    eps is large so that a kernel reading a missing var as 0 or 1 shows."""
+    fields = BN_FIELDS if missing == "all" else (missing,)
+    full = make_ghost_params(5, 8, 3, 3, torch.float32, device, eps=(0.3, 0.3))
+    p = dict(full)
+    for k in (("bn1", "bn2") if stage == "both" else (stage,)):
+        p[k] = without(p[k], *fields)
+    x, _ = _check(1, 5, 7, 6, 8, 3, 3, 23, True, torch.float32, "contiguous", "bilinear", device, p=p)
+    assert _rel(_reference(x, p, 23, True), _reference(x, full, 23, True)) > 1e3 * REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype,bn_dtype", [
+    (torch.float16, torch.float32),  # fp16 autocast: the BatchNorm stays float32
+    (torch.float16, torch.float16),  # model.half(): the BatchNorm in the input's half dtype
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+])
+def test_ghost_module_kernel_bn_dtypes(dtype, bn_dtype, device):
+    x, p = _check(2, 12, 9, 7, 8, 3, 3, 21, True, dtype, "channels_last", "nearest", device, bn_dtype=bn_dtype)
+    assert all(t.dtype == bn_dtype for k in ("bn1", "bn2") for t in p[k].tensors())
+
+
+def test_ghost_module_kernel_eps_per_stage(device):
+    """Each stage folds with its own eps."""
+    x, p = _check(1, 7, 8, 9, 8, 2, 5, 16, False, torch.float32, "slice", None, device, eps=(0.5, 1e-3))
+    swapped = dict(p, bn1=p["bn1"]._replace(eps=1e-3), bn2=p["bn2"]._replace(eps=0.5))
+    assert _rel(_reference(x, swapped, 16, False), _reference(x, p, 16, False)) > 1e3 * REL_TOL[torch.float32]
+
+
+def test_ghost_module_kernel_strided_bn_vectors(device):
+    """BatchNorm vectors that are strided views (e.g. slices of a stacked parameter): read by their strides."""
+    p = make_ghost_params(6, 8, 2, 3, torch.float32, device)
+    p = dict(p, bn1=strided(p["bn1"]), bn2=strided(p["bn2"]))
+    assert not p["bn1"].weight.is_contiguous()
+    _check(1, 6, 9, 10, 8, 2, 3, 16, True, torch.float32, "contiguous", "nearest", device, p=p)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
@@ -148,7 +190,9 @@ def test_ghost_module_kernel_nan_propagates(device):
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5)])
-def test_ghost_module_kernel_empty(shape, device):
+def test_ghost_module_kernel_empty(shape, kernel_backend, device):
+    if kernel_backend == "reference" and shape[2] == 0:
+        pytest.xfail("the reference backend is eager conv2d, which rejects a 0-sized image")
     x = torch.randn(*shape, device=device)
     p = make_ghost_params(8, 8, 2, 3, torch.float32, device)
     res = ghost_module_forward(x, **p, out_channels=16, relu=True)

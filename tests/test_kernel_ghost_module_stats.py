@@ -1,6 +1,9 @@
 """Training-mode BatchNorm statistics of the Ghost module (every fused backend) against the float64 eager
 reference `ghostfast.reference.ghost_module_stats`, forward (mean, biased variance) and backward (the gradients
-through the statistics, checked against torch.autograd through the reference)."""
+through the statistics, checked against torch.autograd through the reference).
+
+The statistics forward takes bn1 as live tensors (applied in stage 2 only, before the activation and the depthwise);
+the backward takes it folded (scale, shift in the accumulation dtype), whose gradients are compared."""
 import pytest
 import torch
 
@@ -8,16 +11,19 @@ pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 from ghostfast import reference
 from kernel_backends import ghost_stats, ghost_stats_backward
-from kernel_inputs import make_ghost_params, skip_unsupported, to_layout
+from kernel_inputs import (BN_FIELDS, acc_dtype, fold_ghost_params, make_ghost_params, skip_unsupported, to_layout,
+                           without)
 from numerics import assert_close_rel
 
 NAMES = ("x", "primary_weight", "primary_scale", "primary_bias", "cheap_weight")
 
 
-def _inputs(n, c_in, h, w, init, ratio, dw, dtype, layout, device, offset=0.0):
+def _inputs(n, c_in, h, w, init, ratio, dw, dtype, layout, device, offset=0.0, bn_dtype=None, eps=(1e-5, 1e-5)):
+    """(x, bn1 as live tensors, [primary_weight, primary_scale, primary_bias, cheap_weight] with bn1 folded)."""
     x = to_layout((torch.randn(n, c_in, h, w, device=device) + offset).to(dtype), layout)
-    p = make_ghost_params(c_in, init, ratio, dw, dtype, device)
-    return x, [p[k] for k in NAMES[1:]]
+    p = make_ghost_params(c_in, init, ratio, dw, dtype, device, bn_dtype=bn_dtype, eps=eps)
+    f = fold_ghost_params(p, acc_dtype(dtype))
+    return x, p["bn1"], [f[k] for k in NAMES[1:]]
 
 
 def _reference(x, params, relu, stage):
@@ -26,13 +32,17 @@ def _reference(x, params, relu, stage):
     return leaves, mean, var
 
 
-def _check(n, c_in, h, w, init, ratio, dw, relu, dtype, layout, stage, device, offset=0.0, needs=(True,) * 5):
+def _check(n, c_in, h, w, init, ratio, dw, relu, dtype, layout, stage, device, offset=0.0, needs=(True,) * 5,
+           bn=None, **bn_kw):
     skip_unsupported(dtype, device)
-    x, params = _inputs(n, c_in, h, w, init, ratio, dw, dtype, layout, device, offset)
+    x, bn1, params = _inputs(n, c_in, h, w, init, ratio, dw, dtype, layout, device, offset, **bn_kw)
+    if bn is not None:  # a variant of bn1, folded again
+        bn1 = bn(bn1)
+        params[1:3] = reference.fold_bn_vectors(bn1, init, acc_dtype(dtype), x.device)
     leaves, mean_ref, var_ref = _reference(x, params, relu, stage)
 
-    mean, var = ghost_stats(x, *params, relu, stage)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, var = ghost_stats(x, params[0], bn1, params[3], relu, stage)
+    acc = acc_dtype(dtype)
     channels = init if stage == 1 else init * (ratio - 1)
     for name, got, want in (("mean", mean, mean_ref), ("var", var, var_ref)):
         assert got.shape == (channels,) and got.dtype == acc, name
@@ -116,15 +126,47 @@ def test_ghost_module_stats_backward_needs(needs, device):
 
 
 def test_ghost_module_stats_relu_grad_at_zero(device):
-    # pre-activations exactly 0 (x = 0 there and a zero primary bias): relu passes no gradient at 0, as torch's
-    x, params = _inputs(1, 6, 8, 8, 8, 2, 3, torch.float32, "contiguous", device)
+    # pre-activations exactly 0 (x = 0 there and BN1 bias and mean 0, so the folded shift is exactly 0): relu passes
+    # no gradient at 0, as torch's
+    x, bn1, params = _inputs(1, 6, 8, 8, 8, 2, 3, torch.float32, "contiguous", device)
     x[:, :, 2:5, 3:6] = 0
-    params[2][[1, 4]] = 0
+    bn1.bias[[1, 4]] = 0
+    bn1.mean[[1, 4]] = 0
+    params[1:3] = reference.fold_bn_vectors(bn1, 8, torch.float32, device)
+    assert (params[2][[1, 4]] == 0).all()
     leaves, mean_ref, var_ref = _reference(x, params, True, 2)
     gm, gv = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     want = torch.autograd.grad((mean_ref, var_ref), leaves, (gm.to(device), gv.to(device)))
-    mean, _ = ghost_stats(x, *params, True, 2)
+    mean, _ = ghost_stats(x, params[0], bn1, params[3], True, 2)
     res = ghost_stats_backward(x, *params, True, 2, (gm / 64).float().to(device), (2 * gv / 64).float().to(device),
                                mean)
     for name, got, ref in zip(NAMES, res, want):
         assert_close_rel(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("missing", BN_FIELDS + ("all",))
+def test_ghost_module_stats_missing_bn1_tensors(missing, device):
+    """Stage 2 applies bn1 with missing tensors as the identity for them (eps large: a missing var read as 0 or 1
+    shows)."""
+    fields = BN_FIELDS if missing == "all" else (missing,)
+    _check(2, 5, 7, 6, 8, 3, 3, True, stage=2, dtype=torch.float32, layout="contiguous", device=device,
+           bn=lambda bn: without(bn, *fields), eps=(0.3, 1e-5))
+
+
+@pytest.mark.parametrize("dtype,bn_dtype", [(torch.float16, torch.float32), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float32)])
+def test_ghost_module_stats_bn1_dtypes(dtype, bn_dtype, device):
+    _check(2, 12, 9, 7, 8, 3, 3, True, stage=2, dtype=dtype, layout="channels_last", device=device,
+           bn_dtype=bn_dtype)
+
+
+def test_ghost_module_stats_bn1_eps(device):
+    """bn1's own eps, not a default: large here, so that ignoring it shows."""
+    x, bn1, params = _inputs(2, 6, 7, 6, 8, 2, 3, torch.float32, "contiguous", device, eps=(0.5, 1e-5))
+    mean, var = ghost_stats(x, params[0], bn1, params[3], True, 2)
+    _, mean_ref, var_ref = _reference(x, params, True, 2)
+    assert_close_rel(mean, mean_ref, torch.float32)
+    assert_close_rel(var, var_ref, torch.float32)
+    other = reference.fold_bn_vectors(bn1._replace(eps=1e-5), 8, torch.float32, device)
+    _, mean_other, _ = _reference(x, [params[0], *other, params[3]], True, 2)
+    assert ((mean_other - mean_ref).norm() / mean_ref.norm()).item() > 1e-2
