@@ -490,7 +490,7 @@ class GhostModuleV2(_FusedGhostBase):
                 gate = ops.run_dfc(x, _cast_weight(l[0].weight, dtype), _eval_bn(l[0], l[1]),
                                    _cast_weight(l[2].weight, dtype), _eval_bn(l[2], l[3]),
                                    _cast_weight(l[4].weight, dtype), _eval_bn(l[4], l[5]), "gate", backend)
-            return self._run_ghost(x, dtype, backend, gate.to(x.dtype))
+            return self._run_ghost(x, dtype, backend, gate if gate.dtype == x.dtype else gate.to(x.dtype))
 
 
 __all__: List[str] = ["GhostModule", "GhostModuleV2", "StructureError"]

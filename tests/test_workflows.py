@@ -165,7 +165,7 @@ def test_replaced_submodules_take_effect(backend, device):
         assert runs.counts["ghost_fwd"] == 1 and not runs.eager_convs_in([fast])
         assert_close_rel(out, eager(x), torch.float32)
         # a new primary conv
-        eager.primary_conv[0] = nn.Conv2d(8, 6, 1, bias=False).to(device)
+        eager.primary_conv[0] = nn.Conv2d(8, 6, 1, bias=False).to(device).eval()
         assert_close_rel(fast(x), eager(x), torch.float32)
         # torch's fuse_conv_bn_eval: conv with a bias, the BatchNorm replaced by Identity
         for seq in (eager.primary_conv, eager.cheap_operation):

@@ -154,8 +154,9 @@ void dw_row_pm(const acc_t* const* rows, int64_t K, const acc_t* wt, int64_t ws,
 // Weight gradient
 // ---------------------------------------------------------------------------------------------------------------
 
-// NCHW grad_w2 of one owned row: accw[(ky*K + kx)*V ..] += g[w] * rows[ky][w + kx] over w < W (g read as zero past
-// W); rows[ky] nullptr: a row outside the image
+// NCHW grad_w2 of one owned row: accw[(ky*K + kx)*V ..] += g[w] * rows[ky][w + kx] over w < W; rows[ky] nullptr: a
+// row outside the image. The last vector's lanes past W are dropped from both factors: the row read there belongs
+// to the next row (an Inf there times the zeroed g would be NaN).
 template <typename acc_t, int K>
 void dwgrad_row_planar_k(const acc_t* const* rows, const acc_t* g, int64_t W, acc_t* accw) {
   using Vec = Vectorized<acc_t>;
@@ -166,10 +167,16 @@ void dwgrad_row_planar_k(const acc_t* const* rows, const acc_t* g, int64_t W, ac
     acc_t* aw = accw + ky * K * V;
     Vec a[K];
     for (int kx = 0; kx < K; ++kx) a[kx] = Vec::loadu(aw + kx * V);
-    for (int64_t w = 0; w < W; w += V) {
-      const Vec gv = keep_first(Vec::loadu(g + w), W - w);
+    int64_t w = 0;
+    for (; w + V <= W; w += V) {
+      const Vec gv = Vec::loadu(g + w);
 #pragma GCC unroll 7
       for (int kx = 0; kx < K; ++kx) a[kx] = at::vec::fmadd(gv, Vec::loadu(r + w + kx), a[kx]);
+    }
+    if (w < W) {
+      const Vec gv = keep_first(Vec::loadu(g + w), W - w);
+#pragma GCC unroll 7
+      for (int kx = 0; kx < K; ++kx) a[kx] = at::vec::fmadd(gv, keep_first(Vec::loadu(r + w + kx), W - w), a[kx]);
     }
     for (int kx = 0; kx < K; ++kx) a[kx].store(aw + kx * V);
   }

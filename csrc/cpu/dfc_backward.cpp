@@ -89,7 +89,8 @@ void DfcCpu<scalar_t>::gather_row_nchw(const scalar_t* gplane, int64_t r, acc_t*
 
 // NCHW: all channels of one band, compact planes (pitch WP) over the band's rows +- 4, flattened vector loops.
 template <typename scalar_t>
-void DfcCpu<scalar_t>::bwd_nchw(const scalar_t* grad, scalar_t* gx, bool need_x, bool need_w3, int64_t n, int64_t r0, int64_t r1,
+void DfcCpu<scalar_t>::bwd_nchw(const scalar_t* grad, scalar_t* gx, bool need_x, bool need_w3, int64_t n, int64_t r0,
+                                int64_t r1,
                                 Scratch<acc_t>& s, acc_t* part) const {
   const int64_t a0 = std::max<int64_t>(r0 - 4, 0), a1 = std::min<int64_t>(r1 + 4, HP);
   const int64_t q0 = std::max<int64_t>(r0 - 2, 0), q1 = std::min<int64_t>(r1 + 2, HP);
@@ -133,17 +134,21 @@ void DfcCpu<scalar_t>::bwd_nchw(const scalar_t* grad, scalar_t* gx, bool need_x,
       vv[t] = Vec(vk[t]);
     }
     // ---- forward recompute on rows [a0, a1)
-    vfor<acc_t>(npix, [&](int64_t i, int64_t m) { vstore<acc_t>(A3 + 2 + i, at::vec::fmadd(s3c, vload<acc_t>(y3c + i, m), b3c), m); });
+    vfor<acc_t>(npix, [&](int64_t i, int64_t m) {
+      vstore<acc_t>(A3 + 2 + i, at::vec::fmadd(s3c, vload<acc_t>(y3c + i, m), b3c), m);
+    });
     vfor<acc_t>(npix, [&](int64_t i, int64_t m) {
       Vec acc = hv[2] * vload<acc_t>(A3 + i + 2, m);
-      for (int t : {0, 1, 3, 4}) acc = at::vec::fmadd(hv[t], select_lanes(vload<acc_t>(mk[t] + i, m), vload<acc_t>(A3 + i + t, m)), acc);
+      for (int t : {0, 1, 3, 4})
+        acc = at::vec::fmadd(hv[t], select_lanes(vload<acc_t>(mk[t] + i, m), vload<acc_t>(A3 + i + t, m)), acc);
       vstore<acc_t>(Y4 + i, acc, m);
       vstore<acc_t>(A4i + i, at::vec::fmadd(s4c, acc, b4c), m);
     });
     // ---- gg on rows [q0, q1)
     const scalar_t* gplane = gbase + c * Ho * Wo;
     if (mode == Mode::kGate) {
-      vfor<acc_t>((q1 - q0) * WP, [&](int64_t i, int64_t m) { vstore<acc_t>(GG + i, vload<acc_t>(gplane + q0 * WP + i, m), m); });
+      vfor<acc_t>((q1 - q0) * WP,
+                  [&](int64_t i, int64_t m) { vstore<acc_t>(GG + i, vload<acc_t>(gplane + q0 * WP + i, m), m); });
     } else {
       for (int64_t r = q0; r < q1; ++r) gather_row_nchw(gplane, r, GG + (r - q0) * WP, R);
     }
@@ -188,7 +193,8 @@ void DfcCpu<scalar_t>::bwd_nchw(const scalar_t* grad, scalar_t* gx, bool need_x,
       for (int t : {0, 1, 3, 4}) {
         // a3 at column w + t - 2; gy4 at column w - t + 2 (mask 4 - t)
         ah[t] = at::vec::fmadd(gy4, select_lanes(vload<acc_t>(mk[t] + j, m), vload<acc_t>(A3 + oa + j + t, m)), ah[t]);
-        ga3 = at::vec::fmadd(hv[t], select_lanes(vload<acc_t>(mk[4 - t] + j, m), vload<acc_t>(GY4 + j + 4 - t, m)), ga3);
+        ga3 = at::vec::fmadd(hv[t], select_lanes(vload<acc_t>(mk[4 - t] + j, m), vload<acc_t>(GY4 + j + 4 - t, m)),
+                             ga3);
       }
       as3 = at::vec::fmadd(ga3, vload<acc_t>(y3c + oa + j, m), as3);
       ab3 = ab3 + ga3;
@@ -234,7 +240,8 @@ void DfcCpu<scalar_t>::bwd_nchw(const scalar_t* grad, scalar_t* gx, bool need_x,
 
 // gg at pooled pixel (r, w) for channels [c0, c0 + cbp) (channels_last); channels >= C get zero.
 template <typename scalar_t>
-void DfcCpu<scalar_t>::gather_pix_cl(const scalar_t* gimg, int64_t r, int64_t w, int64_t c0, int64_t cbp, acc_t* GG) const {
+void DfcCpu<scalar_t>::gather_pix_cl(const scalar_t* gimg, int64_t r, int64_t w, int64_t c0, int64_t cbp,
+                                     acc_t* GG) const {
   const int64_t cv = std::min(C - c0, cbp);
   auto cnt = [&](int64_t j) { return std::max<int64_t>(0, std::min<int64_t>(V, cv - j)); };
   if (mode == Mode::kGate) {
@@ -263,7 +270,8 @@ void DfcCpu<scalar_t>::gather_pix_cl(const scalar_t* gimg, int64_t r, int64_t w,
 // channels_last: all channels of one band, one vector of channels at a time through zero-padded buffers, the
 // per-channel sums in registers.
 template <typename scalar_t>
-void DfcCpu<scalar_t>::bwd_cl(const scalar_t* grad, scalar_t* gx, bool need_x, bool need_w3, int64_t n, int64_t r0, int64_t r1,
+void DfcCpu<scalar_t>::bwd_cl(const scalar_t* grad, scalar_t* gx, bool need_x, bool need_w3, int64_t n, int64_t r0,
+                              int64_t r1,
                               Scratch<acc_t>& s, acc_t* part) const {
   const int64_t a0 = std::max<int64_t>(r0 - 4, 0), a1 = std::min<int64_t>(r1 + 4, HP);
   const int64_t q0 = std::max<int64_t>(r0 - 2, 0), q1 = std::min<int64_t>(r1 + 2, HP);
@@ -421,7 +429,8 @@ void DfcCpu<scalar_t>::bwd_cl(const scalar_t* grad, scalar_t* gx, bool need_x, b
 
 // Sums every chunk's partial row into `total` (length part_len(need_w3)), chunk by chunk in order.
 template <typename scalar_t>
-void DfcCpu<scalar_t>::backward(const scalar_t* grad, scalar_t* gx, bool need_x, bool need_w3, std::vector<acc_t>& total) {
+void DfcCpu<scalar_t>::backward(const scalar_t* grad, scalar_t* gx, bool need_x, bool need_w3,
+                                std::vector<acc_t>& total) {
   build_adjoint();
   const int64_t plen = part_len(need_w3);
   total.assign(plen, acc_t(0));

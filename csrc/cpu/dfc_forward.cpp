@@ -74,7 +74,8 @@ void DfcCpu<scalar_t>::col_upsample(const acc_t* g, acc_t* d) const {
 
 // NCHW: per channel, compact planes (pitch WP) over the band's rows, every stage one flattened vector loop.
 template <typename scalar_t>
-void DfcCpu<scalar_t>::fwd_nchw(scalar_t* out, int64_t n, int64_t c0, int64_t c1, int64_t r0, int64_t r1, Scratch<acc_t>& s) const {
+void DfcCpu<scalar_t>::fwd_nchw(scalar_t* out, int64_t n, int64_t c0, int64_t c1, int64_t r0, int64_t r1,
+                                Scratch<acc_t>& s) const {
   int64_t g0, g1, o0, o1;
   if (!plan_rows(r0, r1, g0, g1, o0, o1)) return;
   const int64_t a0 = std::max<int64_t>(g0 - 2, 0), a1 = std::min<int64_t>(g1 + 2, HP);
@@ -106,7 +107,9 @@ void DfcCpu<scalar_t>::fwd_nchw(scalar_t* out, int64_t n, int64_t c0, int64_t c1
     const Vec s3c(s3[c]), b3c(b3[c]), s4c(s4[c]), b4c(b4[c]), s5c(s5[c]), b5c(b5[c]);
     const Vec h0(hk[0]), h1(hk[1]), h2(hk[2]), h3(hk[3]), h4(hk[4]);
     const Vec v0(vk[0]), v1(vk[1]), v2(vk[2]), v3(vk[3]), v4(vk[4]);
-    vfor<acc_t>(npix, [&](int64_t i, int64_t m) { vstore<acc_t>(A3 + 2 + i, at::vec::fmadd(s3c, vload<acc_t>(yc + i, m), b3c), m); });
+    vfor<acc_t>(npix, [&](int64_t i, int64_t m) {
+      vstore<acc_t>(A3 + 2 + i, at::vec::fmadd(s3c, vload<acc_t>(yc + i, m), b3c), m);
+    });
     vfor<acc_t>(npix, [&](int64_t i, int64_t m) {
       Vec acc = h2 * vload<acc_t>(A3 + i + 2, m);
       acc = at::vec::fmadd(h0, select_lanes(vload<acc_t>(m0 + i, m), vload<acc_t>(A3 + i, m)), acc);
@@ -187,7 +190,8 @@ void DfcCpu<scalar_t>::fwd_nchw(scalar_t* out, int64_t n, int64_t c0, int64_t c1
 // channels_last: one vector of channels at a time through zero-padded stencil buffers (fixed 5 taps), the gate
 // of the whole channel block kept pixel-major so the output is written pixel by pixel.
 template <typename scalar_t>
-void DfcCpu<scalar_t>::fwd_cl(scalar_t* out, int64_t n, int64_t c0, int64_t c1, int64_t r0, int64_t r1, Scratch<acc_t>& s) const {
+void DfcCpu<scalar_t>::fwd_cl(scalar_t* out, int64_t n, int64_t c0, int64_t c1, int64_t r0, int64_t r1,
+                              Scratch<acc_t>& s) const {
   int64_t g0, g1, o0, o1;
   if (!plan_rows(r0, r1, g0, g1, o0, o1)) return;
   const int64_t a0 = std::max<int64_t>(g0 - 2, 0), a1 = std::min<int64_t>(g1 + 2, HP);

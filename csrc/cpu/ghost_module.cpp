@@ -1,7 +1,7 @@
-// The Ghost module's CPU kernels: argument checks, BatchNorm arguments and the registration of
-// _ghost_module_kernel, _ghost_module_backward_kernel, _ghost_module_stats_kernel and _ghost_module_stats_backward_kernel
-// (schemas: csrc/ghost_module.cpp; the math: ghostfast/reference.py). The kernels: ghost_module_{forward,backward,
-// stats}.cpp, sharing cpu/ghost_module.h; accumulation in acc_t (float for float / half / bfloat16, double for double).
+// The Ghost module's CPU kernels: argument checks, BatchNorm arguments and the registration of _ghost_module_kernel,
+// _ghost_module_backward_kernel, _ghost_module_stats_kernel and _ghost_module_stats_backward_kernel (schemas:
+// csrc/ghost_module.cpp; the math: ghostfast/reference.py). The kernels: ghost_module_{forward,backward,stats}.cpp,
+// sharing cpu/ghost_module.h; accumulation in acc_t (float for float / half / bfloat16, double for double).
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
@@ -97,8 +97,8 @@ Geometry check_module_args(const char* op, const at::Tensor& x, const at::Tensor
     check_param(gt, x, x.scalar_type(), op, "gate", gt.sizes());
     g.Hg = gt.size(2);
     g.Wg = gt.size(3);
-    TORCH_CHECK(g.N * g.HW == 0 || (g.Hg >= 1 && g.Wg >= 1), op, ": expected a non-empty gate plane, got gate of shape ",
-                gt.sizes());
+    TORCH_CHECK(g.N * g.HW == 0 || (g.Hg >= 1 && g.Wg >= 1), op,
+                ": expected a non-empty gate plane, got gate of shape ", gt.sizes());
   }
   return g;
 }

@@ -215,7 +215,7 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
             g2 = keep_first(g2, m);
             (g2 * sv).store(qrow + w);
             if (owned) {
-              rs = at::vec::fmadd(g2, c2, rs);
+              rs = at::vec::fmadd(g2, keep_first(c2, m), rs);  // c2 past W: the next row's values (maybe Inf)
               rb = rb + g2;
               if (gate_grad) (gov * act_v(y2, relu)).store(vr + w);
             }
@@ -293,7 +293,7 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
               Vec g1 = Vec::loadu(gx + w);
               if (relu) g1 = relu_grad_v(g1, y1);
               g1 = keep_first(g1, m);
-              rs = at::vec::fmadd(g1, zv, rs);
+              rs = at::vec::fmadd(g1, keep_first(zv, m), rs);  // zv past W: the next row's z (maybe Inf)
               rb = rb + g1;
               (g1 * sv).store(gyr + w);
             }

@@ -93,8 +93,8 @@ inline Vectorized<acc_t> keep_first(const Vectorized<acc_t>& v, int64_t n) {
   return Vectorized<acc_t>::set(Vectorized<acc_t>(acc_t(0)), v, n);
 }
 
-// A lane mask for select_lanes(): all bits set (keep) or none (zero). Padding by selection, not by multiplying with 0 / 1:
-// 0 * Inf is NaN, and the lanes a mask drops hold real values of a neighbouring row.
+// A lane mask for select_lanes(): all bits set (keep) or none (zero). Padding by selection, not by multiplying with
+// 0 / 1: 0 * Inf is NaN, and the lanes a mask drops hold real values of a neighbouring row.
 template <typename acc_t>
 inline acc_t lane_mask(bool keep) {
   using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
@@ -149,7 +149,9 @@ inline Vectorized<acc_t> vsigmoid(const Vectorized<acc_t>& z) {
 #if defined(CPU_CAPABILITY_AVX2)
 // float: exp inlined (Cody-Waite reduction and the Cephes expf polynomial, about 1 ulp on the clamped range), so
 // consecutive vectors overlap instead of serialising on a library call. exp(-z) is clamped to [2^-126, 2^127]:
-// the gate saturates far earlier (|z| > 17 rounds to 0 or 1 up to 6e-39). NaN in, NaN out.
+// the gate saturates far earlier (|z| > 17 rounds to 0 or 1 up to 6e-39). Below z = -ln(FLT_MAX), where expf(-z)
+// overflows, the gate is exactly 0 as eager's 1 / (1 + inf) (sigmoid(-inf) = 0: a backward's g (1 - g) is then 0,
+// not 6e-39, and 0 * inf gives eager's NaN). NaN in, NaN out.
 template <>
 inline Vectorized<float> vsigmoid<float>(const Vectorized<float>& zv) {
   const __m256 z = zv;
@@ -170,7 +172,8 @@ inline Vectorized<float> vsigmoid<float>(const Vectorized<float>& zv) {
   const __m256 ex = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 g = _mm256_div_ps(one, _mm256_add_ps(one, ex));
-  return _mm256_blendv_ps(g, z, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+  const __m256 overflow = _mm256_cmp_ps(z, _mm256_set1_ps(-88.72283935546875f), _CMP_LT_OQ);
+  return _mm256_blendv_ps(_mm256_andnot_ps(overflow, g), z, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
 }
 #endif
 
