@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test info venv bench-venv bench bench-full
+.PHONY: demo test info venv bench-venv bench bench-full cuda-emu-full cuda-resource-usage
 
 venv:
 	bash scripts/setup_venv.sh
@@ -27,3 +27,13 @@ bench: bench-venv
 
 bench-full: bench-venv
 	$(PY) -m ghostfast bench
+
+# The CUDA kernels executed on the CPU (tests/test_cuda_emulation.py, part of `make test`) with every case under all
+# three thread / block orders instead of one.
+cuda-emu-full: venv
+	GHOSTFAST_EMU_FULL=1 $(PY) -m pytest -q -ra tests/test_cuda_emulation.py
+
+# Registers, spills and shared memory of every CUDA kernel for sm_90 (nvcc + cuobjdump, no GPU) ->
+# benchmarks/results/sm90-static/cuda_resource_usage.txt
+cuda-resource-usage: venv
+	bash scripts/cuda_resource_usage.sh
