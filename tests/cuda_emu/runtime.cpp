@@ -138,6 +138,14 @@ std::string where(const char* file, int line) {
   return f + ":" + std::to_string(line);
 }
 
+// "P = {GhostForwardArgs<float, float>}" of launch<P...>'s signature: the kernel's parameter types
+std::string kernel_label(const char* signature) {
+  const std::string s(signature);
+  const size_t b = s.find("P = {");
+  const size_t e = b == std::string::npos ? b : s.find("}", b);
+  return b == std::string::npos ? s : "kernel(" + s.substr(b + 5, e - b - 5) + ")";
+}
+
 void fail(const std::string& what) {
   Emu& e = emu();
   if (!e.error.empty()) return;
@@ -495,7 +503,7 @@ void run_launch(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
     e.stats.threads += nthreads;
     if (!e.error.empty()) break;
   }
-  if (!e.error.empty()) throw EmuError(e.error + " [" + cfg.signature + "]");
+  if (!e.error.empty()) throw EmuError(e.error + " [" + kernel_label(cfg.signature) + "]");
 }
 
 }  // namespace ghostfast_emu
