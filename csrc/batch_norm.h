@@ -16,8 +16,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define GHOSTFAST_HOST_DEVICE __host__ __device__
@@ -69,6 +72,62 @@ struct BatchNormArgs {
     scale = s;
     shift = bias.at<acc_t>(c, acc_t(0)) - mean.at<acc_t>(c, acc_t(0)) * s;
   }
+
+#if !defined(__CUDACC__)
+  // Host side: (scale, shift) of channels [0, n) into two arrays, the same values as fold() per channel. Each
+  // vector's dtype is dispatched once, not per element, and the loops are plain array arithmetic the compiler
+  // vectorises (the per-element switch of fold() cost ~2.6 ns a channel: ~7.5 us per DFC call at 3 x 960).
+  template <typename acc_t>
+  void fold_all(int64_t n, acc_t* scale, acc_t* shift) const {
+    load(weight, n, scale, acc_t(1));
+    if (var.present()) {
+      load(var, n, shift, acc_t(0));  // shift holds var + eps for a moment
+      const acc_t e = static_cast<acc_t>(eps);
+      for (int64_t c = 0; c < n; ++c) scale[c] = scale[c] / std::sqrt(shift[c] + e);
+    }
+    load(mean, n, shift, acc_t(0));
+    for (int64_t c = 0; c < n; ++c) shift[c] = -(shift[c] * scale[c]);
+    if (bias.present()) {
+      visit(bias, [&](const auto* b) {
+        for (int64_t c = 0; c < n; ++c) shift[c] = to_acc<acc_t>(b[c]) + shift[c];
+      });
+    }
+  }
+
+ private:
+  template <typename acc_t, typename T>
+  static acc_t to_acc(T v) {
+    if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+      return static_cast<acc_t>(static_cast<float>(v));
+    } else {
+      return static_cast<acc_t>(v);
+    }
+  }
+
+  // f(typed pointer) for a present vector
+  template <typename F>
+  static void visit(const ChannelVector& v, F&& f) {
+    switch (v.type) {
+      case VectorType::kFloat: f(static_cast<const float*>(v.data)); break;
+      case VectorType::kDouble: f(static_cast<const double*>(v.data)); break;
+      case VectorType::kHalf: f(static_cast<const c10::Half*>(v.data)); break;
+      case VectorType::kBFloat16: f(static_cast<const c10::BFloat16*>(v.data)); break;
+      default: break;
+    }
+  }
+
+  // dst[c] = v[c] in acc_t, or `missing` when v is absent
+  template <typename acc_t>
+  static void load(const ChannelVector& v, int64_t n, acc_t* dst, acc_t missing) {
+    if (!v.present()) {
+      std::fill_n(dst, n, missing);
+      return;
+    }
+    visit(v, [&](const auto* p) {
+      for (int64_t c = 0; c < n; ++c) dst[c] = to_acc<acc_t>(p[c]);
+    });
+  }
+#endif
 };
 
 // Host side: checks one optional vector (1-D, `channels` long, contiguous, on x's device, a floating dtype the

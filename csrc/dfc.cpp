@@ -1,5 +1,7 @@
-// Schema of the fused DFC attention kernels. The public ops `ghostfast::dfc_gate` and `ghostfast::dfc_attention`
-// (ghostfast/ops.py) call these for the `cpu` and `cuda` backends; implementations in cpu/dfc.cpp, cuda/dfc.cu.
+// Schema of the fused DFC attention kernels. The public op `ghostfast::dfc` (ghostfast/ops.py; the Python
+// functions dfc_gate and dfc_attention) calls these for the `cpu` and `cuda` backends. CPU: cpu/dfc.cpp (checks,
+// registration), cpu/dfc_forward.cpp, cpu/dfc_backward.cpp, on cpu/vec.h and gemm.h. CUDA: cuda/dfc.cu (checks,
+// forward, registration), cuda/dfc_backward.cu, on cuda/common.cuh, gemm.cuh, upsample.cuh.
 //
 // mode: 'gate' -> out is the gate at the pooled resolution [N, C, H/2, W/2];
 //       'nearest' | 'bilinear' -> out is the gate upsampled to x's [N, C, H, W] as F.interpolate does.

@@ -1,6 +1,8 @@
 // Schema of the fused Ghost module kernels. The public op `ghostfast::ghost_module` (ghostfast/ops.py: fake
-// kernel, autograd, backend choice) calls these for the `cpu` and `cuda` backends; the CPU and CUDA
-// implementations live in cpu/ghost_module.cpp and cuda/ghost_module.cu.
+// kernel, autograd, backend choice) calls these for the `cpu` and `cuda` backends. CPU: cpu/ghost_module.cpp
+// (checks, registration), cpu/ghost_module_forward.cpp, _backward.cpp, _stats.cpp, on the shared layer cpu/vec.h,
+// gemm.h, depthwise.h, gate_upsample.h. CUDA: cuda/ghost_module.cu (checks, forward, registration),
+// cuda/ghost_module_backward.cu, on cuda/common.cuh, gemm.cuh, upsample.cuh. BatchNorm folding: batch_norm.h.
 //
 // Conventions (checked by the implementations, arranged by ghostfast/ops.py):
 //  - x is contiguous in NCHW or in channels_last; `out` and grad_x have x's memory format.

@@ -4,6 +4,7 @@ Forward functions fold each BatchNorm with `reference.fold_bn` and run the refer
 float32 and return their own dtype. Backward functions are the vector-Jacobian products of the same math."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -28,10 +29,24 @@ def _folded(bn, channels: int, x: Tensor):
     return reference.fold_bn_vectors(reference.BatchNormParams(*bn), channels, compute_dtype(x), x.device)
 
 
+def _autograd_recording():
+    """A context in which torch.autograd records a graph, even inside a custom op's kernel: there the dispatcher
+    runs below the Autograd key (the kernel is called with the Autograd dispatch keys excluded), so the registered
+    backward ops on this backend re-include them for the span of the vector-Jacobian product."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    keys = torch._C.DispatchKey
+    autograd = [keys.AutogradCPU, keys.AutogradOther, keys.AutogradNestedTensor]  # functionality bits
+    if not any(exclude.has(k) for k in autograd):
+        return contextlib.nullcontext()
+    for k in autograd:
+        exclude = exclude.remove(k)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 def _vjp(fn, grad_out: Optional[Tensor], inputs: Sequence[Optional[Tensor]], needs: Sequence[bool], dt):
     """Gradients of `fn(*inputs)` (cast to `dt`) against `grad_out`, each in its input's dtype; None where not
     needed. grad_out None: `fn` returns a scalar."""
-    with torch.enable_grad():
+    with _autograd_recording(), torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(inputs, needs)]
         out = fn(*[None if t is None else t.to(dt) for t in leaves])
         wanted = [t for t in leaves if t is not None and t.requires_grad]
@@ -43,8 +58,17 @@ def _vjp(fn, grad_out: Optional[Tensor], inputs: Sequence[Optional[Tensor]], nee
             result.append(None)
             continue
         g = next(grads)
-        result.append(torch.zeros_like(t) if g is None else g.to(t.dtype))
+        result.append(_in_layout_of(t, torch.zeros_like(t) if g is None else g.to(t.dtype)))
     return result
+
+
+def _in_layout_of(t: Tensor, g: Tensor) -> Tensor:
+    """g with the strides the other backends give t's gradient (t's layout, as the ops' fake kernels say):
+    autograd may return e.g. a [C, C_in, 1, 1] weight gradient with channels_last strides."""
+    fmt = _output_format(t)
+    if g.stride() == torch.empty(t.shape, device="meta", memory_format=fmt).stride():
+        return g
+    return torch.empty(t.shape, dtype=g.dtype, device=g.device, memory_format=fmt).copy_(g)
 
 
 class ReferenceBackend(Backend):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 from numbers import Real
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -106,9 +106,13 @@ def _check_vector(op: str, name: str, v: Optional[Tensor], n: int, x: Tensor) ->
         raise TypeError(f"{op}: expected {name} of a floating dtype, got {v.dtype}")
 
 
-def _check_bn(op: str, stage: str, bn: BatchNormParams, n: int, x: Tensor) -> None:
-    for field, t in zip(("weight", "bias", "mean", "var"), bn.tensors()):
-        _check_vector(op, f"{stage}_{field}", t, n, x)
+def _check_bn(op: str, stage: str, bn: BatchNormParams, n: int, x: Tensor, labels=None) -> None:
+    """`labels`: {stage: (name of weight, name of bias)} where the op's arguments are folded (scale, shift)."""
+    names = [f"{stage}_{field}" for field in ("weight", "bias", "mean", "var")]
+    if labels and stage in labels:
+        names[:2] = labels[stage]
+    for name, t in zip(names, bn.tensors()):
+        _check_vector(op, name, t, n, x)
     if not isinstance(bn.eps, Real) or isinstance(bn.eps, bool):
         raise TypeError(f"{op}: expected {stage}_eps to be a float, got {type(bn.eps).__name__}")
 
@@ -166,11 +170,11 @@ def _check_gate(op: str, gate: Optional[Tensor], gate_mode: str, x: Tensor, out_
 
 
 def check_ghost_module_args(op: str, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode,
-                            backend: Optional[str] = None) -> int:
+                            backend: Optional[str] = None, labels=None) -> int:
     """Every check of the Ghost module op; returns out_channels as an int."""
     init, cheap = _check_ghost_weights(op, x, primary_weight, cheap_weight)
-    _check_bn(op, "bn1", bn1, init, x)
-    _check_bn(op, "bn2", bn2, cheap, x)
+    _check_bn(op, "bn1", bn1, init, x, labels)
+    _check_bn(op, "bn2", bn2, cheap, x, labels)
     out_channels = _check_out_channels(op, out_channels, init + cheap)
     if not isinstance(relu, bool):
         raise TypeError(f"{op}: expected relu to be a bool, got {relu!r}")
@@ -181,11 +185,11 @@ def check_ghost_module_args(op: str, x, primary_weight, bn1, cheap_weight, bn2, 
 
 
 def check_ghost_module_stats_args(op: str, x, primary_weight, bn1, cheap_weight, relu, stage,
-                                  backend: Optional[str] = None) -> None:
+                                  backend: Optional[str] = None, labels=None) -> None:
     if stage not in (1, 2) or isinstance(stage, bool):
         raise ValueError(f"{op}: stage must be 1 or 2, got {stage!r}")
     init, _ = _check_ghost_weights(op, x, primary_weight, cheap_weight)
-    _check_bn(op, "bn1", bn1, init, x)
+    _check_bn(op, "bn1", bn1, init, x, labels)
     if x.numel() // max(x.shape[1], 1) < 2:
         raise ValueError(f"{op}: batch statistics need more than 1 value per channel, got input of shape "
                          f"{tuple(x.shape)}")
@@ -194,7 +198,7 @@ def check_ghost_module_stats_args(op: str, x, primary_weight, bn1, cheap_weight,
 
 
 def check_dfc_args(op: str, x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode,
-                   backend: Optional[str] = None) -> None:
+                   backend: Optional[str] = None, labels=None) -> None:
     if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or tuple(conv_weight.shape[2:]) != (1, 1) or \
             conv_weight.shape[0] < 1:
         raise ValueError(f"{op}: expected a 1x1 conv_weight [C, C_in, 1, 1] with C >= 1, got "
@@ -205,7 +209,7 @@ def check_dfc_args(op: str, x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, m
     _check_weight(op, "h_weight", h_weight, x, (c, 1, 1, 5))
     _check_weight(op, "v_weight", v_weight, x, (c, 1, 5, 1))
     for stage, bn in (("bn3", bn3), ("bn4", bn4), ("bn5", bn5)):
-        _check_bn(op, stage, bn, c, x)
+        _check_bn(op, stage, bn, c, x, labels)
     if mode not in DFC_MODES:
         raise ValueError(f"{op}: mode must be one of {DFC_MODES}, got {mode!r}")
     if backend is not None:
@@ -218,6 +222,11 @@ def _affine_bn(op: str, names: Tuple[str, str], scale: Tensor, shift: Tensor) ->
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: expected {name} to be a Tensor, got {type(t).__name__}")
     return BatchNormParams.affine(scale, shift)
+
+
+# the backward ops' names for the folded vectors checked as BatchNormParams(weight=scale, bias=shift)
+_GHOST_LABELS = {"bn1": ("primary_scale", "primary_bias"), "bn2": ("cheap_scale", "cheap_bias")}
+_DFC_LABELS = {"bn3": ("conv_scale", "conv_bias"), "bn4": ("h_scale", "h_bias"), "bn5": ("v_scale", "v_bias")}
 
 
 def _check_grad(op: str, name: str, g: Tensor, shape) -> None:
@@ -346,7 +355,8 @@ def _check_ghost_backward(op, grad_out, x, w1, s1, b1, w2, s2, b2, out_channels,
                           backend):
     bn1 = _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1)
     bn2 = _affine_bn(op, ("cheap_scale", "cheap_bias"), s2, b2)
-    out_channels = check_ghost_module_args(op, x, w1, bn1, w2, bn2, out_channels, relu, gate, gate_mode, backend)
+    out_channels = check_ghost_module_args(op, x, w1, bn1, w2, bn2, out_channels, relu, gate, gate_mode, backend,
+                                           labels=_GHOST_LABELS)
     _check_grad(op, "grad_out", grad_out, (x.shape[0], out_channels, x.shape[2], x.shape[3]))
     _check_needs(op, needs, 8)
 
@@ -375,7 +385,7 @@ def _(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, ch
 
 def _check_stats_backward(op, x, w1, s1, b1, w2, relu, stage, coef_a, coef_c, mean, needs, backend):
     check_ghost_module_stats_args(op, x, w1, _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1), w2, relu,
-                                  stage, backend)
+                                  stage, backend, labels=_GHOST_LABELS)
     n = w1.shape[0] if stage == 1 else w2.shape[0]
     for name, t in (("coef_a", coef_a), ("coef_c", coef_c), ("mean", mean)):
         _check_vector(op, name, t, n, x)
@@ -406,7 +416,7 @@ def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage,
 def _check_dfc_backward(op, grad, x, cw, s3, b3, hw, s4, b4, vw, s5, b5, mode, needs, backend):
     check_dfc_args(op, x, cw, _affine_bn(op, ("conv_scale", "conv_bias"), s3, b3), hw,
                    _affine_bn(op, ("h_scale", "h_bias"), s4, b4), vw, _affine_bn(op, ("v_scale", "v_bias"), s5, b5),
-                   mode, backend)
+                   mode, backend, labels=_DFC_LABELS)
     n, _, h, w = x.shape
     c = cw.shape[0]
     _check_grad(op, "grad", grad, (n, c, h // 2, w // 2) if mode == "gate" else (n, c, h, w))
@@ -459,45 +469,44 @@ def _saved_args(ctx) -> list:
     return args
 
 
-def _fold_for_backward(bn: BatchNormParams, channels: int, x: Tensor) -> Tuple[Tensor, Tensor]:
-    """(scale, shift) in the accumulation dtype, as the forward kernel folded them."""
-    return reference.fold_bn_vectors(bn, channels, compute_dtype(x), x.device)
+class _Folded(NamedTuple):
+    """A BatchNorm folded for the backward: the kernels' (scale, shift) and std, which its chain rule reuses."""
+    scale: Tensor
+    shift: Tensor
+    std: Optional[Tensor]
 
 
-def _bn_grads(ctx, first: int, bn: BatchNormParams, grad_scale, grad_shift) -> List[Optional[Tensor]]:
+def _fold_for_backward(bn: BatchNormParams, channels: int, x: Tensor) -> _Folded:
+    """(scale, shift, std) in the accumulation dtype, as the forward kernel folded them."""
+    return _Folded(*reference.fold_bn_vectors(bn, channels, compute_dtype(x), x.device, keep_std=True))
+
+
+def _bn_grads(ctx, first: int, bn: BatchNormParams, folded: _Folded, grad_scale, grad_shift) -> List[Optional[Tensor]]:
     """Gradients of the BatchNorm arguments at slots first .. first+4 (eps: None)."""
     needs = [bool(ctx.needs_input_grad[first + i]) for i in range(4)]
     if not any(needs) or grad_scale is None:
         return [None] * 5
-    return reference.fold_bn_backward(grad_scale, grad_shift, bn, needs) + [None]
+    return reference.fold_bn_backward(grad_scale, grad_shift, bn, needs, folded.scale, folded.std) + [None]
 
 
 def _bn_needed(ctx, first: int) -> bool:
     return any(ctx.needs_input_grad[first:first + 4])
 
 
-def _backward(op, name: str, backend: str, *args):
-    """A backward kernel through its custom op; the reference backend differentiates its eager math directly
-    (autograd does not run inside a custom op's kernel)."""
-    if backend == "reference":
-        return getattr(BACKENDS["reference"], name)(*args)
-    return op(*args, backend)
-
-
 def _ghost_module_backward(ctx, grad_out):
     a = _saved_args(ctx)
     x, w1, w2, out_channels, relu, gate, gate_mode, backend = a[0], a[1], a[7], a[13], a[14], a[15], a[16], a[17]
     bn1, bn2 = BatchNormParams(*a[2:7]), BatchNormParams(*a[8:13])
-    s1, b1 = _fold_for_backward(bn1, w1.shape[0], x)
-    s2, b2 = _fold_for_backward(bn2, w2.shape[0], x)
+    f1 = _fold_for_backward(bn1, w1.shape[0], x)
+    f2 = _fold_for_backward(bn2, w2.shape[0], x)
     need = ctx.needs_input_grad
     n1, n2 = _bn_needed(ctx, 2), _bn_needed(ctx, 8)
     needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), n2, n2, bool(need[15])]
-    g = _backward(_ghost_module_backward_op, "ghost_module_backward", backend,
-                  grad_out.contiguous(memory_format=output_memory_format(x)), x, w1, s1, b1, w2, s2, b2, out_channels,
-                  relu, gate, gate_mode, needs)
+    g = _ghost_module_backward_op(grad_out.contiguous(memory_format=output_memory_format(x)), x, w1, f1.scale,
+                                  f1.shift, w2, f2.scale, f2.shift, out_channels, relu, gate, gate_mode, needs,
+                                  backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
-    return (g[0], g[1], *_bn_grads(ctx, 2, bn1, g[2], g[3]), g[4], *_bn_grads(ctx, 8, bn2, g[5], g[6]),
+    return (g[0], g[1], *_bn_grads(ctx, 2, bn1, f1, g[2], g[3]), g[4], *_bn_grads(ctx, 8, bn2, f2, g[5], g[6]),
             None, None, g[7], None, None)
 
 
@@ -511,15 +520,15 @@ def _ghost_module_stats_backward(ctx, grad_mean, grad_var):
         grad_mean = torch.zeros_like(mean)
     if grad_var is None:
         grad_var = torch.zeros_like(mean)
-    s1, b1 = _fold_for_backward(bn1, w1.shape[0], x)
+    f1 = _fold_for_backward(bn1, w1.shape[0], x)
     m = x.shape[0] * x.shape[2] * x.shape[3]
     need = ctx.needs_input_grad
     n1 = stage == 2 and _bn_needed(ctx, 2)
     needs = [bool(need[0]), bool(need[1]), n1, n1, stage == 2 and bool(need[7])]
-    g = _backward(_ghost_module_stats_backward_op, "ghost_module_stats_backward", backend, x, w1, s1, b1, w2, relu,
-                  stage, grad_mean / m, grad_var * (2.0 / m), mean, needs)
+    g = _ghost_module_stats_backward_op(x, w1, f1.scale, f1.shift, w2, relu, stage, grad_mean / m,
+                                        grad_var * (2.0 / m), mean, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
-    bn_grads = _bn_grads(ctx, 2, bn1, g[2], g[3]) if n1 else [None] * 5
+    bn_grads = _bn_grads(ctx, 2, bn1, f1, g[2], g[3]) if n1 else [None] * 5
     return (g[0], g[1], *bn_grads, g[4], None, None, None)
 
 
@@ -528,15 +537,15 @@ def _dfc_backward(ctx, grad):
     x, cw, hw, vw, mode, backend = a[0], a[1], a[7], a[13], a[19], a[20]
     bns = [BatchNormParams(*a[2:7]), BatchNormParams(*a[8:13]), BatchNormParams(*a[14:19])]
     c = cw.shape[0]
-    (s3, b3), (s4, b4), (s5, b5) = [_fold_for_backward(bn, c, x) for bn in bns]
+    f3, f4, f5 = [_fold_for_backward(bn, c, x) for bn in bns]
     need = ctx.needs_input_grad
     n3, n4, n5 = _bn_needed(ctx, 2), _bn_needed(ctx, 8), _bn_needed(ctx, 14)
     needs = [bool(need[0]), bool(need[1]), n3, n3, bool(need[7]), n4, n4, bool(need[13]), n5, n5]
-    g = _backward(_dfc_backward_op, "dfc_backward", backend, grad.contiguous(memory_format=output_memory_format(x)),
-                  x, cw, s3, b3, hw, s4, b4, vw, s5, b5, mode, needs)
+    g = _dfc_backward_op(grad.contiguous(memory_format=output_memory_format(x)), x, cw, f3.scale, f3.shift, hw,
+                         f4.scale, f4.shift, vw, f5.scale, f5.shift, mode, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
-    return (g[0], g[1], *_bn_grads(ctx, 2, bns[0], g[2], g[3]), g[4], *_bn_grads(ctx, 8, bns[1], g[5], g[6]),
-            g[7], *_bn_grads(ctx, 14, bns[2], g[8], g[9]), None, None)
+    return (g[0], g[1], *_bn_grads(ctx, 2, bns[0], f3, g[2], g[3]), g[4],
+            *_bn_grads(ctx, 8, bns[1], f4, g[5], g[6]), g[7], *_bn_grads(ctx, 14, bns[2], f5, g[8], g[9]), None, None)
 
 
 _ghost_module_op.register_autograd(_ghost_module_backward, setup_context=_setup)

@@ -43,6 +43,20 @@ class BatchNormParams(NamedTuple):
         return (self.weight, self.bias, self.mean, self.var)
 
 
+def _fold(bn: BatchNormParams, dt: torch.dtype, n: int, device) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(scale, shift, std) of a BatchNormParams in dtype `dt`: scale = weight / std, shift = bias - mean * scale,
+    std = sqrt(var + eps) (None without var); a missing vector is the identity."""
+    def get(t, default):
+        return torch.full((n,), default, dtype=dt, device=device) if t is None else t.to(dt)
+
+    std = None if bn.var is None else torch.sqrt(bn.var.to(dt) + bn.eps)
+    scale = get(bn.weight, 1.0)
+    if std is not None:
+        scale = scale / std
+    shift = get(bn.bias, 0.0) - get(bn.mean, 0.0) * scale
+    return scale, shift, std
+
+
 def fold_bn(bn, conv_bias: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """(scale, shift) of `y = z * scale + shift` for a BatchNormParams (or an eval-mode BatchNorm module), in
     `dtype` (default: the tensors' own); a conv bias before the BN folds into `shift`. Differentiable."""
@@ -53,53 +67,47 @@ def fold_bn(bn, conv_bias: Optional[Tensor] = None, dtype: Optional[torch.dtype]
         raise ValueError("fold_bn: every tensor is None; the channel count is unknown")
     ref = present[0]
     dt = dtype or ref.dtype
-    n = ref.shape[0]
-
-    def get(t, default):
-        return torch.full((n,), default, dtype=dt, device=ref.device) if t is None else t.to(dt)
-
-    scale = get(bn.weight, 1.0)
-    if bn.var is not None:
-        scale = scale / torch.sqrt(bn.var.to(dt) + bn.eps)
-    shift = get(bn.bias, 0.0) - get(bn.mean, 0.0) * scale
+    scale, shift, _ = _fold(bn, dt, ref.shape[0], ref.device)
     if conv_bias is not None:
         shift = shift + conv_bias.to(dt) * scale
     return scale, shift
 
 
-def fold_bn_vectors(bn: BatchNormParams, channels: int, dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
+def fold_bn_vectors(bn: BatchNormParams, channels: int, dtype: torch.dtype, device,
+                    keep_std: bool = False) -> Tuple[Tensor, ...]:
     """`fold_bn` for any BatchNormParams, the all-None one included (scale 1, shift 0), without autograd: the
-    per-channel vectors the backward kernels take (and the reference backend applies)."""
+    per-channel vectors the backward kernels take (and the reference backend applies). keep_std: also std =
+    sqrt(var + eps) (None without var), which `fold_bn_backward` then reuses instead of recomputing."""
     with torch.no_grad():
-        if all(t is None for t in bn.tensors()):
-            return (torch.ones(channels, dtype=dtype, device=device), torch.zeros(channels, dtype=dtype, device=device))
-        return fold_bn(bn, dtype=dtype)
+        scale, shift, std = _fold(bn, dtype, channels, device)
+    return (scale, shift, std) if keep_std else (scale, shift)
 
 
 def fold_bn_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], bn: BatchNormParams,
-                     needs: Sequence[bool]) -> List[Optional[Tensor]]:
+                     needs: Sequence[bool], scale: Optional[Tensor] = None,
+                     std: Optional[Tensor] = None) -> List[Optional[Tensor]]:
     """Gradients of (weight, bias, mean, var) of a BatchNormParams from those of its folded (scale, shift)
     (the chain rule through `fold_bn`), each in its tensor's dtype; None where not needed or the tensor is None.
-    Computed in the gradients' (accumulation) dtype."""
+    Computed in the gradients' (accumulation) dtype; `scale` and `std` from `fold_bn_vectors(keep_std=True)`
+    spare recomputing them (both or neither)."""
     weight, bias, mean, var, eps = bn
     gs = grad_scale
     gt = grad_shift
     dt = (gs if gs is not None else gt).dtype
-    inv_std = None if var is None else torch.rsqrt(var.to(dt) + eps)
-    w = None if weight is None else weight.to(dt)
-    scale = w if inv_std is None else (inv_std if w is None else w * inv_std)
+    if scale is None:
+        scale, _, std = _fold(bn, dt, gt.shape[0], gt.device)
     # shift = bias - mean * scale: the gradient reaching scale through shift is -mean * grad_shift
     gs_total = gs if mean is None else gs - mean.to(dt) * gt
     out: List[Optional[Tensor]] = [None] * 4
     if needs[0] and weight is not None:
-        out[0] = (gs_total if inv_std is None else gs_total * inv_std).to(weight.dtype)
+        out[0] = (gs_total if std is None else gs_total / std).to(weight.dtype)
     if needs[1] and bias is not None:
         out[1] = gt.to(bias.dtype)
     if needs[2] and mean is not None:
-        out[2] = (-gt if scale is None else -gt * scale).to(mean.dtype)
+        out[2] = (-gt * scale).to(mean.dtype)
     if needs[3] and var is not None:
         # d scale / d var = -scale / (2 (var + eps))
-        out[3] = (-0.5 * gs_total * scale * inv_std * inv_std).to(var.dtype)
+        out[3] = (-0.5 * gs_total * scale / (std * std)).to(var.dtype)
     return out
 
 

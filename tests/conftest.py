@@ -28,6 +28,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_fallback_warnings():
+    """The fallback warning is one-time per reason and process; each test sees it as a new process would."""
+    import ghostfast.backends
+
+    ghostfast.backends._warned.clear()
+    yield
+
+
 # ---- the kernel tests run once per fused backend of the device (tests/kernel_backends.py) -----------------
 
 def pytest_configure(config):

@@ -121,7 +121,7 @@ def test_autocast_forward_matches_eager_autocast(name, factory, shape, dtype, ba
     assert not runs.convs, "under autocast the converted module must run fused, not its eager submodules"
     assert dict(runs.counts) == EXPECTED_LAUNCHES[name[:2]]
     # the ops compute in the autocast dtype: input, conv weights (4-D) and the DFC gate in it, BN vectors float32
-    assert [op for op, _ in seen.calls] == (["ghostfast.dfc_gate.default"] if name.startswith("v2") else []) + \
+    assert [op for op, _ in seen.calls] == (["ghostfast.dfc.default"] if name.startswith("v2") else []) + \
         ["ghostfast.ghost_module.default"]
     for op, tensors in seen.calls:
         assert all(dt == (dtype if ndim == 4 else torch.float32) for ndim, dt in tensors), (op, tensors)

@@ -130,7 +130,7 @@ def test_convert_torch_export(backend, device):
     with torch.no_grad():
         exported = torch.export.export(fast, (x,))
         targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-        assert "ghostfast.dfc_gate.default" in targets and "ghostfast.ghost_module.default" in targets
+        assert "ghostfast.dfc.default" in targets and "ghostfast.ghost_module.default" in targets
         assert_close_rel(exported.module()(x), eager(x), torch.float32)
 
 

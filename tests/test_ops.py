@@ -20,13 +20,6 @@ from numerics import assert_close_rel
 ALL = FUSED + [n for n in ["reference"] if n not in FUSED]
 STATS_BACKENDS = [b for b in ALL if b != "cuda"]  # cuda's statistics run in Triton
 STATS_FUSED = [b for b in STATS_BACKENDS if b != "reference"]
-# The reference backend's backward is torch.autograd through the eager math, which does not run inside a custom op's
-# kernel: the autograd formulas call it directly, but the registered backward ops on 'reference' cannot run.
-_REFERENCE_BACKWARD_OP = pytest.mark.xfail(
-    strict=True,
-    reason="ghostfast::*_backward ops with backend='reference' run torch.autograd inside the op's kernel, where no "
-           "graph is recorded ('element 0 of tensors does not require grad')")
-BACKWARD_OP_BACKENDS = [pytest.param(n, marks=_REFERENCE_BACKWARD_OP) if n == "reference" else n for n in ALL]
 GM = torch.ops.ghostfast.ghost_module.default
 GM_STATS = torch.ops.ghostfast.ghost_module_stats.default
 DFC = torch.ops.ghostfast.dfc.default
@@ -137,27 +130,61 @@ def test_ops_opcheck_ghost_module_stats(backend, stage, device):
     torch.library.opcheck(GM_STATS, (x, w1, *bn1, w2, True, stage, backend))
 
 
-@pytest.mark.parametrize("backend", BACKWARD_OP_BACKENDS)
+@pytest.mark.parametrize("backend", ALL)
 def test_ops_opcheck_backward_ops(backend, device):
     """The backward kernels' own ops (no autograd of their own): schema, fake kernel, AOT dispatch."""
+    opcheck = torch.library.opcheck
+
     x, w1, bn1, w2, bn2 = ghost_args(device)
     s1, b1 = reference.fold_bn_vectors(bn1, 4, torch.float32, device)
     s2, b2 = reference.fold_bn_vectors(bn2, 8, torch.float32, device)
     gate = torch.rand(2, 11, 3, 2, device=device)
     go = torch.randn(2, 11, 6, 5, device=device)
-    torch.library.opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, True, gate, "bilinear", [True] * 8, backend))
-    torch.library.opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, True, None, "nearest",
-                                   [False, True, True, False, True, False, True, False], backend))
+    opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, True, gate, "bilinear", [True] * 8, backend))
+    opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, True, None, "nearest",
+                     [False, True, True, False, True, False, True, False], backend))
     d = dfc_args(device)
     folded = [d[1], *reference.fold_bn_vectors(d[2], 6, torch.float32, device), d[3],
               *reference.fold_bn_vectors(d[4], 6, torch.float32, device), d[5],
               *reference.fold_bn_vectors(d[6], 6, torch.float32, device)]
-    torch.library.opcheck(DFC_BWD, (torch.randn(2, 6, 3, 3, device=device), d[0], *folded, "gate", [True] * 10,
-                                    backend))
+    opcheck(DFC_BWD, (torch.randn(2, 6, 3, 3, device=device), d[0], *folded, "gate", [True] * 10, backend))
     if backend in STATS_BACKENDS:
         m = torch.randn(8, device=device)
-        torch.library.opcheck(GM_STATS_BWD, (x, w1, s1, b1, w2, True, 2, torch.randn(8, device=device),
-                                             torch.randn(8, device=device), m, [True] * 5, backend))
+        opcheck(GM_STATS_BWD, (x, w1, s1, b1, w2, True, 2, torch.randn(8, device=device),
+                                torch.randn(8, device=device), m, [True] * 5, backend))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_ops_registered_backward_ops_match_autograd(backend, device):
+    """The backward ops called directly (as compiled and exported graphs call them), on every backend: each
+    gradient against float64 autograd of the reference math, with outputs that were not asked for left empty."""
+    x, w1, bn1, w2, bn2 = ghost_args(device)
+    folded = [*reference.fold_bn_vectors(bn1, 4, torch.float32, device),
+              *reference.fold_bn_vectors(bn2, 8, torch.float32, device)]
+    gate = torch.rand(2, 11, 3, 2, device=device)
+    go = torch.randn(2, 11, 6, 5, device=device)
+    inputs = [x, w1, folded[0], folded[1], w2, folded[2], folded[3], gate]
+    needs = [True, True, False, True, True, True, False, True]
+    got = GM_BWD(go, x, w1, *folded[:2], w2, *folded[2:], 11, True, gate, "bilinear", needs, backend)
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    out = reference.ghost_module_forward(*leaves[:7], 11, True, leaves[7], "bilinear")
+    want = torch.autograd.grad(out, leaves, go.double())
+    for i, (a, b, need) in enumerate(zip(got, want, needs)):
+        if not need:
+            assert a.numel() == 0, f"ghost_module_backward output {i} was not asked for"
+            continue
+        assert a.dtype == inputs[i].dtype and a.shape == inputs[i].shape
+        assert_close_rel(a, b, torch.float32)
+    d = dfc_args(device)
+    inputs = [d[0], d[1], *reference.fold_bn_vectors(d[2], 6, torch.float32, device), d[3],
+              *reference.fold_bn_vectors(d[4], 6, torch.float32, device), d[5],
+              *reference.fold_bn_vectors(d[6], 6, torch.float32, device)]
+    grad = torch.randn(2, 6, 6, 7, device=device)
+    got = DFC_BWD(grad, *inputs, "nearest", [True] * 10, backend)
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    want = torch.autograd.grad(reference.dfc_attention_forward(*leaves, mode="nearest"), leaves, grad.double())
+    for a, b in zip(got, want):
+        assert_close_rel(a, b, torch.float32)
 
 
 # ---- the fake kernels give what the kernels give ---------------------------------------------------------------
@@ -207,7 +234,7 @@ def test_ops_fake_kernels_match_kernels(backend, layout, device):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
-@pytest.mark.parametrize("backend", BACKWARD_OP_BACKENDS)
+@pytest.mark.parametrize("backend", ALL)
 def test_ops_fake_backward_kernels_match_kernels(backend, layout, device):
     dtype = torch.float16
     g = ghost_args(device, dtype, bn_dtype=torch.float32)
@@ -318,9 +345,8 @@ def test_ops_registered_backward_ops_check_arguments(backend, device):
     def gm(go=go, s1=s1, s2=s2, gate=gate, needs=[True] * 8, backend=backend):
         return (GM_BWD, go, x, w1, s1, b1, w2, s2, b2, 12, True, gate, "bilinear", needs, backend)
 
-    # (the messages name the folded vectors as the forward's bn1_weight / bn2_weight: ops._affine_bn)
-    _raises(ValueError, r"expected \w+ of shape \(4,\), got \(3,\)", *gm(s1=s1[:3]))
-    _raises(ValueError, r"expected \w+ of shape \(8,\), got \(7,\)", *gm(s2=s2[:7]))
+    _raises(ValueError, r"expected primary_scale of shape \(4,\), got \(3,\)", *gm(s1=s1[:3]))
+    _raises(ValueError, r"expected cheap_scale of shape \(8,\), got \(7,\)", *gm(s2=s2[:7]))
     _raises(ValueError, r"expected gate of shape", *gm(gate=gate[:, :11]))
     _raises(ValueError, r"expected grad_out of shape \(2, 12, 6, 5\)", *gm(go=go[:, :, :5]))
     _raises(ValueError, r"expected needs to be 8 bools", *gm(needs=[True] * 7))
@@ -331,8 +357,8 @@ def test_ops_registered_backward_ops_check_arguments(backend, device):
               *reference.fold_bn_vectors(d[6], 6, torch.float32, device)]
     grad = torch.randn(2, 6, 3, 3, device=device)
     short = list(folded)
-    short[8] = short[8][:5]  # v_scale
-    _raises(ValueError, r"expected \w+ of shape \(6,\), got \(5,\)", DFC_BWD, grad, d[0], *short, "gate",
+    short[8] = short[8][:5]  # v_bias
+    _raises(ValueError, r"expected v_bias of shape \(6,\), got \(5,\)", DFC_BWD, grad, d[0], *short, "gate",
             [True] * 10, backend)
     _raises(ValueError, r"expected grad of shape \(2, 6, 6, 7\)", DFC_BWD, grad, d[0], *folded, "nearest",
             [True] * 10, backend)

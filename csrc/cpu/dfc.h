@@ -178,9 +178,9 @@ struct DfcCpu {
 
   // forward: the live BatchNorms folded per channel (bn3 after the 1x1 conv, bn4 after the 1x5, bn5 after the 5x1)
   void fold_batch_norms(const BatchNormArgs& bn3, const BatchNormArgs& bn4, const BatchNormArgs& bn5) {
-    for (int64_t c = 0; c < C; ++c) bn3.fold<acc_t>(c, s3[c], b3[c]);
-    for (int64_t c = 0; c < C; ++c) bn4.fold<acc_t>(c, s4[c], b4[c]);
-    for (int64_t c = 0; c < C; ++c) bn5.fold<acc_t>(c, s5[c], b5[c]);
+    bn3.fold_all<acc_t>(C, s3.data(), b3.data());
+    bn4.fold_all<acc_t>(C, s4.data(), b4.data());
+    bn5.fold_all<acc_t>(C, s5.data(), b5.data());
   }
 
   // backward: the folded vectors as given (accumulation dtype), in the order s3, b3, s4, b4, s5, b5

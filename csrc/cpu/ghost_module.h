@@ -198,9 +198,8 @@ struct Ctx {
 
   // forward and statistics: fold the live BatchNorms (bn2: nullptr for the statistics kernels)
   void fold_batch_norms(const BatchNormArgs& bn1, const BatchNormArgs* bn2) {
-    for (int64_t c = 0; c < d.n_x1; ++c) bn1.fold<acc_t>(c, s1[c], b1[c]);
-    if (bn2 != nullptr)
-      for (int64_t o = 0; o < d.n_cheap; ++o) bn2->fold<acc_t>(o, s2[o], b2[o]);
+    bn1.fold_all<acc_t>(d.n_x1, s1.data(), b1.data());
+    if (bn2 != nullptr) bn2->fold_all<acc_t>(d.n_cheap, s2.data(), b2.data());
   }
 
   // backward: the folded vectors as given (accumulation dtype); cheap_* undefined: the identity
