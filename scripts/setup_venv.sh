@@ -4,21 +4,30 @@
 # torch==2.14.1 and torchvision==0.29.1. GHOSTFAST_BENCH=1 (or the argument --bench) also installs the benchmarks'
 # optional matplotlib (plots), tqdm (progress bar) and pytest-benchmark; without a registry they are skipped, and the benchmarks
 # run without them.
+# Other versions (scripts/test_torch211.sh, the GPU image's torch 2.11 / triton 3.6): GHOSTFAST_TORCH_PKGS="torch==X ..."
+# installs those instead (another version already in the venv is replaced; no system site packages), and
+# GHOSTFAST_EXTRA_PKGS="numpy<2.4 ..." adds pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+TORCH_PKGS=${GHOSTFAST_TORCH_PKGS:-}
 if [ ! -x "$VENV/bin/python" ]; then
-  if "$PY" -c "import torch" 2>/dev/null; then
+  if [ -z "$TORCH_PKGS" ] && "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m venv --system-site-packages "$VENV"
   else
     "$PY" -m venv "$VENV"
   fi
 fi
 VPY="$VENV/bin/python"
-export PATH="$PWD/$VENV/bin:$PATH"  # a pip-installed ninja lives there
+export PATH="$(cd "$VENV/bin" && pwd):$PATH"  # a pip-installed ninja lives there
 pipi() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
-"$VPY" -c "import torch" 2>/dev/null || pipi torch==2.14.1 torchvision==0.29.1
+if [ -n "$TORCH_PKGS" ]; then
+  # shellcheck disable=SC2086  # the specs are words; pip keeps what already satisfies them
+  pipi $TORCH_PKGS ${GHOSTFAST_EXTRA_PKGS:-}
+else
+  "$VPY" -c "import torch" 2>/dev/null || pipi torch==2.14.1 torchvision==0.29.1
+fi
 "$VPY" -c "import setuptools, wheel" 2>/dev/null || pipi "setuptools>=64" wheel
 # ninja compiles the extension's sources in parallel (torch.utils.cpp_extension); without it the build is serial.
 command -v ninja >/dev/null || "$VPY" -c "import ninja" 2>/dev/null || pipi ninja || echo "note: no ninja; building serially"
