@@ -58,3 +58,7 @@ def kernel_backend(request):
 
     with kernel_backends.active(getattr(request, "param", "triton")) as name:
         yield name
+
+
+# Time-boxed runs (the GPU lease): per-test cap, global budget, shards; inert unless its env vars are set
+from _time_cap import *  # noqa: E402,F401,F403  (tests/_time_cap.py)
