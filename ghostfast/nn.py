@@ -16,6 +16,11 @@ mean and var, differentiably, so gradients flow through the statistics; running 
 GhostModuleV2's DFC branch runs eagerly while its BatchNorms are in training mode (its gate still enters the
 fused Ghost op). SyncBatchNorm in training mode, and configurations without a fused kernel, run the eager
 submodules.
+
+Deployment: while a tracer or exporter records the model for another runtime (`torch.jit.script`,
+`torch.jit.trace`, `torch.onnx.export` with either exporter, `torch.fx.symbolic_trace`), the modules run their
+original eager submodules, so the recorded graph is the original module's math in standard ops, which TorchScript,
+ONNX Runtime and fx tools understand without ghostfast. `torch.compile` and `torch.export` record the fused ops.
 """
 from __future__ import annotations
 
@@ -159,6 +164,15 @@ def _fused_region(x: Tensor):
     return contextlib.nullcontext()
 
 
+def _recording_for_deployment(x) -> bool:
+    """True while `torch.jit.trace`, `torch.onnx.export` (the TorchScript-based exporter traces; the dynamo one sets
+    its own flag around its torch.export) or `torch.fx.symbolic_trace` (x is a Proxy) records this call: the
+    eager submodules run, so the graph holds standard ops. A traced graph of the fused op would also bake in the
+    backend name, and no Python side effect (the running-statistics update) is recorded. torch.export and
+    torch.compile set none of these flags and record the fused ops."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or isinstance(x, torch.fx.Proxy)
+
+
 def _make_act(act_layer: Optional[Type[nn.Module]]) -> nn.Module:
     if act_layer is None or act_layer is nn.Identity:
         return nn.Identity()
@@ -185,7 +199,23 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 class _FusedGhostBase(nn.Module):
     """Shared machinery: structure analysis (re-planned when a submodule is replaced), backend choice, fallback
-    policy, the live BatchNorm arguments."""
+    policy, the live BatchNorm arguments.
+
+    `forward` is what TorchScript compiles: the eager submodules (`_eager_forward`, scriptable); everything
+    else (`_dispatch`, `_fused_forward`, the plan) is Python that TorchScript never sees."""
+
+    __jit_unused_properties__ = ["oup"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._eager_forward(x)
+        return self._dispatch(x)
+
+    @torch.jit.unused
+    def _dispatch(self, x: Tensor) -> Tensor:
+        if _recording_for_deployment(x):
+            return self._eager_forward(x)
+        return self._fused_forward(x)
 
     def _init_options(self, out_chs: int, backend: Optional[str], strict: Optional[bool], gate_mode: str = "nearest"):
         if backend is not None:
@@ -401,7 +431,10 @@ class GhostModule(_FusedGhostBase):
         `out_chs` defaults to `m.out_chs` or `m.oup`."""
         return cls._wrap(m, ("primary_conv", "cheap_operation"), out_chs, backend, strict)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        return self._eager_ghost(x)
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         backend, dtype = self._fused_backend(x)
         if backend is None:
             return self._eager_ghost(x)
@@ -467,17 +500,20 @@ class GhostModuleV2(_FusedGhostBase):
         self._dfc_layers = tuple(layers)
         return None
 
-    def _eager_gate(self, x: Tensor, size) -> Tensor:
+    def _eager_gate(self, x: Tensor, size: List[int]) -> Tensor:
         res = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
         if self.gate_mode == "nearest":
             return F.interpolate(res, size=size, mode="nearest")
         return F.interpolate(res, size=size, mode="bilinear", align_corners=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        gate = self._eager_gate(x, x.shape[-2:])  # first, as the original modules compute it
+        return self._eager_ghost(x) * gate
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         backend, dtype = self._fused_backend(x)
         if backend is None:
-            gate = self._eager_gate(x, x.shape[-2:])
-            return self._eager_ghost(x) * gate
+            return self._eager_forward(x)
         l = self._dfc_layers
         gate = None
         if any(_batch_stats(l[i]) for i in (1, 3, 5)):
