@@ -37,3 +37,9 @@ cuda-emu-full: venv
 # benchmarks/results/sm90-static/cuda_resource_usage.txt
 cuda-resource-usage: venv
 	bash scripts/cuda_resource_usage.sh
+
+# The GPU lease's one command (scripts/gpu_run.sh) run here as a dry run: CPU backends, two test files, the sanitizer
+# cases without compute-sanitizer, a one-case bench -> out/gpu-dry/summary.txt and logs.tar.gz (~3 min on 2 cores)
+.PHONY: gpu-run-dry
+gpu-run-dry:
+	GPU_RUN_DRY=1 PYTHON=$(PY) nice bash scripts/gpu_run.sh out/gpu-dry

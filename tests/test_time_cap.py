@@ -145,3 +145,11 @@ def test_shards_and_select_partition_the_suite(tmp_path):
     assert set().union(*shards) == rest and sum(map(len, shards)) == len(rest)
     with pytest.raises(AssertionError):
         collected(SHARD="2/2")
+
+
+def test_gpu_run_script_parses_and_rejects_unknown_stages(tmp_path):
+    script = os.path.join(ROOT, "scripts", "gpu_run.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", script, str(tmp_path / "out"), "tests", "nosuchstage"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "unknown stage nosuchstage" in proc.stderr
