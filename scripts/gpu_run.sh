@@ -62,6 +62,14 @@ if [ "$DRY" = 1 ]; then
   TEST_ARGS=${GPU_RUN_TEST_ARGS:-tests/test_nonfinite.py tests/test_time_cap.py}
   BENCH_FLOOR_S=$(want bench && echo 60 || echo 0)
 fi
+cuda_backend_ok() {
+  "$PY" -c "import ghostfast.backends as b, ghostfast.kernels; assert 'cuda' in b.available_backends('cuda')" 2>/dev/null
+}
+importable() { "$PY" -c "import ghostfast, ghostfast.kernels" 2>/dev/null; }
+# a benchmark on a fresh machine needs the install first
+if [ "$DRY" != 1 ] && ! want install && { want bench || want bench-full || want sanitize; } && ! cuda_backend_ok; then
+  STAGES=" install$STAGES"
+fi
 
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=${GPU_RUN_WORK:-/tmp/ghostfast_gpu_run}  # logs, packed into OUT/logs.tar.gz after every stage
@@ -85,7 +93,8 @@ pack() {
   if [ -d "$OUT_DIR/results" ]; then
     find "$OUT_DIR/results" -type f ! -name '*.csv' ! -name 'skipped_*.txt' -exec mv -t "$WORK/bench" {} + 2>/dev/null
   fi
-  tar czf "$OUT_DIR/logs.tar.gz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT_DIR/logs.tar.gz.part" "$OUT_DIR/logs.tar.gz"
+  "$PY" -c "import sys, tarfile; t = tarfile.open(sys.argv[2], 'w:gz'); t.add(sys.argv[1], arcname='.'); t.close()" \
+    "$WORK" "$OUT_DIR/logs.tar.gz.part" 2>/dev/null && mv -f "$OUT_DIR/logs.tar.gz.part" "$OUT_DIR/logs.tar.gz"
   local n
   n=$(find "$OUT_DIR" -type f | wc -l)
   [ "$n" -le 8 ] || summary "WARNING: $n files under OUT, the device returns 8 at most"
@@ -94,11 +103,6 @@ end_stage() {  # name status start_seconds
   summary "== $1: exit $2, $(($(now) - $3)) s (t+$(elapsed) s of $TOTAL_S)"
   pack
 }
-cuda_backend_ok() {
-  "$PY" -c "import ghostfast.backends as b, ghostfast.kernels; assert 'cuda' in b.available_backends('cuda')" 2>/dev/null
-}
-importable() { "$PY" -c "import ghostfast, ghostfast.kernels" 2>/dev/null; }
-
 : > "$OUT_DIR/summary.txt"
 summary "ghostfast gpu_run: stages:$STAGES sha ${GHOSTFAST_GIT_SHA:-unknown} $(date -u +%FT%TZ)$([ "$DRY" = 1 ] && echo ' [DRY RUN: CPU plumbing]')"
 {
@@ -267,10 +271,11 @@ if want bench-full; then
     case $suite in ops) weight=840 ;; models) weight=420 ;; memory) weight=120 ;; esac
     budget=$(((avail - 30) * share / weight))
     [ "$budget" -le "$share" ] || budget=$share
-    [ "$DRY" = 1 ] && budget=5
+    dry_list=()
+    [ "$DRY" = 1 ] && budget=5 && dry_list=(--dry-run)  # the plan only: the full CPU plan takes an hour
     if [ "$budget" -lt 10 ] && [ "$DRY" != 1 ]; then summary "bench-full $suite: not run, $avail s left"; continue; fi
     timeout -k 5 "$(atleast1 $((budget + 60 < avail ? budget + 60 : avail)))" "$PY" -m ghostfast bench --out "$OUT_DIR/results" \
-      --suite "$suite" --budget-s "$budget" "${bench_dry_args[@]}" > "$WORK/bench/bench_full_$suite.log" 2>&1
+      --suite "$suite" --budget-s "$budget" "${bench_dry_args[@]}" "${dry_list[@]}" > "$WORK/bench/bench_full_$suite.log" 2>&1
     r=$?
     [ $r = 0 ] || rc=$r
     summary "bench-full $suite: budget $budget s, exit $r: $(grep -E "^$suite:" "$WORK/bench/bench_full_$suite.log" | tr '\n' ' ')"
