@@ -45,6 +45,7 @@ class Shard:
         self.index, self.count, self.args, self.deadline = index, count, args, deadline
         self.attempt, self.proc, self.done, self.hung, self.notes = 0, None, {}, [], []
         self.collected, self.finished, self.started_at, self.wall = None, False, time.time(), 0.0
+        self.exit_status = None
         self.log = os.path.join(args.out, f"{args.tag}_shard{index}.log")
         self.junits = []
 
@@ -97,6 +98,7 @@ class Shard:
                 self.done[fields[3]] = (fields[1], float(fields[2]), self.attempt)
             elif fields[0] == "finished":
                 finished = True
+                self.exit_status = int(fields[1])
         return list(open_ids), finished
 
     def _copy_dump(self, what):
@@ -123,6 +125,9 @@ class Shard:
         if finished:
             self.finished = True
             self.wall = time.time() - self.started_at
+            if self.exit_status not in (0, 1, 5):  # 5: no tests collected (fewer tests than shards)
+                self.notes.append(f"shard {self.index}: pytest ended with exit status {self.exit_status} "
+                                  f"(2 interrupted, 3 internal error, 4 usage error): see {os.path.basename(self.log)}")
             return False
         what = f"in {running[0]}" if running else "between tests"
         self._copy_dump(what)
