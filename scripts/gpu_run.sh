@@ -27,12 +27,15 @@
 #              Triton compiles) runs as 8 niced pytest processes: the build's long pole leaves most of the 16 cores
 #              idle, so the compiles cost no wall time.
 #   after it   the rest of the suite (the cuda half of the kernel tests, ops, modules, convert, compile/export,
-#              training, DDP) as 10 processes, per-test cap 120 s, every test process stopping by ~405 s (tests not
-#              started by then are skipped with the reason; a stuck one is ended ~35 s later at most), and at the same
-#              time compute-sanitizer memcheck then racecheck (one small case per CUDA kernel, 150 s each at most)
-#   ~460-555 s the quick benchmark plan, alone on the GPU (timings), with what is left (95 s or more); its cases run
-#              most important first, so a cut loses the tail (listed in skipped_<suite>.txt)
+#              training, DDP) as 10 processes, per-test cap 120 s (an overrun fails with its traceback), and beside
+#              them compute-sanitizer memcheck then racecheck (one small case per CUDA kernel, 150 s each at most).
+#              Tests not started by ~400 s are skipped with the reason (both phases share that deadline); one
+#              running then gets 15 s more; a process stuck in C code is killed by ~445 s at most.
+#   ~445-555 s the quick benchmark plan, alone on the GPU (timings), with what is left (95 s or more, more when the
+#              tests end early); its cases run most important first, so a cut loses the tail (skipped_<suite>.txt)
 #   555-570 s  packing
+# Knobs: GPU_RUN_TOTAL_S, GPU_TEST_TIMEOUT_S (120), GPU_TEST_SHARDS (10), GPU_TEST_SHARDS_BUILD (8), MAX_JOBS (16),
+# GPU_RUN_TEST_ARGS (pytest arguments, default `tests`; split on spaces, no quoting).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
