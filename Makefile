@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test info venv bench-venv bench bench-full cuda-emu-full cuda-resource-usage
+.PHONY: demo test info venv bench-venv bench bench-full test-torch211 test-torch211-all aot-sm90 cuda-emu-full cuda-resource-usage
 
 venv:
 	bash scripts/setup_venv.sh
@@ -17,6 +17,16 @@ info: venv
 # Triton runs under its CPU interpreter when no GPU is present (tests/conftest.py sets TRITON_INTERPRET).
 test: venv
 	$(PY) -m pytest -q -ra tests
+	$(MAKE) --no-print-directory test-torch211
+
+# The GPU image's versions (torch 2.11.0 CUDA 13.0 build, triton 3.6.0): a second venv .venv-torch211, ghostfast._C
+# built against it (CPU and CUDA kernels), a stated subset of the tests; the whole leg capped at 15 min (CI).
+# test-torch211-all: the whole suite there, summary in benchmarks/results/torch211/whole_suite.txt.
+test-torch211:
+	bash scripts/test_torch211.sh ci
+
+test-torch211-all:
+	bash scripts/test_torch211.sh all
 
 # The benchmarks also use matplotlib (plots) and tqdm (progress bar) when they can be installed; they run without.
 bench-venv:
@@ -37,6 +47,13 @@ cuda-emu-full: venv
 # benchmarks/results/sm90-static/cuda_resource_usage.txt
 cuda-resource-usage: venv
 	bash scripts/cuda_resource_usage.sh
+
+# Every Triton kernel variant the launch wrappers pick for GhostNet's shapes, compiled for sm_90 without a GPU
+# (registers, spills, shared memory): benchmarks/results/sm90-static/triton_sm90.csv and README.md. ~30 CPU-minutes;
+# CI compiles a subset (tests/test_aot_sm90.py). AOT_JOBS=2 compiles in two processes.
+AOT_JOBS ?= 1
+aot-sm90: venv
+	nice $(PY) scripts/aot_sm90.py --jobs $(AOT_JOBS)
 
 # The GPU lease's one command (scripts/gpu_run.sh) run here as a dry run: CPU backends, two test files, the sanitizer
 # cases without compute-sanitizer, a one-case bench -> out/gpu-dry/summary.txt and logs.tar.gz (~3 min on 2 cores)

@@ -268,9 +268,9 @@ def _max_programs(device: torch.device) -> int:
     return _SM_COUNT[idx] * 4
 
 
-def _config(n, cin, c, h, w, upsample, device):
+def _config(n, cin, c, h, w, upsample, device, elem=4):
     """The forward's launch choices for a shape: one deterministic config per shape (no autotune, which the
-    interpreter cannot run), depending only on the shape and the device. A dict of
+    interpreter cannot run), depending only on the shape, the accumulator's bytes `elem` and the device. A dict of
         halo_h, halo_w      the computed pooled tile, powers of two;
         tiled_h, tiled_w    True: the dim is cut into tiles with a 2-lane halo each side (a tile owns halo - 4
                             rows / cols, halo - 5 for bilinear); False: one tile covers it (halo >= the pooled
@@ -279,6 +279,7 @@ def _config(n, cin, c, h, w, upsample, device):
         full_rows           full-resolution rows per upsample step, a power of two;
         max_programs        the persistent grid's cap;
         num_warps;
+        num_stages          Triton's software pipelining depth of the conv1x1's K loop;
         index64             True forces int64 offsets inside an image (else only where an image needs them).
     `_plan` looks this function up at call time, derives the launch shape and checks it: a test may monkeypatch it
     to return any such dict that passes those checks, e.g. the default with small tiled halos and
@@ -307,6 +308,9 @@ def _config(n, cin, c, h, w, upsample, device):
                 full_rows=max(1, min(_pow2(row_span), 2048 // (block_c * full_w))),
                 max_programs=_max_programs(device),
                 num_warps=min(16, max(4, block_c * pix // 256)),  # ~8 elements per thread
+                # fp64: each extra stage of the fp64 dot's operand buffers costs ~100 KB of shared memory (266 KB
+                # at Triton's default 3 on 16x16-lane tiles, over sm_90's 227 KB; 32 KB with 1; ptxas, sm_90)
+                num_stages=1 if elem == 8 else 3,
                 index64=False)
 
 
@@ -328,13 +332,13 @@ def _tiles(cfg: dict, hp: int, wp: int, margin: int, shrink: int) -> None:
         cfg["tiles_" + key] = triton.cdiv(size, cfg["tile_" + key])
     assert cfg["halo_h"] * cfg["halo_w"] >= 16, "tl.dot needs >= 16 lanes"
     assert _is_pow2(cfg["block_c"]) and _is_pow2(cfg["block_k"]) and min(cfg["block_c"], cfg["block_k"]) >= 16
-    assert _is_pow2(cfg["num_warps"]) and cfg["max_programs"] >= 1
+    assert _is_pow2(cfg["num_warps"]) and cfg["max_programs"] >= 1 and cfg["num_stages"] >= 1
 
 
-def _plan(n, cin, c, h, w, upsample, device) -> dict:
+def _plan(n, cin, c, h, w, upsample, device, elem=4) -> dict:
     """The forward's full launch shape: `_config`'s choices (looked up now) plus margin_h/w, tile_h/w (owned
     pooled rows / cols per tile), tiles_h/w, cblocks, total (items), grid, full_w and row_span."""
-    cfg = dict(_config(n, cin, c, h, w, upsample, device))
+    cfg = dict(_config(n, cin, c, h, w, upsample, device, elem))
     _tiles(cfg, h // 2, w // 2, 2, 5 if upsample == 2 else 4)
     assert _is_pow2(cfg["full_rows"])
     cfg["full_w"] = _pow2(2 * cfg["tile_w"] + 3) if cfg["tiled_w"] else _pow2(w)
@@ -404,7 +408,7 @@ def dfc_forward(x: Tensor, conv_weight: Tensor, bn3, h_weight: Tensor, bn4, v_we
         assert tuple(out.shape) == shape and out.dtype == x.dtype and out.device == x.device
     if out.numel() == 0:
         return out
-    cfg = _plan(n, cin, c, h, w, upsample, x.device)
+    cfg = _plan(n, cin, c, h, w, upsample, x.device, 8 if x.dtype == torch.float64 else 4)
     bn3_ptrs, bn3_eps, bn3_flags = bn_launch_args(bn3, c, x, "BN3")
     bn4_ptrs, bn4_eps, bn4_flags = bn_launch_args(bn4, c, x, "BN4")
     bn5_ptrs, bn5_eps, bn5_flags = bn_launch_args(bn5, c, x, "BN5")
@@ -422,7 +426,7 @@ def dfc_forward(x: Tensor, conv_weight: Tensor, bn3, h_weight: Tensor, bn4, v_we
         TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
         UPSAMPLE=upsample, FULL_ROWS=cfg["full_rows"], FULL_W=cfg["full_w"], IS_FP64=is_fp64,
         DOT_PRECISION=_dot_precision(x), INDEX64=bool(cfg["index64"]) or _needs_index64(x, out, conv_weight),
-        **bn3_flags, **bn4_flags, **bn5_flags, num_warps=cfg["num_warps"],
+        **bn3_flags, **bn4_flags, **bn5_flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
@@ -746,6 +750,7 @@ def _backward_config(n, cin, c, h, w, need_gy3, need_w3, elem, device):
         block_c, block_k    channels per step, input channels per dot step: powers of two >= 16;
         max_programs        the persistent grid's cap (`_backward_plan` also caps it by memory);
         num_warps;
+        num_stages          Triton's software pipelining depth of the K and channel-block loops;
         index64             True forces int64 offsets inside an image.
     `_backward_plan` looks it up at call time, derives the launch shape and checks it: a test may monkeypatch it
     to return any such dict that passes those checks (small tiled halos, few programs, index64=True)."""
@@ -764,7 +769,10 @@ def _backward_config(n, cin, c, h, w, need_gy3, need_w3, elem, device):
     pix = halo_h * halo_w
     block_c = min(max(16, _pow2(c)), 64, max(16, 4096 // pix))
     return dict(halo_h=halo_h, halo_w=halo_w, tiled_h=tiled_h, tiled_w=tiled_w, block_c=block_c, block_k=16,
-                max_programs=_max_programs(device), num_warps=min(16, max(4, block_c * pix // 256)), index64=False)
+                max_programs=_max_programs(device), num_warps=min(16, max(4, block_c * pix // 256)),
+                # one stage: Triton's default 3 multi-buffers the dots' operands, 297 KB in fp32 and 528 KB in fp64
+                # on the 16x32-lane tiles (sm_90 has 227 KB); with 1, 25-133 KB (ptxas, sm_90)
+                num_stages=1, index64=False)
 
 
 def _backward_plan(n, cin, c, h, w, need_gy3, need_w3, elem, device) -> dict:
@@ -827,7 +835,7 @@ def dfc_backward(grad: Tensor, x: Tensor, conv_weight: Tensor, conv_scale: Tenso
         TILE_H=cfg["tile_h"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
         CPAD=cfg["cpad"], UPSAMPLE=upsample, IS_FP64=is_fp64, DOT_PRECISION=_dot_precision(x),
         INDEX64=bool(cfg["index64"]) or _needs_index64(x, grad, gx, conv_weight),
-        NEED_X=need_x, NEED_W3=need_w3, num_warps=cfg["num_warps"],
+        NEED_X=need_x, NEED_W3=need_w3, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     total = part.sum(0) if grid > 1 else part[0]
     dtypes = {t.dtype for t, nd in zip(params, needs[1:]) if nd}

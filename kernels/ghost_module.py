@@ -22,7 +22,8 @@ def _axis_source(dst, out_size, in_size, scale32, BILINEAR: tl.constexpr, IS_FP6
     if BILINEAR:
         # align_corners=False: src = max((dst + 0.5) * in/out - 0.5, 0), in the op's accumulate type
         if IS_FP64:
-            scale = in_size.to(tl.float64) / out_size.to(tl.float64)
+            # tl.cast, not .to(): on a GPU an int argument equal to 1 arrives as a Python int (specialised)
+            scale = tl.cast(in_size, tl.float64) / tl.cast(out_size, tl.float64)
             src = (d.to(tl.float64) + 0.5) * scale - 0.5
         else:
             src = (d.to(tl.float32) + 0.5) * scale32 - 0.5
