@@ -1,35 +1,40 @@
 """A pytest plugin that keeps a stated, deterministic subset of the collected tests: `-p pytest_subset --subset-every N`.
 
-The tests are grouped by file and, for the kernel tests, by fused backend (the `kernel_backend` parameter: `triton`,
-`cpu`, `cuda`); within each group, in collection order, the 1st, (N+1)th, (2N+1)th... test is kept. So every test
-file and every backend of each file runs at least once, and the kept tests spread over each file's parametrizations
-(dtypes, shapes, modes). The rest are reported as deselected. Used by scripts/test_torch211.sh (the torch 2.11 leg of
-CI), with PYTHONPATH pointing at scripts/.
+A test is kept when the CRC-32 of its node id is 0 modulo N: about one test in N, spread over each file's
+parametrizations (dtypes, shapes, modes) without the periodicity of taking every Nth (which would keep one value of
+an inner parameter only). The tests are grouped by file and by backend (a `kernel_backend` or `backend` parameter:
+`triton`, `cpu`, `cuda`, `reference`, `auto`); a group the hash left empty keeps its first test, so every test file
+and every backend of each file runs. The rest are reported as deselected. Used by scripts/test_torch211.sh (the
+torch 2.11 leg of CI), with PYTHONPATH pointing at scripts/.
 """
-from collections import defaultdict
+import zlib
 
 
 def pytest_addoption(parser):
     parser.addoption("--subset-every", type=int, default=1, metavar="N",
-                     help="keep every Nth test of each (file, kernel backend) group (default 1: all)")
+                     help="keep about one test in N, at least one per (file, backend) group (default 1: all)")
 
 
 def _group(item):
     callspec = getattr(item, "callspec", None)
-    backend = callspec.params.get("kernel_backend") if callspec is not None else None
-    return item.nodeid.split("::", 1)[0], backend
+    params = callspec.params if callspec is not None else {}
+    backend = params.get("kernel_backend", params.get("backend"))
+    return item.nodeid.split("::", 1)[0], backend if isinstance(backend, str) else None
 
 
 def pytest_collection_modifyitems(config, items):
     every = config.getoption("--subset-every")
     if every <= 1:
         return
-    seen = defaultdict(int)
-    kept, dropped = [], []
+    keep = {id(item) for item in items if zlib.crc32(item.nodeid.encode()) % every == 0}
+    groups = {}
     for item in items:
-        key = _group(item)
-        (kept if seen[key] % every == 0 else dropped).append(item)
-        seen[key] += 1
+        groups.setdefault(_group(item), []).append(item)
+    for members in groups.values():
+        if not any(id(m) in keep for m in members):
+            keep.add(id(members[0]))
+    kept = [item for item in items if id(item) in keep]
+    dropped = [item for item in items if id(item) not in keep]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
@@ -38,4 +43,4 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     every = config.getoption("--subset-every")
     if every > 1:
-        return f"subset: every {every}th test of each (file, kernel backend) group (scripts/pytest_subset.py)"
+        return f"subset: about one test in {every}, at least one per (file, backend) (scripts/pytest_subset.py)"

@@ -10,7 +10,8 @@
 #        capped at TORCH211_BUDGET seconds (default 900)
 #   all  the whole suite (`make test-torch211-all`); the summary goes to benchmarks/results/torch211/whole_suite.txt
 #
-# The venv is TORCH211_VENV (default .venv-torch211, gitignored). The build and the tests run in a copy of the
+# TORCH211_CUDA=0 builds ghostfast._C without the CUDA kernels (the tests run on the CPU; nvcc is most of the
+# build time). The venv is TORCH211_VENV (default .venv-torch211, gitignored). The build and the tests run in a copy of the
 # working tree inside it ($TORCH211_VENV/src), so its ghostfast/_C*.so never replaces the main .venv's, which has
 # the same file name. NumPy is pinned below 2.4: triton 3.6's CPU interpreter calls int() on 1-element arrays,
 # which NumPy 2.4 rejects (the GPU image has NumPy 2.5.2, where no interpreter runs).
@@ -40,7 +41,8 @@ nice -n 5 env VENV="$VENV" PYTHON="${PYTHON:-python3}" GHOSTFAST_BUILD_C=0 \
   bash "$SRC/scripts/setup_venv.sh"
 VPY="$VENV/bin/python"
 T1=$(date +%s)
-(cd "$SRC" && PATH="$VENV/bin:$PATH" nice -n 5 "$VPY" setup.py -q build_ext --inplace)
+CUDA=${TORCH211_CUDA:-auto}  # GHOSTFAST_CUDA for this build: auto compiles csrc/cuda where nvcc is found
+(cd "$SRC" && PATH="$VENV/bin:$PATH" GHOSTFAST_CUDA="$CUDA" nice -n 5 "$VPY" setup.py -q build_ext --inplace)
 T2=$(date +%s)
 cd "$SRC"
 VERSIONS=$("$VPY" - <<'EOF'
