@@ -34,6 +34,11 @@ command -v ninja >/dev/null || "$VPY" -c "import ninja" 2>/dev/null || pipi ninj
 for mod in timm pytest; do
   "$VPY" -c "import $mod" 2>/dev/null || pipi "$mod"
 done
+# tests/test_deploy.py's ONNX export tests: onnx and onnxscript (the exporters), onnxruntime (runs the graphs). About
+# 10 s from a registry; without one (the GPU image) they are a note and those tests skip.
+for mod in onnx onnxscript onnxruntime; do
+  "$VPY" -c "import $mod" 2>/dev/null || pipi "$mod" || echo "note: could not install $mod; the ONNX tests skip"
+done
 if [ "${GHOSTFAST_BENCH:-0}" = "1" ] || [ "${1:-}" = "--bench" ]; then
   for pkg in matplotlib tqdm pytest-benchmark; do
     "$VPY" -c "import ${pkg//-/_}" 2>/dev/null || pipi "$pkg" || echo "note: could not install $pkg; benchmarks run without it"
