@@ -352,6 +352,24 @@ def _ptxas_again(ptx: str) -> str:
     return r.stderr + r.stdout
 
 
+def _ptxas_figures(kernel) -> dict:
+    """Registers and spills of a compiled kernel: from the ptxas log of this compile, else (a cache hit runs no
+    ptxas) from the figures kept beside Triton's cache by an earlier run, else from ptxas run again."""
+    import json
+
+    side = os.path.join(knobs.cache.dir, "aot_sm90_ptxas", f"{kernel.hash}.json")
+    log = "".join(_PTXAS_LOG)
+    if not log and os.path.exists(side):
+        with open(side) as f:
+            return json.load(f)
+    figures = parse_ptxas(log or _ptxas_again(kernel.asm["ptx"]))
+    os.makedirs(os.path.dirname(side), exist_ok=True)
+    with open(side + f".{os.getpid()}", "w") as f:
+        json.dump(figures, f)
+    os.replace(side + f".{os.getpid()}", side)
+    return figures
+
+
 _RE_REGS = re.compile(r"Used (\d+) registers")
 _RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -390,8 +408,7 @@ def compile_variant(v: dict) -> dict:
         msg = f"{type(e).__name__}: {e}"
         return dict(status="compile error", error=" ".join(msg.split())[:600], compile_s=round(time.time() - t0, 1))
     seconds = time.time() - t0
-    log = "".join(_PTXAS_LOG) or _ptxas_again(kernel.asm["ptx"])
-    row = dict(parse_ptxas(log), shared=int(kernel.metadata.shared), compile_s=round(seconds, 1),
+    row = dict(_ptxas_figures(kernel), shared=int(kernel.metadata.shared), compile_s=round(seconds, 1),
                cpu_s=round(_cpu_seconds() - c0, 1), error="")
     problems = []
     if row["shared"] > SM90_SMEM_LIMIT:
@@ -426,11 +443,13 @@ def select(described: List[dict], which: str) -> List[int]:
     greedily, heaviest first, a variant is kept when it brings a config (tiles + warps + stages) not yet compiled
     for its kernel and element size (fp16 and bf16 share one), a flag value not yet compiled for its kernel and
     dtype, or an int argument specialised to 1 not yet seen for its kernel; the rest differ from a kept one only in
-    combinations of those, in pointer dtypes or in divisibility hints. 'ci': the same with every config once per
-    kernel (any dtype)."""
+    combinations of those, in pointer dtypes or in divisibility hints. 'ci': from those, the same with every
+    config once per kernel (any dtype)."""
     order = sorted(range(len(described)), key=lambda i: _weight(described[i]))
     if which == "all":
         return order
+    if which == "ci":
+        order = select(described, "cover")  # a subset of the table's rows (and of their compile cache)
     seen: set = set()
     keep = []
     for i in order:
@@ -552,15 +571,21 @@ def write_readme(path: str, rows: List[dict], n_launch: int, n_variants: int, se
     lines = [
         "# Triton kernels compiled for sm_90 without a GPU",
         "",
-        f"`make aot-sm90` (`scripts/aot_sm90.py`): every launch the wrappers in `kernels/` make for the Ghost modules "
-        f"and DFC branches of timm's ghostnet_100 / ghostnetv2_100 / ghostnetv3_100 at batch 1 / 32 / 256 (plus a few "
-        f"1-pixel edge shapes), in fp32 / fp16 / bf16 / fp64 with every gate mode, activation, statistics variant and "
-        f"gradient combination: {n_launch} launches, {len(rows)} distinct compiled variants ({seconds / 60:.0f} min on "
-        f"2 CPU cores), triton {_t.__version__}, target `GPUTarget('cuda', 90, 32)` (ptxas `sm_90a`). "
-        f"`{CSV_NAME}` has one row per variant: registers per thread, spill stores / loads and stack (bytes per "
-        f"thread, ptxas -v), `shared` (the bytes the launch asks for, `metadata.shared`; sm_90's opt-in limit is "
-        f"{SM90_SMEM_LIMIT}), num_warps, num_stages. CI (`tests/test_aot_sm90.py`) compiles a subset: one variant "
-        f"per kernel x dtype x config and per flag value.",
+        f"`make aot-sm90` (`scripts/aot_sm90.py`) captures every launch the wrappers in `kernels/` make for the Ghost "
+        f"modules and DFC branches of timm's ghostnet_100 / ghostnetv2_100 / ghostnetv3_100 at batch 1 / 32 / 256 "
+        f"(plus a few 1-pixel edge shapes), in fp32 / fp16 / bf16 / fp64 with every gate mode, activation, statistics "
+        f"variant and gradient combination: {n_launch} launches, {n_variants} distinct variants (what a GPU would JIT: "
+        f"they differ in flags, in which int arguments equal 1 or are divisible by 16, and in pointer dtypes). It "
+        f"compiles {len(rows)} of them, heaviest first: every config (tiles, num_warps, num_stages) of each kernel "
+        f"once per element size (fp16 and bf16 share one), every flag value of each kernel and dtype, and every int "
+        f"argument specialised to 1 ({seconds / 60:.0f} min wall on 2 shared CPU cores). Triton "
+        f"{_t.__version__}, target `GPUTarget('cuda', 90, 32)`, ptxas `sm_90a`. `{CSV_NAME}` has one row per "
+        f"compiled variant: `regs` per thread, `spill_stores` / `spill_loads` / `stack` (bytes per thread, ptxas -v), "
+        f"`shared` (what the launch asks for, `metadata.shared`; sm_90's opt-in limit is {SM90_SMEM_LIMIT} B), "
+        f"num_warps, num_stages, the flags, `spec1` (int arguments specialised to 1), `launches` (captured launches "
+        f"with exactly this variant) and an example shape. CI (`tests/test_aot_sm90.py`) compiles a subset of these "
+        f"rows (every config once per kernel, every flag value per kernel and dtype) and checks that every config it "
+        f"meets is in this table.",
         "",
         f"Failures (compile errors, shared memory over the limit): {sum(r['status'] != 'ok' for r in rows)}.",
         "",
@@ -586,7 +611,7 @@ def write_readme(path: str, rows: List[dict], n_launch: int, n_variants: int, se
     for r in big:
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['config']} | {r['num_warps']} | {r['num_stages']} | "
                      f"{r['shared']} | {r['example']} |")
-    lines += ["", *NOTES, ""]
+    lines += ["", NOTES]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -598,7 +623,7 @@ NOTES = """## Found and fixed
   default `num_stages=3` multi-buffers its dots' operands: 296,960 B in fp32 at 56x56 (GhostNetV2's first attention
   layer), 528,384 B in fp64 on 16x32-lane tiles; the fp64 DFC forward needed 266,240 B. `kernels/dfc.py` now picks
   `num_stages` in its config functions: 1 for every DFC backward (25-133 KB) and for the fp64 forward (32 KB); 3
-  elsewhere (the other forwards' shared memory does not depend on it).
+  for the other forwards (fp32 at most 149,504 B, within the limit but one CTA per SM; fp16 / bf16 16 KB).
 - **Compile error on a GPU only**: float64 with a bilinear gate when H, W or the gate's H / W is 1. Triton
   specialises an int argument equal to 1 into a constant, and `_axis_source` called `.to()` on it (a Python int);
   it now uses `tl.cast`. The interpreter does not specialise, so the CPU tests could not see it; the edge shapes
@@ -616,9 +641,11 @@ NOTES = """## Found and fixed
   more halo (a 16x16 halo already owns only 12x12 pixels at dw 3): worth an autotune on a GPU, not a guess.
 - **Ghost forward** with a bilinear gate: the four gate corners and their weights on top of x1 and the
   depthwise accumulator; small spills (hundreds of bytes) at 4 warps.
-- **DFC backward** at 16 warps: the bilinear upsample's adjoint is a 6x6 unrolled gather of [BLOCK_C, lanes] tiles,
-  and ptxas allots such variants 64 registers per thread (a 512-thread block could have 128), spilling several KB;
-  fp64 spills the most. Candidates for a GPU session: 8 warps (up to 255 registers) or a rolled gather loop.
+- **DFC backward** at 16 warps on the 16x32-lane tiles (the 56x56 layer): ptxas allots these variants 64
+  registers per thread although a 512-thread block could have 128, and spills 3-16 KB (most with the bilinear
+  adjoint, a 6x6 unrolled gather of [BLOCK_C, lanes] tiles, and in fp64). Likewise the fp64 Ghost backward with
+  a gate stops at 128 of 255 registers and spills ~6 KB. ptxas chose this without a `.maxnreg` from Triton; what
+  to try on a GPU: `maxnreg`, 8 warps, a rolled gather loop, each timed.
 """
 
 
