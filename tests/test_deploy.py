@@ -20,6 +20,11 @@ from ghostfast.models import randomize_batchnorm_, timm_ghostnet
 from ghostfast.nn import GhostModule, GhostModuleV2, _FusedGhostBase
 from numerics import assert_close_rel
 
+# torch deprecates TorchScript and the TorchScript-based ONNX exporter; both are what this file tests
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
+              pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")]
+
 DEVICE = kernel_backends.DEVICE
 MODEL_BACKEND = "cpu" if DEVICE == "cpu" else None
 SMALL_BACKENDS = kernel_backends.NAMES + ["reference"]
