@@ -5,7 +5,8 @@
 Each checkout must have its `ghostfast._C` built in place (`GHOSTFAST_CUDA=0 python setup.py build_ext --inplace`,
 or an editable install). A round runs one worker process per checkout, alternating which goes first, and each
 worker times every case (converted timm modules and whole models, eval mode, batch 1, float32) for `--reps`
-calls after a warm-up; the figure per case is the median over rounds of each worker's median, so slow drifts of a
+calls after a warm-up (wall clock, or with --threads 1 --clock thread the calling thread's CPU time, steady on a
+shared machine); the figure per case is the median over rounds of each worker's median, so slow drifts of a
 busy machine hit both sides alike. Prints a table and, with --csv, writes one row per case and checkout.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 torch.set_num_threads(int(sys.argv[1]))
 reps = int(sys.argv[2])
 cases = json.loads(sys.argv[3])
+clock = time.thread_time if sys.argv[4] == "thread" else time.perf_counter
 import timm
 from timm.models import ghostnet as tg
 import ghostfast
@@ -58,18 +60,18 @@ for label, what in cases:
         for _ in range(max(3, reps // 5)):
             net(x)
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             net(x)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     times.sort()
     out[label] = times[len(times) // 2] * 1e3
 print("RESULT " + json.dumps(out))
 """
 
 
-def run_worker(src: Path, threads: int, reps: int) -> dict:
+def run_worker(src: Path, threads: int, reps: int, clock: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-c", WORKER, str(threads), str(reps), json.dumps(CASES)]
+    cmd = [sys.executable, "-c", WORKER, str(threads), str(reps), json.dumps(CASES), clock]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(src))
     for line in res.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -86,6 +88,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--reps", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: CPU time of the calling thread (with --threads 1 all the work runs there), which a "
+                        "busy machine's preemption does not inflate")
     p.add_argument("--csv", type=Path)
     args = p.parse_args()
     sides = {args.label_a: args.a.resolve(), args.label_b: args.b.resolve()}
@@ -93,7 +98,7 @@ def main() -> None:
     order = list(sides)
     for r in range(args.rounds):
         for k in (order if r % 2 == 0 else order[::-1]):
-            medians[k].append(run_worker(sides[k], args.threads, args.reps))
+            medians[k].append(run_worker(sides[k], args.threads, args.reps, args.clock))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     rows = []
     print(f"| case | {args.label_a} ms | {args.label_b} ms | {args.label_b} / {args.label_a} |")
@@ -105,7 +110,7 @@ def main() -> None:
         for side, v, rounds in ((args.label_a, a, medians[args.label_a]), (args.label_b, b, medians[args.label_b])):
             rows.append({"case": label, "side": side, "src": str(sides[side]), "median_ms": f"{v:.4f}",
                          "round_medians_ms": " ".join(f"{m[label]:.4f}" for m in rounds),
-                         "threads": args.threads, "reps": args.reps})
+                         "threads": args.threads, "reps": args.reps, "clock": args.clock})
     if args.csv:
         new = not args.csv.exists()
         with args.csv.open("a", newline="") as f:
