@@ -6,11 +6,11 @@
 #   bash scripts/test_torch211.sh [ci|all] [extra pytest arguments]
 #
 #   ci   (default; `make test-torch211`, part of `make test`): a stated subset (scripts/pytest_subset.py: every test
-#        file, every backend, every TORCH211_EVERY-th test (default 4) of each), the whole leg (venv, build, tests)
+#        file, every backend, about one test in TORCH211_EVERY (default 5)), the whole leg (venv, build, tests)
 #        capped at TORCH211_BUDGET seconds (default 900)
 #   all  the whole suite (`make test-torch211-all`); the summary goes to benchmarks/results/torch211/whole_suite.txt
 #
-# TORCH211_CUDA=0 builds ghostfast._C without the CUDA kernels (the tests run on the CPU; nvcc is most of the
+# TORCH211_CUDA=0 builds ghostfast._C without the CUDA kernels (the tests run on the CPU; nvcc adds ~a fifth to the
 # build time). The venv is TORCH211_VENV (default .venv-torch211, gitignored). The build and the tests run in a copy of the
 # working tree inside it ($TORCH211_VENV/src), so its ghostfast/_C*.so never replaces the main .venv's, which has
 # the same file name. NumPy is pinned below 2.4: triton 3.6's CPU interpreter calls int() on 1-element arrays,
@@ -52,7 +52,7 @@ assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
 assert triton.__version__ == "3.6.0", triton.__version__
 assert ghostfast.__file__.startswith(__import__("os").getcwd()), ghostfast.__file__  # the copy, not the main tree
 info = ghostfast._C.build_info()
-cuda = f"yes (CUDA {info['cuda_version']}, sm_{info['cuda_archs']})" if info["cuda"] else "no"
+cuda = f"yes (CUDA {info['cuda_version']}, archs {info['cuda_archs']})" if info["cuda"] else "no"
 print(f"torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}; ghostfast._C built against "
       f"torch {info['torch']}, CPU ISA {info['cpu_isa']}, CUDA kernels: {cuda}")
 EOF
@@ -61,11 +61,20 @@ echo "torch211: $VERSIONS; venv $((T1 - T0)) s, build $((T2 - T1)) s"
 
 if [ "$MODE" = ci ]; then
   # The whole leg (venv, build, tests) gets TORCH211_BUDGET seconds: the tests get what the venv and build left.
+  # Past the deadline, tests not yet started are skipped with that reason (tests/_time_cap.py), so a slow machine
+  # gets a report, counted below, rather than a kill; `timeout` stays as the backstop.
   left=$(( ${TORCH211_BUDGET:-900} - (T2 - T0) ))
-  [ "$left" -ge 120 ] || { echo "torch211: venv + build took $((T2 - T0)) s, under 120 s of the budget left" >&2; exit 1; }
-  echo "torch211: tests capped at $left s"
-  PYTHONPATH="$SRC/scripts${PYTHONPATH:+:$PYTHONPATH}" nice -n 5 timeout --kill-after=30 "$left" \
-    "$VPY" -m pytest -q -ra -p pytest_subset --subset-every "${TORCH211_EVERY:-4}" tests "$@"
+  [ "$left" -ge 180 ] || { echo "torch211: venv + build took $((T2 - T0)) s, under 180 s of the budget left" >&2; exit 1; }
+  echo "torch211: tests get $left s: about one test in ${TORCH211_EVERY:-5}, at least one per file and backend"
+  set +e
+  PYTHONPATH="$SRC/scripts${PYTHONPATH:+:$PYTHONPATH}" GHOSTFAST_TEST_DEADLINE=$(( $(date +%s) + left - 60 )) \
+    nice -n 5 timeout --kill-after=30 "$left" \
+    "$VPY" -m pytest -q -ra -p pytest_subset --subset-every "${TORCH211_EVERY:-5}" tests "$@" 2>&1 | tee "$VENV/ci.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  late=$(grep -c "global test budget" "$VENV/ci.log" || true)
+  echo "torch211: pytest exit code $rc; tests skipped when the time budget ran out: $late; $(( $(date +%s) - T0 )) s in all"
+  exit "$rc"
 else
   OUTDIR="$ROOT/benchmarks/results/torch211"
   mkdir -p "$OUTDIR"
