@@ -20,7 +20,7 @@ test: venv
 	$(MAKE) --no-print-directory test-torch211
 
 # The GPU image's versions (torch 2.11.0, its CUDA 13.0 build; triton 3.6.0), scripts/test_torch211.sh: a second venv
-# .venv-torch211, ghostfast._C built against it (CPU kernels; the tests run on the CPU), about a quarter of the tests
+# .venv-torch211, ghostfast._C built against it (CPU kernels; the tests run on the CPU), about a fifth of the tests
 # (every file and backend); the whole leg capped at 15 min. test-torch211-all: ghostfast._C with the CUDA kernels
 # too (nvcc against torch 2.11's headers, as on the GPU image), the whole suite, benchmarks/results/torch211/.
 test-torch211:
