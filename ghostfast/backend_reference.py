@@ -77,33 +77,33 @@ class ReferenceBackend(Backend):
     def unavailable(self, device_type: str) -> Optional[str]:
         return None
 
-    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode):
+    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode):
         dt = compute_dtype(x)
         s1, b1 = _folded(bn1, primary_weight.shape[0], x)
         s2, b2 = _folded(bn2, cheap_weight.shape[0], x)
         out = reference.ghost_module_forward(x.to(dt), primary_weight.to(dt), s1, b1, cheap_weight.to(dt), s2, b2,
-                                             out_channels, relu, None if gate is None else gate.to(dt), gate_mode)
+                                             out_channels, act, None if gate is None else gate.to(dt), gate_mode)
         return out.to(x.dtype).contiguous(memory_format=_output_format(x))
 
     def ghost_module_backward(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                              cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode, needs):
+                              cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, needs):
         def fn(x, w1, s1, b1, w2, s2, b2, g):
-            return reference.ghost_module_forward(x, w1, s1, b1, w2, s2, b2, out_channels, relu, g, gate_mode)
+            return reference.ghost_module_forward(x, w1, s1, b1, w2, s2, b2, out_channels, act, g, gate_mode)
 
         inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
         return _vjp(fn, grad_out, inputs, needs, compute_dtype(x))
 
-    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, relu, stage):
+    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, act, stage):
         dt = compute_dtype(x)
         s1, b1 = _folded(bn1, primary_weight.shape[0], x)
-        mean, var = reference.ghost_module_stats(x.to(dt), primary_weight.to(dt), s1, b1, cheap_weight.to(dt), relu,
+        mean, var = reference.ghost_module_stats(x.to(dt), primary_weight.to(dt), s1, b1, cheap_weight.to(dt), act,
                                                  stage)
         return mean.contiguous(), var.contiguous()
 
-    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage,
+    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage,
                                     coef_a, coef_c, mean, needs):
         def fn(x, w1, s1, b1, w2):
-            z = reference.ghost_module_preactivation(x, w1, s1, b1, w2, relu, stage)
+            z = reference.ghost_module_preactivation(x, w1, s1, b1, w2, act, stage)
             dz = coef_a.view(1, -1, 1, 1) + coef_c.view(1, -1, 1, 1) * (z.detach() - mean.view(1, -1, 1, 1))
             return (dz.to(z.dtype) * z).sum()
 

@@ -25,36 +25,38 @@ class TritonBackend(Backend):
             return None if triton_interpreting() else "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         return f"no Triton backend for device type {device_type!r}"
 
+    ACTIVATIONS = ("none", "relu")  # kernels/ghost_module.py ACTIVATIONS
+
     def dtype_unsupported(self, dtype: torch.dtype) -> Optional[str]:
         if dtype == torch.bfloat16 and triton_interpreting():
             return "the Triton interpreter does not support bfloat16"
         return None
 
-    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode):
+    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode):
         from .kernels import ghost_module
 
-        return ghost_module.ghost_module_forward(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate,
+        return ghost_module.ghost_module_forward(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate,
                                                  gate_mode)
 
     def ghost_module_backward(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                              cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode, needs):
+                              cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, needs):
         from .kernels import ghost_module
 
         return list(ghost_module.ghost_module_backward(grad_out, x, primary_weight, primary_scale, primary_bias,
-                                                       cheap_weight, cheap_scale, cheap_bias, out_channels, relu,
+                                                       cheap_weight, cheap_scale, cheap_bias, out_channels, act,
                                                        gate, gate_mode, needs))
 
-    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, relu, stage):
+    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, act, stage):
         from .kernels import ghost_module
 
-        return ghost_module.ghost_module_stats(x, primary_weight, bn1, cheap_weight, relu, stage)
+        return ghost_module.ghost_module_stats(x, primary_weight, bn1, cheap_weight, act, stage)
 
-    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage,
+    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage,
                                     coef_a, coef_c, mean, needs):
         from .kernels import ghost_module
 
         return list(ghost_module.ghost_module_stats_backward(x, primary_weight, primary_scale, primary_bias,
-                                                             cheap_weight, relu, stage, coef_a, coef_c, mean, needs))
+                                                             cheap_weight, act, stage, coef_a, coef_c, mean, needs))
 
     def dfc(self, x, conv_weight, bn3, h_weight, bn4, v_weight, bn5, mode):
         from .kernels import dfc

@@ -148,32 +148,39 @@ def check_backend_name(name: str, source: str = "backend") -> None:
         raise ValueError(f"{source} must be one of {BACKEND_NAMES}, got {name!r}")
 
 
-def auto_candidates(device: torch.device, dtype: Optional[torch.dtype] = None) -> List[str]:
+def act_unsupported(name: str, act: Optional[str]) -> Optional[str]:
+    """Why backend `name` has no kernels for the activation `act`, or None (also for act None: not asked)."""
+    if act is None or name not in BACKENDS or act in BACKENDS[name].ACTIVATIONS:
+        return None
+    return f"no {act} activation in its kernels (it has {', '.join(BACKENDS[name].ACTIVATIONS)})"
+
+
+def auto_candidates(device: torch.device, dtype: Optional[torch.dtype] = None, act: Optional[str] = None) -> List[str]:
     """The fused backends `auto` chooses among. On CPU the compiled kernels, when built, rule out the Triton
     interpreter (a correctness tool, never fast); on CUDA, triton and cuda compete per op and shape."""
     fused = [n for n in available_backends(device)
-             if n != "reference" and (dtype is None or not dtype_unsupported(n, dtype))]
+             if n != "reference" and (dtype is None or not dtype_unsupported(n, dtype)) and not act_unsupported(n, act)]
     if torch.device(device).type == "cpu" and "cpu" in fused:
         fused = ["cpu"]
     return fused
 
 
 def resolve_backend(requested: Optional[str], device: torch.device,
-                    dtype: Optional[torch.dtype] = None) -> tuple[str, Optional[str]]:
+                    dtype: Optional[torch.dtype] = None, act: Optional[str] = None) -> tuple[str, Optional[str]]:
     """(backend, fallback reason or None) for a request (one of BACKEND_NAMES, or None: GHOSTFAST_BACKEND).
 
     `auto` resolves to the one fused backend that can run `device` and `dtype`, to `reference` when there is
     none, or stays `auto` when several can (CUDA with both `triton` and `cuda`): ghostfast.ops then measures
-    which is faster per op and shape."""
+    which is faster per op and shape. `act`: the Ghost module's activation, when the op has one."""
     requested = default_backend() if requested is None else requested
     check_backend_name(requested)
     device = torch.device(device)
     available = available_backends(device)
     if requested == "auto":
-        fused = auto_candidates(device, dtype)
+        fused = auto_candidates(device, dtype, act)
         return ("auto" if len(fused) > 1 else (fused or ["reference"])[0]), None
     if requested in available:
-        why = None if dtype is None else dtype_unsupported(requested, dtype)
+        why = (None if dtype is None else dtype_unsupported(requested, dtype)) or act_unsupported(requested, act)
         return (requested, None) if why is None else ("reference", f"backend {requested!r}: {why}")
     return "reference", f"backend {requested!r} cannot run on {device}: {_unavailable_reason(requested, device)}"
 
@@ -205,6 +212,8 @@ class Backend:
     False. `mode` of the DFC functions: 'gate' (pooled resolution) or 'nearest' / 'bilinear' (upsampled)."""
 
     name: str = ""
+    # The Ghost module activations its kernels implement (a subset of ghostfast.reference.ACTIVATIONS).
+    ACTIVATIONS: tuple = ("none", "relu", "relu6", "hardswish", "silu")
 
     # -- what it can run, and why not --------------------------------------------------------------------
     def unavailable(self, device_type: str) -> Optional[str]:
@@ -220,19 +229,19 @@ class Backend:
         return self.name, None
 
     # -- the ops --------------------------------------------------------------------------------------------
-    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode):
+    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode):
         raise NotImplementedError
 
     def ghost_module_backward(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                              cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode, needs):
+                              cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, needs):
         """-> [x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate]."""
         raise NotImplementedError
 
-    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, relu, stage):
+    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, act, stage):
         """-> (mean, biased var) of z1 (stage 1) or z2 (stage 2), in the accumulation dtype."""
         raise NotImplementedError
 
-    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage,
+    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage,
                                     coef_a, coef_c, mean, needs):
         """Gradients of sum(dz * z) over the stage's z with dz = coef_a + coef_c * (z - mean) per channel
         -> [x, primary_weight, primary_scale, primary_bias, cheap_weight] (stage 1: the first two at most)."""

@@ -76,6 +76,16 @@ _GHOST_VECTORS = (2, 3, 5, 6)  # primary_scale, primary_bias, cheap_scale, cheap
 _DFC_VECTORS = (2, 3, 5, 6, 8, 9)
 
 
+def _relu(act) -> bool:
+    """The kernels' activation flag for `act` (a name of ghostfast.reference.ACTIVATIONS, or a bool)."""
+    from .reference import activation_name
+
+    act = activation_name(act)
+    if act not in CompiledBackend.ACTIVATIONS:
+        raise ValueError(f"the compiled Ghost module kernels implement {CompiledBackend.ACTIVATIONS}, got {act!r}")
+    return act == "relu"
+
+
 class CompiledBackend(Backend):
     """`cpu` (CPU tensors) or `cuda` (CUDA tensors): the kernels registered for that dispatch key."""
 
@@ -93,6 +103,8 @@ class CompiledBackend(Backend):
             return f"ghostfast._C was built without {self.name.upper()} kernels"
         return None
 
+    ACTIVATIONS = ("none", "relu")  # what csrc/ kernels implement (their `relu` flag)
+
     def dtype_unsupported(self, dtype: torch.dtype) -> Optional[str]:
         return None if dtype in COMPILED_DTYPES[self.name] else f"the {self.name} backend has no {dtype} kernels"
 
@@ -108,44 +120,44 @@ class CompiledBackend(Backend):
         return None, "the cuda backend computes training-mode BatchNorm statistics with Triton, which cannot run here"
 
     # ---- Ghost module ---------------------------------------------------------------------------------------
-    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode):
+    def ghost_module(self, x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode):
         x = _dense(x)
         out = _empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), x.dtype, x.device, _fmt(x))
         _ops()._ghost_module_kernel(x, primary_weight.contiguous(), *_bn(bn1), cheap_weight.contiguous(), *_bn(bn2),
-                                    out_channels, relu, None if gate is None else gate.contiguous(), gate_mode, out)
+                                    out_channels, _relu(act), None if gate is None else gate.contiguous(), gate_mode, out)
         return out
 
     def ghost_module_backward(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                              cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode, needs):
+                              cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, needs):
         x = _dense(x)
         inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
         bufs = _grad_buffers(inputs, needs, x, _GHOST_VECTORS)
         _ops()._ghost_module_backward_kernel(
             grad_out.contiguous(memory_format=_fmt(x)), x, primary_weight.contiguous(), _vec(primary_scale, x),
             _vec(primary_bias, x), cheap_weight.contiguous(), _vec(cheap_scale, x), _vec(cheap_bias, x), out_channels,
-            relu, None if gate is None else gate.contiguous(), gate_mode, bufs)
+            _relu(act), None if gate is None else gate.contiguous(), gate_mode, bufs)
         return _returned(bufs, inputs, needs)
 
-    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, relu, stage):
+    def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, act, stage):
         if self.name == "cuda":
             from .backends import BACKENDS
 
-            return BACKENDS["triton"].ghost_module_stats(x, primary_weight, bn1, cheap_weight, relu, stage)
+            return BACKENDS["triton"].ghost_module_stats(x, primary_weight, bn1, cheap_weight, act, stage)
         x = _dense(x)
         n = primary_weight.shape[0] if stage == 1 else cheap_weight.shape[0]
         mean = _empty((n,), _acc(x), x.device)
         var = _empty((n,), _acc(x), x.device)
-        _ops()._ghost_module_stats_kernel(x, primary_weight.contiguous(), *_bn(bn1), cheap_weight.contiguous(), relu,
-                                          stage, mean, var)
+        _ops()._ghost_module_stats_kernel(x, primary_weight.contiguous(), *_bn(bn1), cheap_weight.contiguous(),
+                                          _relu(act), stage, mean, var)
         return mean, var
 
-    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage,
+    def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage,
                                     coef_a, coef_c, mean, needs):
         if self.name == "cuda":
             from .backends import BACKENDS
 
             return BACKENDS["triton"].ghost_module_stats_backward(x, primary_weight, primary_scale, primary_bias,
-                                                                  cheap_weight, relu, stage, coef_a, coef_c, mean,
+                                                                  cheap_weight, act, stage, coef_a, coef_c, mean,
                                                                   needs)
         x = _dense(x)
         inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight)
@@ -153,7 +165,7 @@ class CompiledBackend(Backend):
         bufs = _grad_buffers(inputs, needs, x, (2, 3))
         _ops()._ghost_module_stats_backward_kernel(
             x, primary_weight.contiguous(), _vec(primary_scale, x), _vec(primary_bias, x), cheap_weight.contiguous(),
-            relu, stage, _vec(coef_a, x), _vec(coef_c, x), _vec(mean, x), bufs)
+            _relu(act), stage, _vec(coef_a, x), _vec(coef_c, x), _vec(mean, x), bufs)
         return _returned(bufs, inputs, needs)
 
     # ---- DFC attention --------------------------------------------------------------------------------------

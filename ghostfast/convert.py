@@ -1,9 +1,13 @@
 """`ghostfast.convert(model)`: swap every recognisable Ghost module of a model for its fused drop-in.
 
-Recognition is by structure, not class name: a module with `primary_conv` and `cheap_operation` Sequentials is a
+Recognition is by structure (`_ghost_kind`): a module with `primary_conv` and `cheap_operation` Sequentials is a
 Ghost module; with an active `short_conv` Sequential it carries DFC attention. This covers timm's GhostModule,
 GhostModuleV2 and GhostModuleV3 (after reparameterization), Huawei's official GhostModuleV2 ('original' and
-'attn' modes) and the paper's GhostModule, and users' copies of them. State_dict keys are unchanged.
+'attn' modes) and GhostNetV3 ('ori' and 'ori_shortcut_mul_conv15', after `reparameterize()`), the paper's
+GhostModule (any kernel_size and stride), and users' copies of them. ultralytics YOLO's GhostConv (`cv1`, `cv2`
+Conv blocks, also after `model.fuse()`) and Ghost-ResNet's GhostModule (`conv1`, `conv2` in an nn.Conv2d) are
+recognised by their own layouts. Every Ghost-like module that is not converted is listed in the report with the
+reason. State_dict keys are unchanged.
 """
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import torch
+import torch.fx
 from torch import nn
 
 from .backends import check_backend_name, default_strict, fallback
-from .nn import GhostModule, GhostModuleV2, StructureError, _FusedGhostBase
+from .nn import GhostConv, GhostConv2d, GhostModule, GhostModuleV2, StructureError, _FusedGhostBase
 
 log = logging.getLogger("ghostfast")
 
@@ -34,30 +40,72 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _is_ghost_like(m: nn.Module) -> bool:
-    if not (hasattr(m, "primary_conv") and hasattr(m, "cheap_operation")):
-        return False
-    # A GhostModuleV3 before reparameterization holds Identity placeholders: reported, not converted.
-    return hasattr(m, "primary_rpr_conv") or (isinstance(m.primary_conv, nn.Sequential)
-                                              and isinstance(m.cheap_operation, nn.Sequential))
+def _conv_of(m: Optional[nn.Module]) -> Optional[nn.Conv2d]:
+    """The Conv2d of an ultralytics-style Conv block (`.conv`), or None."""
+    conv = getattr(m, "conv", None) if isinstance(m, nn.Module) else None
+    return conv if isinstance(conv, nn.Conv2d) else None
 
 
-def _plan(m: nn.Module):
+def _depthwise_after(first: Optional[nn.Conv2d], second: Optional[nn.Conv2d]) -> bool:
+    """True when `second` is a depthwise conv over `first`'s output channels (the Ghost module's cheap operation)."""
+    return (first is not None and second is not None and second.in_channels == first.out_channels
+            and second.groups == second.in_channels and second.out_channels % second.groups == 0)
+
+
+def _ghost_kind(m: nn.Module) -> Optional[str]:
+    """Which Ghost layout `m` has ('ghost', 'ghostconv', 'ghostresnet'), or None: recognised by structure.
+    'ghost': `primary_conv` and `cheap_operation` (timm V1/V2/V3, Huawei V1/V2/V3, the paper, users' copies),
+    or the un-reparameterized branches of a GhostNetV3 module (`primary_rpr_conv`); 'ghostconv': ultralytics'
+    GhostConv (`cv1` and `cv2` Conv blocks only, cv2 depthwise over cv1's output); 'ghostresnet': Ghost-ResNet's
+    module (`conv1`, `conv2` Conv2d, conv2 depthwise over conv1's output, inside an nn.Conv2d without weight)."""
+    if hasattr(m, "primary_rpr_conv"):
+        return "ghost"
+    if hasattr(m, "primary_conv") and hasattr(m, "cheap_operation"):
+        return "ghost" if isinstance(m.primary_conv, nn.Sequential) and isinstance(m.cheap_operation,
+                                                                                  nn.Sequential) else None
+    children = set(m._modules)
+    if children == {"cv1", "cv2"} and _depthwise_after(_conv_of(m.cv1), _conv_of(m.cv2)):
+        return "ghostconv"
+    if {"conv1", "conv2"} <= children and isinstance(m.conv1, nn.Conv2d) and isinstance(m.conv2, nn.Conv2d) \
+            and _depthwise_after(m.conv1, m.conv2) and (isinstance(m, nn.Conv2d) or "ghost" in type(m).__name__.lower()):
+        return "ghostresnet"
+    return None
+
+
+def _plan(m: nn.Module, kind: str):
     """(wrapper class, kwargs) for a Ghost-like module, or raise StructureError with the reason to skip it."""
+    if kind == "ghostconv":
+        if "ghost" not in type(m).__name__.lower():
+            raise StructureError(f"{type(m).__name__} has GhostConv's structure (cv1, depthwise cv2) but not its "
+                                 "name; if its forward is cat(cv1(x), cv2(cv1(x))), wrap it with "
+                                 "ghostfast.nn.GhostConv.from_module")
+        return GhostConv, {}
+    if kind == "ghostresnet":
+        if not (isinstance(m, nn.Conv2d) and m.weight is None):
+            raise StructureError(f"{type(m).__name__} has Ghost-ResNet's structure (conv1, depthwise conv2) but is "
+                                 "not its nn.Conv2d subclass without a weight; if its forward is cat(conv1(x), "
+                                 "conv2(conv1(x))[:, :out - init]), wrap it with ghostfast.nn.GhostConv2d.from_module")
+        return GhostConv2d, {"out_chs": m.out_channels}
     if hasattr(m, "primary_rpr_conv") or getattr(m, "infer_mode", True) is False:
-        raise StructureError("GhostModuleV3 is not reparameterized; call timm's reparameterize_model(model) "
-                             "(or module.reparameterize()) first")
+        raise StructureError("GhostNetV3 module is not reparameterized; call timm's reparameterize_model(model), "
+                             "or model.reparameterize() (Huawei's GhostNetV3; module.reparameterize() per module), "
+                             "first")
     mode = getattr(m, "mode", None)
     short = getattr(m, "short_conv", None)
-    has_attention = isinstance(short, nn.Sequential) and len(short) > 0 and mode not in ("original",)
-    if mode is not None and mode not in ("original", "attn", "shortcut"):
-        raise StructureError(f"unknown Ghost module mode {mode!r}")
-    if hasattr(m, "infer_mode") and not has_attention:
-        # GhostModuleV3 in 'original' mode returns the whole concat, not [:, :out_chs].
+    has_attention = isinstance(short, nn.Sequential) and len(short) > 0 and mode not in ("original", "ori")
+    if mode is not None and mode not in _MODES:
+        raise StructureError(f"unknown Ghost module mode {mode!r} (known: {', '.join(_MODES)})")
+    if (hasattr(m, "infer_mode") or mode == "ori") and not has_attention:
+        # GhostNetV3 (timm's 'original', Huawei's 'ori') returns the whole concat, not [:, :out_chs].
         return GhostModule, {"out_chs": m.primary_conv[0].out_channels + m.cheap_operation[0].out_channels}
     if has_attention:
         return GhostModuleV2, {}
     return GhostModule, {}
+
+
+# Ghost module modes: Huawei's GhostNetV2 ('original', 'attn'), timm's GhostNetV3 ('original', 'shortcut'),
+# Huawei's GhostNetV3 ('ori', 'ori_shortcut_mul_conv15').
+_MODES = ("original", "attn", "shortcut", "ori", "ori_shortcut_mul_conv15")
 
 
 def convert(model: nn.Module, *, inplace: bool = False, backend: Optional[str] = None, strict: Optional[bool] = None,
@@ -74,11 +122,17 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: Optional[str] =
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
-    targets = [(name, m) for name, m in model.named_modules()
-               if _is_ghost_like(m) and not isinstance(m, _FusedGhostBase)]
-    for name, m in targets:
+    if isinstance(model, torch.fx.GraphModule):
+        report.skipped.append(("", "a torch.fx.GraphModule: tracing inlined its Ghost modules into standard ops, "
+                                   "so nothing is left to swap; convert the model before tracing it"))
+    targets = []
+    for name, m in model.named_modules():
+        kind = None if isinstance(m, _FusedGhostBase) else _ghost_kind(m)
+        if kind is not None and not any(name.startswith(t + ".") for t, _, _ in targets if t):
+            targets.append((name, m, kind))
+    for name, m, kind in targets:
         try:
-            cls, kwargs = _plan(m)
+            cls, kwargs = _plan(m, kind)
             kwargs = dict(kwargs, backend=backend, strict=False)
             if cls is GhostModuleV2:
                 kwargs["gate_mode"] = gate_mode

@@ -42,12 +42,18 @@ class StructureError(ValueError):
     """A module does not have the structure of a fusable Ghost module; the message says why."""
 
 
+# Activation modules with a fused kernel, by exact type (a subclass may compute something else).
+_ACT_TYPES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
+
+
 def _act_kind(m: Optional[nn.Module]) -> str:
     if m is None or isinstance(m, nn.Identity) or (isinstance(m, nn.Sequential) and len(m) == 0):
         return "none"
-    if type(m) is nn.ReLU:
-        return "relu"
-    raise StructureError(f"activation {type(m).__name__} has no fused kernel (ReLU or none)")
+    kind = _ACT_TYPES.get(type(m))
+    if kind is None:
+        raise StructureError(f"activation {type(m).__name__} has no fused kernel (ReLU, ReLU6, Hardswish, SiLU or "
+                             "none)")
+    return kind
 
 
 _BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
@@ -98,6 +104,24 @@ def _conv_is(conv: nn.Conv2d, kernel, padding, groups) -> Optional[str]:
     if conv.groups != groups:
         return f"groups {conv.groups} (fused needs {groups})"
     return None
+
+
+def _primary_geometry(conv: nn.Conv2d) -> Tuple[Optional[ops.PrimaryConv], Optional[str]]:
+    """(stride / padding / dilation of a primary conv of any kernel size, None) or (None, why it has no kernel)."""
+    if conv.groups != 1:
+        return None, f"groups {conv.groups} (fused needs 1)"
+    if conv.padding_mode != "zeros":
+        return None, f"padding_mode {conv.padding_mode!r} (fused needs 'zeros')"
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # 'same' (stride 1): symmetric when the dilated kernel is odd, as torch pads
+            span = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            if any(v % 2 for v in span):
+                return None, f"padding 'same' with an even kernel {tuple(conv.kernel_size)} (asymmetric)"
+            padding = tuple(v // 2 for v in span)
+    return ops.PrimaryConv(tuple(conv.stride), tuple(padding), tuple(conv.dilation)), None
 
 
 def _eval_bn(conv: nn.Conv2d, bn: Optional[nn.Module]) -> BatchNormParams:
@@ -197,6 +221,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
+# Attributes of the fused modules themselves, never copied from the wrapped module.
+_OWN_ATTRIBUTES = frozenset({"training", "out_chs", "backend", "strict", "gate_mode", "unsupported_reason", "act",
+                             "dump_patches", "call_super_init", "forward"})
+
+
 class _FusedGhostBase(nn.Module):
     """Shared machinery: structure analysis (re-planned when a submodule is replaced), backend choice, fallback
     policy, the live BatchNorm arguments.
@@ -233,12 +262,25 @@ class _FusedGhostBase(nn.Module):
 
     @classmethod
     def _wrap(cls, m: nn.Module, submodules, out_chs, backend, strict, gate_mode="nearest"):
-        """A new module holding `m`'s own submodules (shared parameters, identical state_dict keys), with `m`'s
-        train/eval flag (its BatchNorms keep their own) and `m`'s hooks."""
+        """A new module holding `m`'s own submodules, parameters and buffers (shared objects: identical state_dict
+        keys and named_modules), its public attributes (e.g. `in_channels`, `mode`), `m`'s train/eval flag (its
+        BatchNorms keep their own) and `m`'s hooks. `submodules`: the ones the fused forward needs."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        for name in submodules:
-            setattr(self, name, getattr(m, name))
+        missing = [name for name in submodules if not isinstance(getattr(m, name, None), nn.Module)]
+        if missing:
+            raise StructureError(f"{type(m).__name__} has no submodule {', '.join(missing)}")
+        for name, child in m._modules.items():
+            self._modules[name] = child
+        for name, param in m._parameters.items():
+            self._parameters[name] = param
+        for name, buf in m._buffers.items():
+            self._buffers[name] = buf
+        self._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+        for name, value in vars(m).items():
+            if not name.startswith("_") and name not in _OWN_ATTRIBUTES and not hasattr(type(self), name) \
+                    and not isinstance(value, (nn.Module, Tensor)) and not callable(value):
+                setattr(self, name, value)
         if out_chs is None:
             out_chs = getattr(m, "out_chs", getattr(m, "oup", None))
         if out_chs is None:
@@ -271,20 +313,24 @@ class _FusedGhostBase(nn.Module):
         self._analyse()
         self._plan_key = self._structure_key()
 
+    def _ghost_parts(self) -> Tuple[Tuple[nn.Conv2d, Optional[nn.Module], str], Tuple[nn.Conv2d, Optional[nn.Module], str]]:
+        """((conv, BatchNorm or None, activation) of the primary half, the same of the cheap half), read from the
+        live submodules; StructureError when they do not have that form. Timm's, Huawei's and the paper's layout:
+        `primary_conv` and `cheap_operation` Sequentials."""
+        return (_split_conv_bn_act(self.primary_conv, "primary_conv"),
+                _split_conv_bn_act(self.cheap_operation, "cheap_operation"))
+
     def _analyse_ghost(self) -> Optional[str]:
         try:
-            conv1, bn1, act1 = _split_conv_bn_act(self.primary_conv, "primary_conv")
-            conv2, bn2, act2 = _split_conv_bn_act(self.cheap_operation, "cheap_operation")
+            (conv1, bn1, act1), (conv2, bn2, act2) = self._ghost_parts()
         except StructureError as e:
             return str(e)
         # A tuple, not attributes: submodule attributes would add state_dict keys.
         self._ghost_layers = (conv1, bn1, conv2, bn2)
         if act1 != act2:
             return f"primary activation {act1!r} differs from cheap activation {act2!r}"
-        self.relu = act1 == "relu"
-        if conv1.groups != 1:
-            return f"primary conv groups {conv1.groups} (fused needs 1)"
-        why = _conv_is(conv1, (1, 1), (0, 0), 1)
+        self.act = act1
+        self._primary, why = _primary_geometry(conv1)
         if why:
             return f"primary conv {why}"
         init = conv1.out_channels
@@ -339,7 +385,7 @@ class _FusedGhostBase(nn.Module):
             # and a training step through them is slower than eager (benchmarks/results/cpu-2core/models.csv:
             # 0.66x / 0.85x on ghostnet_100 / ghostnetv2_100). backend='cpu' trains fused (half the activations).
             return None
-        name, reason = resolve_backend(requested, x.device, dtype)
+        name, reason = resolve_backend(requested, x.device, dtype, act=self.act)
         if reason is not None:
             fallback(f"{type(self).__name__}: {reason}", strict)
             return None
@@ -352,36 +398,47 @@ class _FusedGhostBase(nn.Module):
                 return None
         return name
 
+    def _plan_bns(self) -> List[nn.Module]:
+        """The BatchNorms the fused forward computes (of the analysed layers)."""
+        _, bn1, _, bn2 = self._ghost_layers
+        return [m for m in (bn1, bn2) if m is not None]
+
     def _training_bns(self) -> List[nn.Module]:
-        """The BatchNorms that use batch statistics now (training mode)."""
-        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        """The BatchNorms the fused forward computes that use batch statistics now (training mode)."""
+        return [m for m in self._plan_bns() if m.training]
 
     def _ghost_batch_stats(self) -> bool:
         _, bn1, _, bn2 = self._ghost_layers
         return _batch_stats(bn1) or _batch_stats(bn2)
 
     def _ghost_args(self, x: Tensor, dtype: Optional[torch.dtype], backend: str) -> tuple:
-        """(primary_weight, bn1, cheap_weight, bn2) for this call, from the live submodules. A BatchNorm in
-        training mode normalises with the batch statistics of its input, computed by the statistics kernels
-        (differentiable), and has its running statistics updated; one in eval mode passes its running statistics."""
+        """(primary_weight, bn1, cheap_weight, bn2) for this call, from the live submodules; `x` is the fused
+        op's input (the primary conv's columns, `ops.primary_columns`). A BatchNorm in training mode normalises
+        with the batch statistics of its input, computed by the statistics kernels (differentiable), and has its
+        running statistics updated; one in eval mode passes its running statistics."""
         conv1, bn1, conv2, bn2 = self._ghost_layers
         w1, w2 = _cast_weight(conv1.weight, dtype), _cast_weight(conv2.weight, dtype)
+        w1 = w1.reshape(w1.shape[0], -1, 1, 1)
         p1 = None if _batch_stats(bn1) else _eval_bn(conv1, bn1)
         p2 = None if _batch_stats(bn2) else _eval_bn(conv2, bn2)
         if p1 is None or p2 is None:
             stats, _ = stats_backend(backend, x.device)
             count = x.shape[0] * x.shape[2] * x.shape[3]
             if p1 is None:
-                mean, var = ops.run_ghost_module_stats(x, w1, BatchNormParams(), w2, self.relu, 1, stats)
+                mean, var = ops.run_ghost_module_stats(x, w1, BatchNormParams(), w2, self.act, 1, stats)
                 p1 = _train_bn(bn1, conv1, mean, var, count)
             if p2 is None:
-                mean, var = ops.run_ghost_module_stats(x, w1, p1, w2, self.relu, 2, stats)
+                mean, var = ops.run_ghost_module_stats(x, w1, p1, w2, self.act, 2, stats)
                 p2 = _train_bn(bn2, conv2, mean, var, count)
         return w1, p1, w2, p2
 
     def _run_ghost(self, x: Tensor, dtype: Optional[torch.dtype], backend: str, gate: Optional[Tensor]) -> Tensor:
+        x, _ = ops.primary_columns(x, self._ghost_layers[0].weight, self._primary)
         w1, bn1, w2, bn2 = self._ghost_args(x, dtype, backend)
-        return ops.run_ghost_module(x, w1, bn1, w2, bn2, self.out_chs, self.relu, gate, self.gate_mode, backend)
+        return ops.run_ghost_module(x, w1, bn1, w2, bn2, self.out_chs, self.act, gate, self._gate_mode_now(), backend)
+
+    def _gate_mode_now(self) -> str:
+        return self.gate_mode
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -473,10 +530,44 @@ class GhostModuleV2(_FusedGhostBase):
         return cls._wrap(m, ("primary_conv", "cheap_operation", "short_conv"), out_chs, backend, strict, gate_mode)
 
     def _analyse(self) -> None:
-        reason = self._analyse_ghost()
+        reason = self._analyse_gate()
+        reason = self._analyse_ghost() or reason
         if reason is None:
             reason = self._analyse_dfc()
         self.unsupported_reason = reason
+
+    def _gate_key(self) -> tuple:
+        return (getattr(self, "gate_loc", None), getattr(self, "inter_mode", None), getattr(self, "scale", None),
+                self.gate_mode)
+
+    def _structure_key(self) -> tuple:
+        return super()._structure_key() + self._gate_key()
+
+    def _analyse_gate(self) -> Optional[str]:
+        """How the gate is applied, from the live attributes of Huawei's GhostNetV3 module where present
+        (`gate_loc` 'before': upsample(sigmoid(res / scale)); 'after': sigmoid(upsample(res)); `inter_mode`),
+        else `gate_mode` with the sigmoid first. Read into `_gate_loc`, `_gate_interp`, `_gate_scale` (what the
+        eager forward uses too); the reason when the fused kernels cannot apply it."""
+        loc, interp, scale = getattr(self, "gate_loc", "before"), getattr(self, "inter_mode", None), 1.0
+        interp = self.gate_mode if interp is None else interp
+        self._gate_loc, self._gate_interp = str(loc), str(interp)
+        if loc == "before":
+            scale = getattr(self, "scale", 1.0)
+            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale == 0:
+                self._gate_scale = 1.0
+                return f"gate scale {scale!r} is not a non-zero number"
+        self._gate_scale = float(scale)
+        gate_fn = self._modules.get("gate_fn")
+        if gate_fn is not None and type(gate_fn) is not nn.Sigmoid:
+            return f"gate_fn {type(gate_fn).__name__} (fused needs Sigmoid)"
+        if interp not in GATE_MODES:
+            return f"inter_mode {interp!r} (fused needs one of {GATE_MODES})"
+        if loc not in ("before", "after"):
+            return f"gate_loc {loc!r} (fused needs 'before' or 'after')"
+        if loc == "after" and interp != "nearest":
+            return f"gate_loc 'after' with inter_mode {interp!r}: the sigmoid after a {interp} upsample has no fused " \
+                   "kernel (with 'nearest' it equals the sigmoid before)"
+        return None
 
     def _analyse_dfc(self) -> Optional[str]:
         layers = list(self.short_conv) if isinstance(self.short_conv, nn.Sequential) else []
@@ -500,15 +591,30 @@ class GhostModuleV2(_FusedGhostBase):
         self._dfc_layers = tuple(layers)
         return None
 
-    def _eager_gate(self, x: Tensor, size: List[int]) -> Tensor:
-        res = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
-        if self.gate_mode == "nearest":
-            return F.interpolate(res, size=size, mode="nearest")
-        return F.interpolate(res, size=size, mode="bilinear", align_corners=False)
+    def _plan_bns(self) -> List[nn.Module]:
+        return super()._plan_bns() + [self._dfc_layers[i] for i in (1, 3, 5)]
+
+    def _gate_mode_now(self) -> str:
+        return self._gate_interp
+
+    def _eager_res(self, x: Tensor) -> Tensor:
+        """The DFC branch before the sigmoid, at the pooled resolution."""
+        return self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2))
+
+    def _eager_upsample(self, g: Tensor, size: List[int]) -> Tensor:
+        if self._gate_interp == "bilinear":
+            return F.interpolate(g, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(g, size=size, mode=self._gate_interp)  # as the original calls it
 
     def _eager_forward(self, x: Tensor) -> Tensor:
-        gate = self._eager_gate(x, x.shape[-2:])  # first, as the original modules compute it
-        return self._eager_ghost(x) * gate
+        res = self._eager_res(x)  # first, as the original modules compute it
+        out = self._eager_ghost(x)
+        size = [out.shape[-2], out.shape[-1]]
+        if self._gate_loc == "after":
+            return out * torch.sigmoid(self._eager_upsample(res, size))
+        if self._gate_scale != 1.0:
+            res = res / self._gate_scale
+        return out * self._eager_upsample(torch.sigmoid(res), size)
 
     def _fused_forward(self, x: Tensor) -> Tensor:
         backend, dtype = self._fused_backend(x)
@@ -518,15 +624,122 @@ class GhostModuleV2(_FusedGhostBase):
         gate = None
         if any(_batch_stats(l[i]) for i in (1, 3, 5)):
             # batch statistics in the DFC branch: it runs eagerly (autocast included), at the pooled resolution;
-            # its gate is upsampled and applied in the fused Ghost op's epilogue
-            gate = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
+            # its gate is upsampled and applied in the fused Ghost op's epilogue (the sigmoid commutes with a
+            # nearest upsample: gate_loc 'after' is the same gate)
+            res = self._eager_res(x)
+            gate = torch.sigmoid(res if self._gate_scale == 1.0 else res / self._gate_scale)
         with _fused_region(x):
             x = x if dtype is None else x.to(dtype)
             if gate is None:
+                bn5 = _eval_bn(l[4], l[5])
+                if self._gate_scale != 1.0:  # sigmoid(res / scale): the last BatchNorm's affine divided by scale
+                    bn5 = _divided(bn5, self._gate_scale, l[4].out_channels)
                 gate = ops.run_dfc(x, _cast_weight(l[0].weight, dtype), _eval_bn(l[0], l[1]),
                                    _cast_weight(l[2].weight, dtype), _eval_bn(l[2], l[3]),
-                                   _cast_weight(l[4].weight, dtype), _eval_bn(l[4], l[5]), "gate", backend)
+                                   _cast_weight(l[4].weight, dtype), bn5, "gate", backend)
             return self._run_ghost(x, dtype, backend, gate if gate.dtype == x.dtype else gate.to(x.dtype))
 
 
-__all__: List[str] = ["GhostModule", "GhostModuleV2", "StructureError"]
+def _divided(bn: BatchNormParams, scale: float, n: int) -> BatchNormParams:
+    """`bn`'s output divided by `scale`: weight and bias divided (a missing one is 1 or 0), differentiably."""
+    ref = next(t for t in bn.tensors() if t is not None)
+    weight = torch.ones(n, dtype=ref.dtype, device=ref.device) if bn.weight is None else bn.weight
+    bias = torch.zeros(n, dtype=ref.dtype, device=ref.device) if bn.bias is None else bn.bias
+    return BatchNormParams(weight / scale, bias / scale, bn.mean, bn.var, bn.eps)
+
+
+def _conv_module_part(m: nn.Module, what: str) -> Tuple[nn.Conv2d, Optional[nn.Module], str]:
+    """(conv, BatchNorm or None, activation) of an ultralytics-style `Conv` block: `.conv`, `.bn` (absent after
+    ultralytics' `fuse()`, which folds it into a conv bias), `.act`: act(bn(conv(x)))."""
+    conv = getattr(m, "conv", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise StructureError(f"{what} has no Conv2d `.conv`")
+    extra = sorted(set(m._modules) - {"conv", "bn", "act"})
+    if extra:
+        raise StructureError(f"{what} has submodules beyond conv, bn, act: {extra}")
+    bn = m._modules.get("bn")
+    if bn is not None and not _is_batchnorm(bn, what):
+        if not isinstance(bn, nn.Identity):
+            raise StructureError(f"{what}.bn is a {type(bn).__name__}, not a BatchNorm2d")
+        bn = None
+    return conv, bn, _act_kind(m._modules.get("act"))
+
+
+class GhostConv(_FusedGhostBase):
+    """ultralytics YOLO's `GhostConv` as one fused launch: `y = cv1(x); cat(y, cv2(y))`, where `cv1` is a `Conv`
+    (conv k x k, stride s + BN + SiLU by default; `act=False`: none) and `cv2` its 5x5 depthwise `Conv`. Also
+    after ultralytics' `model.fuse()` (BN folded into the conv bias). Wraps an existing module, sharing its
+    submodules (`cv1.conv.weight`, `cv1.bn.*`, ... state_dict keys unchanged)."""
+
+    @classmethod
+    def from_module(cls, m: nn.Module, *, backend: Optional[str] = None,
+                    strict: Optional[bool] = None) -> "GhostConv":
+        conv = getattr(getattr(m, "cv1", None), "conv", None)
+        if not isinstance(conv, nn.Conv2d):
+            raise StructureError(f"{type(m).__name__} has no cv1.conv Conv2d")
+        return cls._wrap(m, ("cv1", "cv2"), 2 * conv.out_channels, backend, strict)
+
+    def _ghost_parts(self):
+        return _conv_module_part(self.cv1, "cv1"), _conv_module_part(self.cv2, "cv2")
+
+    def _analyse_ghost(self) -> Optional[str]:
+        reason = super()._analyse_ghost()
+        if reason is None and self._ghost_layers[2].out_channels != self._ghost_layers[0].out_channels:
+            return "cv2 is not a depthwise conv with cv1's channel count"
+        return reason
+
+    def _eager_ghost(self, x: Tensor) -> Tensor:
+        y = self.cv1(x)
+        return torch.cat((y, self.cv2(y)), 1)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        return self._eager_ghost(x)
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        backend, dtype = self._fused_backend(x)
+        if backend is None:
+            return self._eager_ghost(x)
+        with _fused_region(x):
+            x = x if dtype is None else x.to(dtype)
+            return self._run_ghost(x, dtype, backend, None)
+
+
+class GhostConv2d(_FusedGhostBase):
+    """The Ghost module of Ghost-ResNet (Huawei's ghost_resnet.py, an `nn.Conv2d` subclass): `x1 = conv1(x)`
+    (k x k, stride, padding; biased), `cat(x1, conv2(x1)[:, :out - init])` (biased depthwise), no BatchNorm or
+    activation inside, as one fused launch. Wraps an existing module, sharing its parameters and attributes."""
+
+    @classmethod
+    def from_module(cls, m: nn.Module, *, out_chs: Optional[int] = None, backend: Optional[str] = None,
+                    strict: Optional[bool] = None) -> "GhostConv2d":
+        if out_chs is None:
+            out_chs = getattr(m, "out_channels", None)
+        return cls._wrap(m, ("conv1", "conv2"), out_chs, backend, strict)
+
+    def _ghost_parts(self):
+        parts = []
+        for name in ("conv1", "conv2"):
+            conv = self._modules.get(name)
+            if not isinstance(conv, nn.Conv2d):
+                raise StructureError(f"{name} is not a Conv2d")
+            parts.append((conv, None, "none"))
+        return tuple(parts)
+
+    def _eager_ghost(self, x: Tensor) -> Tensor:
+        x1 = self.conv1(x)
+        x2 = self.conv2(x1)
+        return torch.cat([x1, x2[:, :self.out_chs - x1.shape[1]]], 1)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        return self._eager_ghost(x)
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        backend, dtype = self._fused_backend(x)
+        if backend is None:
+            return self._eager_ghost(x)
+        with _fused_region(x):
+            x = x if dtype is None else x.to(dtype)
+            return self._run_ghost(x, dtype, backend, None)
+
+
+__all__: List[str] = ["GhostConv", "GhostConv2d", "GhostModule", "GhostModuleV2", "StructureError"]

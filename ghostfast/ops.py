@@ -17,6 +17,7 @@ from numbers import Real
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
@@ -169,27 +170,32 @@ def _check_gate(op: str, gate: Optional[Tensor], gate_mode: str, x: Tensor, out_
         raise TypeError(f"{op}: expected gate dtype {x.dtype} (the input's), got {gate.dtype}")
 
 
-def check_ghost_module_args(op: str, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode,
+def _check_act(op: str, act) -> None:
+    if not isinstance(act, str) or act not in reference.ACTIVATIONS:
+        raise ValueError(f"{op}: expected act to be one of {reference.ACTIVATIONS}, got {act!r}")
+
+
+def check_ghost_module_args(op: str, x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode,
                             backend: Optional[str] = None, labels=None) -> int:
     """Every check of the Ghost module op; returns out_channels as an int."""
     init, cheap = _check_ghost_weights(op, x, primary_weight, cheap_weight)
     _check_bn(op, "bn1", bn1, init, x, labels)
     _check_bn(op, "bn2", bn2, cheap, x, labels)
     out_channels = _check_out_channels(op, out_channels, init + cheap)
-    if not isinstance(relu, bool):
-        raise TypeError(f"{op}: expected relu to be a bool, got {relu!r}")
+    _check_act(op, act)
     _check_gate(op, gate, gate_mode, x, out_channels)
     if backend is not None:
         _check_backend(op, backend)
     return out_channels
 
 
-def check_ghost_module_stats_args(op: str, x, primary_weight, bn1, cheap_weight, relu, stage,
+def check_ghost_module_stats_args(op: str, x, primary_weight, bn1, cheap_weight, act, stage,
                                   backend: Optional[str] = None, labels=None) -> None:
     if stage not in (1, 2) or isinstance(stage, bool):
         raise ValueError(f"{op}: stage must be 1 or 2, got {stage!r}")
     init, _ = _check_ghost_weights(op, x, primary_weight, cheap_weight)
     _check_bn(op, "bn1", bn1, init, x, labels)
+    _check_act(op, act)
     if x.numel() // max(x.shape[1], 1) < 2:
         raise ValueError(f"{op}: batch statistics need more than 1 value per channel, got input of shape "
                          f"{tuple(x.shape)}")
@@ -251,22 +257,22 @@ def _ghost_module_op(
     bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor], bn1_var: Optional[Tensor],
     bn1_eps: float, cheap_weight: Tensor,
     bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_mean: Optional[Tensor], bn2_var: Optional[Tensor],
-    bn2_eps: float, out_channels: int, relu: bool, gate: Optional[Tensor], gate_mode: str, backend: str,
+    bn2_eps: float, out_channels: int, act: str, gate: Optional[Tensor], gate_mode: str, backend: str,
 ) -> Tensor:
     bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
     bn2 = BatchNormParams(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps)
-    check_ghost_module_args("ghostfast::ghost_module", x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu,
+    check_ghost_module_args("ghostfast::ghost_module", x, primary_weight, bn1, cheap_weight, bn2, out_channels, act,
                             gate, gate_mode, backend)
-    return BACKENDS[backend].ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate,
+    return BACKENDS[backend].ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate,
                                           gate_mode)
 
 
 @_ghost_module_op.register_fake
 def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight, bn2_weight, bn2_bias,
-      bn2_mean, bn2_var, bn2_eps, out_channels, relu, gate, gate_mode, backend):
+      bn2_mean, bn2_var, bn2_eps, out_channels, act, gate, gate_mode, backend):
     bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
     bn2 = BatchNormParams(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps)
-    check_ghost_module_args("ghostfast::ghost_module", x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu,
+    check_ghost_module_args("ghostfast::ghost_module", x, primary_weight, bn1, cheap_weight, bn2, out_channels, act,
                             gate, gate_mode, backend)
     return _empty_output(x, (x.shape[0], out_channels, x.shape[2], x.shape[3]))
 
@@ -275,20 +281,20 @@ def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap
 def _ghost_module_stats_op(
     x: Tensor, primary_weight: Tensor,
     bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor], bn1_var: Optional[Tensor],
-    bn1_eps: float, cheap_weight: Tensor, relu: bool, stage: int, backend: str,
+    bn1_eps: float, cheap_weight: Tensor, act: str, stage: int, backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """Training-mode BatchNorm statistics (mean, biased variance) of z1 (stage 1) or z2 (stage 2), in the
     accumulation dtype: `ghostfast.reference.ghost_module_stats`."""
     bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
-    check_ghost_module_stats_args("ghostfast::ghost_module_stats", x, primary_weight, bn1, cheap_weight, relu, stage,
+    check_ghost_module_stats_args("ghostfast::ghost_module_stats", x, primary_weight, bn1, cheap_weight, act, stage,
                                   backend)
-    return tuple(BACKENDS[backend].ghost_module_stats(x, primary_weight, bn1, cheap_weight, relu, stage))
+    return tuple(BACKENDS[backend].ghost_module_stats(x, primary_weight, bn1, cheap_weight, act, stage))
 
 
 @_ghost_module_stats_op.register_fake
-def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight, relu, stage, backend):
+def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight, act, stage, backend):
     bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
-    check_ghost_module_stats_args("ghostfast::ghost_module_stats", x, primary_weight, bn1, cheap_weight, relu, stage,
+    check_ghost_module_stats_args("ghostfast::ghost_module_stats", x, primary_weight, bn1, cheap_weight, act, stage,
                                   backend)
     n = primary_weight.shape[0] if stage == 1 else cheap_weight.shape[0]
     dt = compute_dtype(x)
@@ -351,11 +357,11 @@ def _fake_grads(inputs: Sequence[Optional[Tensor]], needs: Sequence[bool], x: Te
             if (t is not None and need) else x.new_empty(0) for t, need in zip(inputs, needs)]
 
 
-def _check_ghost_backward(op, grad_out, x, w1, s1, b1, w2, s2, b2, out_channels, relu, gate, gate_mode, needs,
+def _check_ghost_backward(op, grad_out, x, w1, s1, b1, w2, s2, b2, out_channels, act, gate, gate_mode, needs,
                           backend):
     bn1 = _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1)
     bn2 = _affine_bn(op, ("cheap_scale", "cheap_bias"), s2, b2)
-    out_channels = check_ghost_module_args(op, x, w1, bn1, w2, bn2, out_channels, relu, gate, gate_mode, backend,
+    out_channels = check_ghost_module_args(op, x, w1, bn1, w2, bn2, out_channels, act, gate, gate_mode, backend,
                                            labels=_GHOST_LABELS)
     _check_grad(op, "grad_out", grad_out, (x.shape[0], out_channels, x.shape[2], x.shape[3]))
     _check_needs(op, needs, 8)
@@ -364,27 +370,27 @@ def _check_ghost_backward(op, grad_out, x, w1, s1, b1, w2, s2, b2, out_channels,
 @torch.library.custom_op("ghostfast::ghost_module_backward", mutates_args=())
 def _ghost_module_backward_op(
     grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
-    cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor, out_channels: int, relu: bool,
+    cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor, out_channels: int, act: str,
     gate: Optional[Tensor], gate_mode: str, needs: List[bool], backend: str,
 ) -> List[Tensor]:
     args = (grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
-            out_channels, relu, gate, gate_mode)
+            out_channels, act, gate, gate_mode)
     _check_ghost_backward("ghostfast::ghost_module_backward", *args, needs, backend)
     return _grads_or_placeholders(BACKENDS[backend].ghost_module_backward(*args, list(needs)), x)
 
 
 @_ghost_module_backward_op.register_fake
 def _(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
-      out_channels, relu, gate, gate_mode, needs, backend):
+      out_channels, act, gate, gate_mode, needs, backend):
     _check_ghost_backward("ghostfast::ghost_module_backward", grad_out, x, primary_weight, primary_scale,
-                          primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, relu, gate, gate_mode,
+                          primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, act, gate, gate_mode,
                           needs, backend)
     inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
     return _fake_grads(inputs, needs, x)
 
 
-def _check_stats_backward(op, x, w1, s1, b1, w2, relu, stage, coef_a, coef_c, mean, needs, backend):
-    check_ghost_module_stats_args(op, x, w1, _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1), w2, relu,
+def _check_stats_backward(op, x, w1, s1, b1, w2, act, stage, coef_a, coef_c, mean, needs, backend):
+    check_ghost_module_stats_args(op, x, w1, _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1), w2, act,
                                   stage, backend, labels=_GHOST_LABELS)
     n = w1.shape[0] if stage == 1 else w2.shape[0]
     for name, t in (("coef_a", coef_a), ("coef_c", coef_c), ("mean", mean)):
@@ -394,21 +400,21 @@ def _check_stats_backward(op, x, w1, s1, b1, w2, relu, stage, coef_a, coef_c, me
 
 @torch.library.custom_op("ghostfast::ghost_module_stats_backward", mutates_args=())
 def _ghost_module_stats_backward_op(
-    x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor, cheap_weight: Tensor, relu: bool,
+    x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor, cheap_weight: Tensor, act: str,
     stage: int, coef_a: Tensor, coef_c: Tensor, mean: Tensor, needs: List[bool], backend: str,
 ) -> List[Tensor]:
     """Gradients of sum(dz * z) over the stage's z, dz = coef_a + coef_c * (z - mean) per channel: for (x,
     primary_weight, primary_scale, primary_bias, cheap_weight)."""
-    args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c, mean)
+    args = (x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage, coef_a, coef_c, mean)
     _check_stats_backward("ghostfast::ghost_module_stats_backward", *args, needs, backend)
     return _grads_or_placeholders(BACKENDS[backend].ghost_module_stats_backward(*args, list(needs)), x)
 
 
 @_ghost_module_stats_backward_op.register_fake
-def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c, mean, needs,
+def _(x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage, coef_a, coef_c, mean, needs,
       backend):
     _check_stats_backward("ghostfast::ghost_module_stats_backward", x, primary_weight, primary_scale, primary_bias,
-                          cheap_weight, relu, stage, coef_a, coef_c, mean, needs, backend)
+                          cheap_weight, act, stage, coef_a, coef_c, mean, needs, backend)
     inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight)
     return _fake_grads(inputs, [n and (stage == 2 or i < 2) for i, n in enumerate(needs)], x)
 
@@ -495,7 +501,7 @@ def _bn_needed(ctx, first: int) -> bool:
 
 def _ghost_module_backward(ctx, grad_out):
     a = _saved_args(ctx)
-    x, w1, w2, out_channels, relu, gate, gate_mode, backend = a[0], a[1], a[7], a[13], a[14], a[15], a[16], a[17]
+    x, w1, w2, out_channels, act, gate, gate_mode, backend = a[0], a[1], a[7], a[13], a[14], a[15], a[16], a[17]
     bn1, bn2 = BatchNormParams(*a[2:7]), BatchNormParams(*a[8:13])
     f1 = _fold_for_backward(bn1, w1.shape[0], x)
     f2 = _fold_for_backward(bn2, w2.shape[0], x)
@@ -503,7 +509,7 @@ def _ghost_module_backward(ctx, grad_out):
     n1, n2 = _bn_needed(ctx, 2), _bn_needed(ctx, 8)
     needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), n2, n2, bool(need[15])]
     g = _ghost_module_backward_op(grad_out.contiguous(memory_format=output_memory_format(x)), x, w1, f1.scale,
-                                  f1.shift, w2, f2.scale, f2.shift, out_channels, relu, gate, gate_mode, needs,
+                                  f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode, needs,
                                   backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
     return (g[0], g[1], *_bn_grads(ctx, 2, bn1, f1, g[2], g[3]), g[4], *_bn_grads(ctx, 8, bn2, f2, g[5], g[6]),
@@ -513,7 +519,7 @@ def _ghost_module_backward(ctx, grad_out):
 def _ghost_module_stats_backward(ctx, grad_mean, grad_var):
     """The statistics' gradient reaches z as dz = grad_mean / M + 2 grad_var (z - mean) / M (M = N*H*W)."""
     a = _saved_args(ctx)
-    x, w1, w2, relu, stage, backend = a[0], a[1], a[7], a[8], a[9], a[10]
+    x, w1, w2, act, stage, backend = a[0], a[1], a[7], a[8], a[9], a[10]
     mean = ctx.saved_tensors[len(ctx.tensor_slots)]
     bn1 = BatchNormParams(*a[2:7])
     if grad_mean is None:
@@ -525,7 +531,7 @@ def _ghost_module_stats_backward(ctx, grad_mean, grad_var):
     need = ctx.needs_input_grad
     n1 = stage == 2 and _bn_needed(ctx, 2)
     needs = [bool(need[0]), bool(need[1]), n1, n1, stage == 2 and bool(need[7])]
-    g = _ghost_module_stats_backward_op(x, w1, f1.scale, f1.shift, w2, relu, stage, grad_mean / m,
+    g = _ghost_module_stats_backward_op(x, w1, f1.scale, f1.shift, w2, act, stage, grad_mean / m,
                                         grad_var * (2.0 / m), mean, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
     bn_grads = _bn_grads(ctx, 2, bn1, f1, g[2], g[3]) if n1 else [None] * 5
@@ -558,18 +564,68 @@ _dfc_op.register_autograd(_dfc_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------------------------------------
 
 
+class PrimaryConv(NamedTuple):
+    """The primary conv's geometry beyond 1x1 stride 1: stride, zero padding and dilation, per axis (its kernel
+    size is the weight's)."""
+
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+
+    @classmethod
+    def of(cls, stride=1, padding=0, dilation=1) -> "PrimaryConv":
+        def pair(v, what):
+            v = (v, v) if isinstance(v, int) else tuple(v)
+            if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                raise ValueError(f"primary conv {what} must be an int or a pair of ints, got {v!r}")
+            return v
+        geom = cls(pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"))
+        if min(geom.stride) < 1 or min(geom.dilation) < 1 or min(geom.padding) < 0:
+            raise ValueError(f"primary conv needs stride >= 1, dilation >= 1, padding >= 0, got {geom}")
+        return geom
+
+
+def primary_columns(x: Tensor, primary_weight: Tensor, primary: Optional[PrimaryConv]) -> Tuple[Tensor, Tensor]:
+    """(input, weight) of the fused ops' 1x1 primary GEMM for a k x k / strided primary conv: the conv's patches
+    laid out as channels (`F.unfold`, im2col: [N, C_in*kh*kw, H_out, W_out], in x's memory format) and the weight
+    as [init, C_in*kh*kw, 1, 1], so the fused kernel's GEMM over channels is the conv and its cheap depthwise runs
+    on the conv's (strided) output. A 1x1 conv without padding only subsamples x. Differentiable (autograd's
+    unfold / slicing backward carries the gradient to x). A 1x1 stride-1 conv passes through unchanged."""
+    kh, kw = primary_weight.shape[-2:]
+    geom = primary or PrimaryConv()
+    if (kh, kw) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0):
+        return x, primary_weight
+    fmt = output_memory_format(x)
+    if (kh, kw) == (1, 1) and geom.padding == (0, 0):
+        cols = x[:, :, ::geom.stride[0], ::geom.stride[1]]
+    else:
+        _check_input("ghostfast primary conv", x, primary_weight.shape[1])
+        h_out = (x.shape[2] + 2 * geom.padding[0] - geom.dilation[0] * (kh - 1) - 1) // geom.stride[0] + 1
+        w_out = (x.shape[3] + 2 * geom.padding[1] - geom.dilation[1] * (kw - 1) - 1) // geom.stride[1] + 1
+        if h_out < 1 or w_out < 1:
+            raise ValueError(f"ghostfast primary conv: input of shape {tuple(x.shape)} is smaller than the kernel "
+                             f"{(kh, kw)} with {geom}")
+        cols = F.unfold(x, (kh, kw), dilation=geom.dilation, padding=geom.padding, stride=geom.stride)
+        cols = cols.view(x.shape[0], -1, h_out, w_out)
+    return cols.contiguous(memory_format=fmt), primary_weight.reshape(primary_weight.shape[0], -1, 1, 1)
+
+
 def run_ghost_module(x, primary_weight, bn1: BatchNormParams, cheap_weight, bn2: BatchNormParams, out_channels: int,
-                     relu: bool, gate: Optional[Tensor], gate_mode: str, backend: str) -> Tensor:
+                     act: str, gate: Optional[Tensor], gate_mode: str, backend: str,
+                     primary: Optional[PrimaryConv] = None) -> Tensor:
     """The Ghost module op on a resolved backend: a concrete name, or 'auto' with several fused candidates (CUDA:
-    settled per shape by measuring)."""
+    settled per shape by measuring). `primary`: the primary conv's stride/padding/dilation (k x k and strided
+    primary convs run through `primary_columns`)."""
+    x, primary_weight = primary_columns(x, primary_weight, primary)
+
     def run(name):
-        return _ghost_module_op(x, primary_weight, *bn1, cheap_weight, *bn2, out_channels, relu, gate, gate_mode,
+        return _ghost_module_op(x, primary_weight, *bn1, cheap_weight, *bn2, out_channels, act, gate, gate_mode,
                                 name)
 
     if backend == "auto":
-        key = (tuple(primary_weight.shape), tuple(cheap_weight.shape), out_channels, relu,
+        key = (tuple(primary_weight.shape), tuple(cheap_weight.shape), out_channels, act,
                None if gate is None else (tuple(gate.shape), gate_mode))
-        backend = _fastest("ghost_module", x, run, key)
+        backend = _fastest("ghost_module", x, run, key, act)
     return run(backend)
 
 
@@ -583,9 +639,10 @@ def run_dfc(x, conv_weight, bn3: BatchNormParams, h_weight, bn4: BatchNormParams
     return run(backend)
 
 
-def run_ghost_module_stats(x, primary_weight, bn1: BatchNormParams, cheap_weight, relu: bool, stage: int,
-                           backend: str) -> Tuple[Tensor, Tensor]:
-    return _ghost_module_stats_op(x, primary_weight, *bn1, cheap_weight, relu, stage, backend)
+def run_ghost_module_stats(x, primary_weight, bn1: BatchNormParams, cheap_weight, act: str, stage: int,
+                           backend: str, primary: Optional[PrimaryConv] = None) -> Tuple[Tensor, Tensor]:
+    x, primary_weight = primary_columns(x, primary_weight, primary)
+    return _ghost_module_stats_op(x, primary_weight, *bn1, cheap_weight, act, stage, backend)
 
 
 _AUTO_CHOICE: dict = {}
@@ -597,13 +654,13 @@ def auto_choices() -> dict:
     return dict(_AUTO_CHOICE)
 
 
-def _fastest(op: str, x: Tensor, run, key) -> str:
+def _fastest(op: str, x: Tensor, run, key, act: Optional[str] = None) -> str:
     """The faster fused backend for this op and shape, measured once (after checking each against the
     reference); a candidate that fails to compile or launch, or disagrees, is never chosen."""
     full_key = (op, str(x.device), x.dtype, tuple(x.shape), output_memory_format(x) == torch.channels_last, *key)
     if full_key in _AUTO_CHOICE:
         return _AUTO_CHOICE[full_key][0]
-    candidates = auto_candidates(x.device, x.dtype)
+    candidates = auto_candidates(x.device, x.dtype, act)
     if not candidates:
         return "reference"
     if len(candidates) == 1 or torch.compiler.is_compiling() or _is_fake(x):
@@ -653,12 +710,12 @@ def _is_fake(x: Tensor) -> bool:
     return isinstance(x, FakeTensor)
 
 
-def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[bool]) -> str:
+def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[bool], act: Optional[str] = None) -> str:
     """The backend for a public call: a concrete name, or 'auto' when several fused backends compete."""
     strict = default_strict() if strict is None else strict
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected a Tensor input, got {type(x).__name__}")
-    name, reason = resolve_backend(backend, x.device, x.dtype if x.dtype in SUPPORTED_DTYPES else None)
+    name, reason = resolve_backend(backend, x.device, x.dtype if x.dtype in SUPPORTED_DTYPES else None, act=act)
     if reason is not None:
         fallback(f"{op}: {reason}", strict)
     return name
@@ -670,33 +727,55 @@ def _pick_backend(op: str, x: Tensor, backend: Optional[str], strict: Optional[b
 
 
 def ghost_module(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, bn2, out_channels: Optional[int] = None,
-                 relu: bool = True, gate: Optional[Tensor] = None, gate_mode: str = "nearest", *,
-                 backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
-    """Fused Ghost module: `cat(act(bn1(conv1x1(x))), act(bn2(dw(x1))))[:, :out_channels]`, optionally multiplied
-    by `upsample(gate, (H, W), gate_mode)` in the same launch.
+                 act="relu", gate: Optional[Tensor] = None, gate_mode: str = "nearest", *, stride=1, padding=0,
+                 dilation=1, backend: Optional[str] = None, strict: Optional[bool] = None) -> Tensor:
+    """Fused Ghost module: `cat(act(bn1(conv(x))), act(bn2(dw(x1))))[:, :out_channels]`, optionally multiplied
+    by `upsample(gate, (H_out, W_out), gate_mode)` in the same launch.
 
-    `primary_weight` [init, C_in, 1, 1], `cheap_weight` [init*(ratio-1), 1, k, k]; `bn1`, `bn2`: BatchNormParams
-    (or BatchNorm modules in eval mode, or None); `gate` [N, out_channels, Hg, Wg]."""
+    `primary_weight` [init, C_in, kh, kw] (a conv with `stride`, zero `padding` and `dilation`; beyond 1x1
+    stride 1 through `primary_columns`), `cheap_weight` [init*(ratio-1), 1, k, k]; `bn1`, `bn2`: BatchNormParams
+    (or BatchNorm modules in eval mode, or None); `act`: one of reference.ACTIVATIONS (True: 'relu', False:
+    'none'); `gate` [N, out_channels, Hg, Wg]."""
     op = "ghostfast.ops.ghost_module"
+    act = _public_act(op, act)
     bn1, bn2 = as_batch_norm(bn1, f"{op}: bn1"), as_batch_norm(bn2, f"{op}: bn2")
     if out_channels is None and isinstance(primary_weight, Tensor) and isinstance(cheap_weight, Tensor):
         out_channels = primary_weight.shape[0] + cheap_weight.shape[0]
-    out_channels = check_ghost_module_args(op, x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate,
-                                           gate_mode)
-    return run_ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode,
-                            _pick_backend(op, x, backend, strict))
+    geom = PrimaryConv.of(stride, padding, dilation)
+    xc, wc = _checked_columns(op, x, primary_weight, geom)
+    out_channels = check_ghost_module_args(op, xc, wc, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode)
+    return run_ghost_module(xc, wc, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode,
+                            _pick_backend(op, x, backend, strict, act))
 
 
-def ghost_module_stats(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, relu: bool, stage: int, *,
-                       backend: str) -> Tuple[Tensor, Tensor]:
+def _public_act(op: str, act) -> str:
+    try:
+        return reference.activation_name(act)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
+
+
+def _checked_columns(op: str, x, primary_weight, geom: PrimaryConv) -> Tuple[Tensor, Tensor]:
+    """primary_columns after checking the input against a 4-D primary weight of any kernel size."""
+    if not isinstance(primary_weight, Tensor) or primary_weight.dim() != 4 or primary_weight.shape[0] < 1:
+        raise ValueError(f"{op}: expected primary_weight [init, C_in, kh, kw] with init >= 1, got "
+                         f"{tuple(getattr(primary_weight, 'shape', ()))}")
+    _check_input(op, x, primary_weight.shape[1])
+    return primary_columns(x, primary_weight, geom)
+
+
+def ghost_module_stats(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, act, stage: int, *,
+                       backend: str, stride=1, padding=0, dilation=1) -> Tuple[Tensor, Tensor]:
     """Training-mode BatchNorm statistics of a Ghost module, per channel over N, H, W: (mean, biased variance) of
     z1 = conv1x1(x) (stage 1; bn1 unused) or of every channel of z2 = dw(act(bn1(z1))) (stage 2). Differentiable
     (gradients flow through the statistics into x, the weights and bn1's tensors). `backend`: a concrete name
     (see `ghostfast.backends.stats_backend`). Returned in float32 (float64 for float64 inputs)."""
     op = "ghostfast.ops.ghost_module_stats"
+    act = _public_act(op, act)
     bn1 = as_batch_norm(bn1, f"{op}: bn1")
-    check_ghost_module_stats_args(op, x, primary_weight, bn1, cheap_weight, relu, stage, backend)
-    return run_ghost_module_stats(x, primary_weight, bn1, cheap_weight, relu, stage, backend)
+    x, primary_weight = _checked_columns(op, x, primary_weight, PrimaryConv.of(stride, padding, dilation))
+    check_ghost_module_stats_args(op, x, primary_weight, bn1, cheap_weight, act, stage, backend)
+    return run_ghost_module_stats(x, primary_weight, bn1, cheap_weight, act, stage, backend)
 
 
 def dfc(x: Tensor, conv_weight: Tensor, bn3, h_weight: Tensor, bn4, v_weight: Tensor, bn5, mode: str = "gate", *,

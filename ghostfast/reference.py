@@ -13,6 +13,28 @@ from torch import Tensor, nn
 
 GATE_MODES = ("nearest", "bilinear")
 
+# The activations of both halves of a Ghost module (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, or none), by name; the
+# kernels take them as these codes (ACT_CODES[name]), the same in every backend.
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+def activation_name(act) -> str:
+    """The activation's name: one of ACTIVATIONS, or a bool (the v0.4 `relu` flag: True is 'relu', False 'none')."""
+    if isinstance(act, bool):
+        return "relu" if act else "none"
+    if isinstance(act, str) and act in ACTIVATIONS:
+        return act
+    raise ValueError(f"activation must be one of {ACTIVATIONS} (or a bool: relu or none), got {act!r}")
+
+
+def activation(z: Tensor, act) -> Tensor:
+    """The activation named `act` as eager PyTorch computes it (F.relu, F.relu6, F.hardswish, F.silu)."""
+    act = activation_name(act)
+    if act == "none":
+        return z
+    return {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "silu": F.silu}[act](z)
+
 
 class BatchNormParams(NamedTuple):
     """A BatchNorm as the live tensors the kernels fold per channel: `y = z * scale + shift` with
@@ -133,19 +155,17 @@ def ghost_module_forward(
     cheap_scale: Tensor,  # [init * (ratio - 1)]
     cheap_bias: Tensor,  # [init * (ratio - 1)]
     out_channels: int,
-    relu: bool = True,
+    act: str = "relu",
     gate: Optional[Tensor] = None,  # [N, out_channels, Hg, Wg], already through the sigmoid
     gate_mode: str = "nearest",
 ) -> Tensor:
-    """`cat(act(BN1(conv1x1(x))), act(BN2(dw(x1))))[:, :out_channels]`, optionally times upsample(gate)."""
+    """`cat(act(BN1(conv1x1(x))), act(BN2(dw(x1))))[:, :out_channels]`, optionally times upsample(gate); `act` one of
+    ACTIVATIONS (a bool: relu or none)."""
     init = primary_weight.shape[0]
     dw = cheap_weight.shape[-1]
     x1 = _affine(F.conv2d(x, primary_weight), primary_scale, primary_bias)
-    if relu:
-        x1 = F.relu(x1)
-    x2 = _affine(F.conv2d(x1, cheap_weight, padding=dw // 2, groups=init), cheap_scale, cheap_bias)
-    if relu:
-        x2 = F.relu(x2)
+    x1 = activation(x1, act)
+    x2 = activation(_affine(F.conv2d(x1, cheap_weight, padding=dw // 2, groups=init), cheap_scale, cheap_bias), act)
     out = torch.cat([x1, x2], dim=1)[:, :out_channels]
     if gate is not None:
         out = out * upsample_gate(gate, (out.shape[-2], out.shape[-1]), gate_mode)
@@ -158,7 +178,7 @@ def ghost_module_stats(
     primary_scale: Tensor,  # [init]   (stage 2 only)
     primary_bias: Tensor,  # [init]   (stage 2 only)
     cheap_weight: Tensor,  # [init * (ratio - 1), 1, dw, dw]   (stage 2 only)
-    relu: bool,
+    act: str,
     stage: int,
 ) -> Tuple[Tensor, Tensor]:
     """Training-mode BatchNorm statistics of a Ghost module's two pre-BN activations: per channel, over N, H and W,
@@ -168,20 +188,18 @@ def ghost_module_stats(
     stage 2: of `z2 = dw(act(z1 * scale + bias))`, the cheap depthwise's output, every one of its channels
     ([init * (ratio - 1)] each), whatever `out_channels` later keeps: BatchNorm updates all of them."""
     var, mean = torch.var_mean(ghost_module_preactivation(x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                                                          relu, stage), dim=(0, 2, 3), unbiased=False)
+                                                          act, stage), dim=(0, 2, 3), unbiased=False)
     return mean, var
 
 
 def ghost_module_preactivation(x: Tensor, primary_weight: Tensor, primary_scale: Optional[Tensor],
-                               primary_bias: Optional[Tensor], cheap_weight: Tensor, relu: bool, stage: int) -> Tensor:
+                               primary_bias: Optional[Tensor], cheap_weight: Tensor, act: str, stage: int) -> Tensor:
     """z1 = conv1x1(x) (stage 1) or z2 = dw(act(z1 * scale + bias)) (stage 2): what a BatchNorm normalises."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     z = F.conv2d(x, primary_weight)
     if stage == 2:
-        x1 = _affine(z, primary_scale, primary_bias)
-        if relu:
-            x1 = F.relu(x1)
+        x1 = activation(_affine(z, primary_scale, primary_bias), act)
         dw = cheap_weight.shape[-1]
         z = F.conv2d(x1, cheap_weight, padding=dw // 2, groups=primary_weight.shape[0])
     return z

@@ -14,6 +14,17 @@ from torch import Tensor
 
 from .batch_norm import NO_BN, _fold_bn, bn_launch_args
 
+# The activations these kernels implement (ghostfast.reference.ACTIVATIONS names; a bool is relu / none).
+ACTIVATIONS = ("none", "relu")
+
+
+def _relu_flag(act) -> bool:
+    if isinstance(act, bool):
+        return act
+    if act not in ACTIVATIONS:
+        raise ValueError(f"the Triton Ghost module kernels implement the activations {ACTIVATIONS}, got {act!r}")
+    return act == "relu"
+
 
 @triton.jit
 def _axis_source(dst, out_size, in_size, scale32, BILINEAR: tl.constexpr, IS_FP64: tl.constexpr):
@@ -351,7 +362,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def ghost_module_forward(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, bn2, out_channels: int,
-                         relu: bool, gate: Optional[Tensor] = None, gate_mode: str = "nearest",
+                         act, gate: Optional[Tensor] = None, gate_mode: str = "nearest",
                          out: Optional[Tensor] = None) -> Tensor:
     """Fused Ghost module forward (eval-mode BatchNorm, or any BatchNorm given as its live tensors): the math of
     `ghostfast.reference.ghost_module_forward` with bn1 and bn2 folded per channel inside the launch.
@@ -365,11 +376,11 @@ def ghost_module_forward(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: T
         assert out.shape == (N, out_channels, H, W) and out.dtype == x.dtype
     if N == 0 or H * W == 0:
         return out
-    _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode, out)
+    _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode, out)
     return out
 
 
-def _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode, out, stats=0):
+def _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode, out, stats=0):
     """One launch of the forward kernel; with `stats` 1 or 2, of its statistics variant: returns the per-tile
     partials (sums, centred sums of squares, pixel counts) of z1 or z2 instead of writing `out`."""
     N, C_in, H, W, init, dw, ratio_m1 = _dims(x, primary_weight, cheap_weight, out_channels, gate_mode)
@@ -411,7 +422,7 @@ def _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, rel
         *sg, *out.stride(),
         tiles_h, tiles_w, n_cblocks, total,
         HALO_H=halo_h, HALO_W=halo_w, DW=k, BLOCK_C=block_c, BLOCK_K=block_k,
-        RELU=bool(relu), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
+        RELU=_relu_flag(act), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
         INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
         **bn1_flags, **bn2_flags, STATS=stats, num_warps=num_warps,
     )
@@ -433,7 +444,7 @@ def merge_tile_stats(psum: Tensor, pm2: Tensor, counts: Tensor, dtype: torch.dty
     return mean.to(dtype), (m2 / total).to(dtype)
 
 
-def ghost_module_stats(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, relu: bool, stage: int):
+def ghost_module_stats(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Tensor, act, stage: int):
     """Training-mode BatchNorm statistics (mean, biased variance) of z1 (stage 1) or of every channel of z2
     (stage 2), as `ghostfast.reference.ghost_module_stats`; stage 1 ignores bn1, stage 2 applies it (live tensors,
     folded inside the launch, as the forward) to z1 before the activation and the depthwise. One launch of the
@@ -449,7 +460,7 @@ def ghost_module_stats(x: Tensor, primary_weight: Tensor, bn1, cheap_weight: Ten
         return (torch.full((n,), float("nan"), dtype=acc_t, device=x.device),) * 2
     # BN2 follows z2, which is what the statistics are of: it is never applied here
     psum, pm2, counts = _forward_launch(x, primary_weight, bn1 if stage == 2 else NO_BN, cheap_weight, NO_BN, full,
-                                        relu, None, "nearest", None, stats=stage)
+                                        act, None, "nearest", None, stats=stage)
     return merge_tile_stats(psum, pm2, counts, acc_t)
 
 
@@ -740,7 +751,7 @@ def _pick_bwd_config(H: int, W: int, dw: int, n_x1: int):
 
 def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor,
                           primary_bias: Tensor, cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor,
-                          out_channels: int, relu: bool, gate: Optional[Tensor], gate_mode: str,
+                          out_channels: int, act, gate: Optional[Tensor], gate_mode: str,
                           needs: Sequence[bool]) -> tuple:
     """Fused Ghost module backward (eval, BN folded by the caller): gradients of `ghost_module_forward` for every
     input, with each BatchNorm given as its folded per-channel (scale, shift) vectors.
@@ -753,11 +764,11 @@ def ghost_module_backward(grad_out: Tensor, x: Tensor, primary_weight: Tensor, p
     programs finish; grad_x is complete in one program, no atomics."""
     assert grad_out is not None
     return _backward_launch(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
-                            cheap_bias, out_channels, relu, gate, gate_mode, needs, None)
+                            cheap_bias, out_channels, act, gate, gate_mode, needs, None)
 
 
 def _backward_launch(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
-                     out_channels, relu, gate, gate_mode, needs, corr) -> tuple:
+                     out_channels, act, gate, gate_mode, needs, corr) -> tuple:
     """The launch behind `ghost_module_backward` and `ghost_module_stats_backward`. `corr` = (stage, a, c, mean)
     adds a + c * (z - mean) per channel to the gradient of z1 (stage 1) or z2 (stage 2); grad_out may then be
     None (no gradient from the module's output)."""
@@ -818,7 +829,7 @@ def _backward_launch(grad_out, x, primary_weight, primary_scale, primary_bias, c
             *sg, *gx_t.stride(), Cg * Hg * Wg, Hg * Wg,
             tiles_h, tiles_w, n_cblocks, total, slot,
             HALO_H=halo_h, HALO_W=halo_w, DW=dw, BLOCK_C=block_c, BLOCK_K=block_k,
-            RELU=bool(relu), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
+            RELU=_relu_flag(act), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
             NEED_GX=bool(needs[0]), NEED_W1=bool(needs[1]), NEED_GATE=need_gate,
             INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
             HAS_GO=grad_out is not None, CORR=corr_stage, num_warps=num_warps,
@@ -843,7 +854,7 @@ def _backward_launch(grad_out, x, primary_weight, primary_scale, primary_bias, c
 
 
 def ghost_module_stats_backward(x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
-                                cheap_weight: Tensor, relu: bool, stage: int, coef_a: Tensor, coef_c: Tensor,
+                                cheap_weight: Tensor, act, stage: int, coef_a: Tensor, coef_c: Tensor,
                                 mean: Tensor, needs: Sequence[bool]) -> tuple:
     """Backward of `ghost_module_stats`: with dz = coef_a + coef_c * (z - mean) per channel of the stage's z
     (coef_a = grad_mean / M, coef_c = 2 grad_var / M for M = N*H*W), the gradients of sum(dz * z) for (x,
@@ -862,7 +873,7 @@ def ghost_module_stats_backward(x: Tensor, primary_weight: Tensor, primary_scale
     s1, b1, ca, cc, cm = vec
     zeros = torch.zeros(cheap, dtype=acc_t, device=x.device)  # BN2 of a stats-only pass: nothing reaches it
     out_channels = init if stage == 1 else init + cheap  # stage 1 skips the cheap half, stage 2 keeps all of it
-    grads = _backward_launch(None, x, primary_weight, s1, b1, cheap_weight, zeros, zeros, out_channels, relu, None,
+    grads = _backward_launch(None, x, primary_weight, s1, b1, cheap_weight, zeros, zeros, out_channels, act, None,
                              "nearest", needs + (False, False, False), (stage, ca, cc, cm))
     out = list(grads[:5])
     # the scale and bias gradients come back in the accumulation dtype's copies: cast to the inputs' own dtype

@@ -81,26 +81,26 @@ def _check_poisoned(allocated):
         assert allocated[0] > 0, "the compiled backend allocated its output without ghostfast.compiled._empty"
 
 
-def ghost_forward(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate=None, gate_mode="nearest",
+def ghost_forward(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate=None, gate_mode="nearest",
                   out=None):
     """The Ghost module forward of the active backend; bn1, bn2: BatchNormParams of live tensors."""
     if out is not None and current() == "triton":  # the Triton launch writes the (NaN-filled) buffer it is given
         from ghostfast.kernels.ghost_module import ghost_module_forward
 
-        return ghost_module_forward(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode,
+        return ghost_module_forward(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode,
                                     out=out)
     with poisoned_buffers() as allocated:
-        res = backend().ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, relu, gate, gate_mode)
+        res = backend().ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode)
         _check_poisoned(allocated)
     return res if out is None else out.copy_(res)
 
 
 def ghost_backward(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
-                   out_channels, relu, gate=None, gate_mode="nearest", needs=(True,) * 8):
+                   out_channels, act, gate=None, gate_mode="nearest", needs=(True,) * 8):
     """The Ghost module backward of the active backend (BatchNorms folded: scale and shift vectors)."""
     with poisoned_buffers():
         return tuple(backend().ghost_module_backward(grad_out, x, primary_weight, primary_scale, primary_bias,
-                                                     cheap_weight, cheap_scale, cheap_bias, out_channels, relu, gate,
+                                                     cheap_weight, cheap_scale, cheap_bias, out_channels, act, gate,
                                                      gate_mode, list(needs)))
 
 
@@ -123,15 +123,15 @@ def dfc_backward(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale,
                                             v_weight, v_scale, v_bias, mode, list(needs)))
 
 
-def ghost_stats(x, primary_weight, bn1, cheap_weight, relu, stage):
+def ghost_stats(x, primary_weight, bn1, cheap_weight, act, stage):
     """(mean, biased var) of the stage's pre-BN activation (training-mode BatchNorm statistics)."""
     with poisoned_buffers():
-        return tuple(backend().ghost_module_stats(x, primary_weight, bn1, cheap_weight, relu, stage))
+        return tuple(backend().ghost_module_stats(x, primary_weight, bn1, cheap_weight, act, stage))
 
 
-def ghost_stats_backward(x, primary_weight, primary_scale, primary_bias, cheap_weight, relu, stage, coef_a, coef_c,
+def ghost_stats_backward(x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage, coef_a, coef_c,
                          mean, needs=(True,) * 5):
     with poisoned_buffers():
         return tuple(backend().ghost_module_stats_backward(x, primary_weight, primary_scale, primary_bias,
-                                                           cheap_weight, relu, stage, coef_a, coef_c, mean,
+                                                           cheap_weight, act, stage, coef_a, coef_c, mean,
                                                            list(needs)))

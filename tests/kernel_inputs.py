@@ -146,11 +146,11 @@ def fold_ghost_params(p, dtype):
     return dict(primary_weight=w1, primary_scale=s1, primary_bias=b1, cheap_weight=w2, cheap_scale=s2, cheap_bias=b2)
 
 
-def ghost_reference(x, p, out_channels, relu, gate=None, gate_mode="nearest"):
+def ghost_reference(x, p, out_channels, act, gate=None, gate_mode="nearest"):
     """The eager reference in float64, each BatchNorm folded with reference.fold_bn in float64."""
     f = fold_ghost_params(p, torch.float64)
     return reference.ghost_module_forward(x.double(), *[t.double() for t in f.values()], out_channels=out_channels,
-                                          relu=relu, gate=None if gate is None else gate.double(),
+                                          act=act, gate=None if gate is None else gate.double(),
                                           gate_mode=gate_mode)
 
 
@@ -182,9 +182,16 @@ def skip_unsupported(dtype, device):
         pytest.skip(why)
 
 
+def act_id(act):
+    """A test id's activation: its name, or the v0.4 flag's (True: relu, False: id)."""
+    if isinstance(act, bool):
+        return "relu" if act else "id"
+    return act
+
+
 def ghost_case_id(case):
-    """Test id of a Ghost module case tuple: (N, C_in, H, W, init, ratio, dw, out_channels, relu, dtype, layout,
+    """Test id of a Ghost module case tuple: (N, C_in, H, W, init, ratio, dw, out_channels, act, dtype, layout,
     ..., gate_mode); the backward cases carry a gate shape before the mode, which the id leaves out."""
-    n, ci, h, w, init, ratio, dw, oc, relu, dtype, layout = case[:11]
-    return f"n{n}-cin{ci}-{h}x{w}-init{init}-r{ratio}-dw{dw}-out{oc}-{'relu' if relu else 'id'}-" \
+    n, ci, h, w, init, ratio, dw, oc, act, dtype, layout = case[:11]
+    return f"n{n}-cin{ci}-{h}x{w}-init{init}-r{ratio}-dw{dw}-out{oc}-{act_id(act)}-" \
            f"{str(dtype).split('.')[-1]}-{layout}-{case[-1]}"

@@ -74,7 +74,7 @@ class PaperGhostNetBlock(nn.Module):
         self.ghost1 = PaperGhostModule(8, 13, ratio=3, dw_size=5)
         self.ghost2 = HuaweiGhostModuleV2(13, 10, mode="attn")
         self.ghost3 = HuaweiGhostModuleV2(10, 6, relu=False, mode="original")
-        self.unsupported = PaperGhostModule(6, 8, kernel_size=3)
+        self.unsupported = PaperGhostModule(6, 8, dw_size=9)  # a 9x9 cheap conv has no kernel
 
     def forward(self, x):
         return self.unsupported(self.ghost3(self.ghost2(self.ghost1(self.stem(x)))))

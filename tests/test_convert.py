@@ -64,7 +64,7 @@ def test_convert_user_modules_and_report(device):
         fast = ghostfast.convert(model, backend="triton")
     report = fast.ghostfast_report
     assert [n for n, _ in report.converted] == ["ghost1", "ghost2", "ghost3"]
-    assert report.skipped == [("unsupported", "primary conv kernel_size (3, 3) (fused needs (1, 1))")]
+    assert report.skipped == [("unsupported", "cheap conv kernel_size (9, 9) (fused needs 1, 3, 5 or 7)")]
     assert isinstance(fast.ghost1, GhostModule) and isinstance(fast.ghost2, GhostModuleV2)
     assert isinstance(fast.ghost3, GhostModule) and isinstance(fast.unsupported, PaperGhostModule)
     assert model.ghost1.__class__ is PaperGhostModule, "inplace=False must leave the input model alone"

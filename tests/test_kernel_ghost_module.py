@@ -17,15 +17,15 @@ def _gate(n, out_channels, h, w, mode, dtype, device):
     return torch.rand(n, out_channels, max(1, h // 2), max(1, w // 2), device=device).to(dtype)
 
 
-def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode, device, p=None,
+def _check(n, c_in, h, w, init, ratio, dw, out_channels, act, dtype, layout, gate_mode, device, p=None,
            **param_kw):
     skip_unsupported(dtype, device)
     x = make_input(n, c_in, h, w, dtype, device, layout)
     p = p or make_ghost_params(c_in, init, ratio, dw, dtype, device, **param_kw)
     gate = _gate(n, out_channels, h, w, gate_mode, dtype, device)
-    ref = _reference(x, p, out_channels, relu, gate, gate_mode or "nearest")
+    ref = _reference(x, p, out_channels, act, gate, gate_mode or "nearest")
     out = poisoned_like(ref.to(dtype))
-    res = ghost_module_forward(x, **p, out_channels=out_channels, relu=relu, gate=gate,
+    res = ghost_module_forward(x, **p, out_channels=out_channels, act=act, gate=gate,
                                gate_mode=gate_mode or "nearest", out=out)
     assert res is out
     assert_close_rel(res, ref, dtype)
@@ -54,12 +54,12 @@ def test_ghost_module_kernel_matches_reference(case, device):
     _check(*case, device)
 
 
-@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("act", [True, False])
 @pytest.mark.parametrize("ratio", [2, 3])
 @pytest.mark.parametrize("dw", [1, 3, 5, 7])
-def test_ghost_module_kernel_dw_ratio_sweep(dw, ratio, relu, device):
+def test_ghost_module_kernel_dw_ratio_sweep(dw, ratio, act, device):
     init = 8
-    _check(1, 11, 15, 13, init, ratio, dw, init * ratio - 1, relu, torch.float32, "contiguous", "nearest", device)
+    _check(1, 11, 15, 13, init, ratio, dw, init * ratio - 1, act, torch.float32, "contiguous", "nearest", device)
 
 
 @pytest.mark.parametrize("gate_mode", [None, "nearest", "bilinear"])
@@ -119,7 +119,7 @@ def test_ghost_module_kernel_strided_bn_vectors(device):
 def test_ghost_module_kernel_allocates_in_input_format(layout, device):
     x = make_input(2, 12, 9, 7, torch.float32, device, layout)
     p = make_ghost_params(12, 8, 2, 3, torch.float32, device)
-    res = ghost_module_forward(x, **p, out_channels=15, relu=True)
+    res = ghost_module_forward(x, **p, out_channels=15, act=True)
     if layout == "channels_last":
         assert res.is_contiguous(memory_format=torch.channels_last) and not res.is_contiguous()
     else:
@@ -135,7 +135,7 @@ def test_ghost_module_kernel_strided_out_buffer(device):
     gate = _gate(1, 16, 11, 9, "bilinear", torch.float32, device)
     ref = _reference(x, p, 16, True, gate, "bilinear")
     big = torch.full((1, 20, 11, 9), float("nan"), device=device)
-    res = ghost_module_forward(x, **p, out_channels=16, relu=True, gate=gate, gate_mode="bilinear",
+    res = ghost_module_forward(x, **p, out_channels=16, act=True, gate=gate, gate_mode="bilinear",
                                out=big[:, 3:19])
     assert_close_rel(res, ref, torch.float32)
     assert torch.isnan(big[:, :3]).all() and torch.isnan(big[:, 19:]).all()
@@ -149,7 +149,7 @@ def test_ghost_module_kernel_gate_odd_upsample(gate_mode, device):
     gate = torch.rand(1, 16, 7, 4, device=device)
     ref = _reference(x, p, 16, False, gate, gate_mode)
     out = poisoned_like(ref.float())
-    res = ghost_module_forward(x, **p, out_channels=16, relu=False, gate=gate, gate_mode=gate_mode, out=out)
+    res = ghost_module_forward(x, **p, out_channels=16, act=False, gate=gate, gate_mode=gate_mode, out=out)
     assert_close_rel(res, ref, torch.float32)
 
 
@@ -161,7 +161,7 @@ def test_ghost_module_kernel_gate_nearest_fp32_rounding(device):
     gate = torch.rand(1, 16, 14, 26, device=device)
     ref = _reference(x, p, 16, True, gate, "nearest")
     out = poisoned_like(ref.float())
-    res = ghost_module_forward(x, **p, out_channels=16, relu=True, gate=gate, gate_mode="nearest", out=out)
+    res = ghost_module_forward(x, **p, out_channels=16, act=True, gate=gate, gate_mode="nearest", out=out)
     assert_close_rel(res, ref, torch.float32)
 
 
@@ -172,7 +172,7 @@ def test_ghost_module_kernel_tf32_flag(device):
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        res = ghost_module_forward(x, **p, out_channels=32, relu=True)
+        res = ghost_module_forward(x, **p, out_channels=32, act=True)
     finally:
         torch.set_float32_matmul_precision(old)
     assert_close_rel(res, _reference(x, p, 32, True, None, "nearest"), torch.float32, factor=1e3)
@@ -183,7 +183,7 @@ def test_ghost_module_kernel_nan_propagates(device):
     x[0, 3, 2, 4] = float("nan")
     p = make_ghost_params(8, 8, 2, 3, torch.float32, device)
     ref = _reference(x, p, 16, True, None, "nearest")
-    res = ghost_module_forward(x, **p, out_channels=16, relu=True)
+    res = ghost_module_forward(x, **p, out_channels=16, act=True)
     assert torch.equal(torch.isnan(res), torch.isnan(ref))
     fin = ~torch.isnan(ref)
     assert_close_rel(res[fin], ref[fin], torch.float32)
@@ -195,6 +195,6 @@ def test_ghost_module_kernel_empty(shape, kernel_backend, device):
         pytest.xfail("the reference backend is eager conv2d, which rejects a 0-sized image")
     x = torch.randn(*shape, device=device)
     p = make_ghost_params(8, 8, 2, 3, torch.float32, device)
-    res = ghost_module_forward(x, **p, out_channels=16, relu=True)
+    res = ghost_module_forward(x, **p, out_channels=16, act=True)
     # eager conv2d rejects a 0-sized image, so the reference here is only the shape it would have
     assert res.shape == (shape[0], 16, shape[2], shape[3])

@@ -21,13 +21,13 @@ def _folded_params(c_in, init, ratio, dw, dtype, device):
     return fold_ghost_params(make_ghost_params(c_in, init, ratio, dw, dtype, device), acc_dtype(dtype))
 
 
-def _autograd(x, p, grad_out, out_channels, relu, gate, mode, dtype):
+def _autograd(x, p, grad_out, out_channels, act, gate, mode, dtype):
     """Gradients of the eager reference evaluated in `dtype` (float64 for the reference itself)."""
     leaves = [x.to(dtype)] + [p[k].to(dtype) for k in NAMES[1:7]]
     if gate is not None:
         leaves.append(gate.to(dtype))
     leaves = [t.detach().requires_grad_(True) for t in leaves]
-    out = reference.ghost_module_forward(*leaves[:7], out_channels=out_channels, relu=relu,
+    out = reference.ghost_module_forward(*leaves[:7], out_channels=out_channels, act=act,
                                          gate=leaves[7] if gate is not None else None, gate_mode=mode)
     grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
     return list(grads) + ([None] if gate is None else [])
@@ -47,7 +47,7 @@ def _compare(res, ref, inputs, dtype, needs=(True,) * 8):
             raise AssertionError(f"grad {name}: {err}") from None
 
 
-def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, gate_shape, gate_mode, device,
+def _check(n, c_in, h, w, init, ratio, dw, out_channels, act, dtype, layout, gate_shape, gate_mode, device,
            go_layout=None, needs=(True,) * 8):
     skip_unsupported(dtype, device)
     x = to_layout(torch.randn(n, c_in, h, w, device=device).to(dtype), layout)
@@ -57,9 +57,9 @@ def _check(n, c_in, h, w, init, ratio, dw, out_channels, relu, dtype, layout, ga
         gate = torch.rand(n, out_channels, *gate_shape, device=device).to(dtype)
     grad_out = to_layout(torch.randn(n, out_channels, h, w, device=device).to(dtype), go_layout or layout)
     mode = gate_mode or "nearest"
-    res = ghost_module_backward(grad_out, x, **p, out_channels=out_channels, relu=relu, gate=gate, gate_mode=mode,
+    res = ghost_module_backward(grad_out, x, **p, out_channels=out_channels, act=act, gate=gate, gate_mode=mode,
                                 needs=needs)
-    ref = _autograd(x, p, grad_out, out_channels, relu, gate, mode, torch.float64)
+    ref = _autograd(x, p, grad_out, out_channels, act, gate, mode, torch.float64)
     _compare(res, ref, [x] + [p[k] for k in NAMES[1:7]] + [gate], dtype, needs)
     if needs[0] and layout == "channels_last":
         assert res[0].is_contiguous(memory_format=torch.channels_last)
@@ -84,12 +84,12 @@ def test_ghost_module_backward_matches_autograd(case, device):
     _check(*case, device)
 
 
-@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("act", [True, False])
 @pytest.mark.parametrize("ratio", [2, 3])
 @pytest.mark.parametrize("dw", [1, 3, 5, 7])
-def test_ghost_module_backward_dw_ratio_sweep(dw, ratio, relu, device):
+def test_ghost_module_backward_dw_ratio_sweep(dw, ratio, act, device):
     init = 8
-    _check(1, 11, 15, 13, init, ratio, dw, init * ratio - 1, relu, torch.float32, "contiguous", (7, 6), "nearest",
+    _check(1, 11, 15, 13, init, ratio, dw, init * ratio - 1, act, torch.float32, "contiguous", (7, 6), "nearest",
            device)
 
 
@@ -113,7 +113,7 @@ def test_ghost_module_backward_expanded_grad_out(device):
     p = _folded_params(7, 8, 3, 5, torch.float32, device)
     gate = torch.rand(2, 20, 4, 5, device=device)
     grad_out = torch.ones((), device=device).expand(2, 20, 9, 11)
-    res = ghost_module_backward(grad_out, x, **p, out_channels=20, relu=True, gate=gate, gate_mode="bilinear")
+    res = ghost_module_backward(grad_out, x, **p, out_channels=20, act=True, gate=gate, gate_mode="bilinear")
     ref = _autograd(x, p, grad_out, 20, True, gate, "bilinear", torch.float64)
     _compare(res, ref, [x] + [p[k] for k in NAMES[1:7]] + [gate], torch.float32)
 
@@ -149,7 +149,7 @@ def test_ghost_module_backward_relu_grad_at_zero(device):
     p = _folded_params(6, 8, 2, 3, torch.float32, device)
     p["primary_bias"][[1, 4]] = 0  # the folded shift
     grad_out = torch.randn(1, 16, 8, 8, device=device)
-    res = ghost_module_backward(grad_out, x, **p, out_channels=16, relu=True, gate=None, gate_mode="nearest")
+    res = ghost_module_backward(grad_out, x, **p, out_channels=16, act=True, gate=None, gate_mode="nearest")
     ref = _autograd(x, p, grad_out, 16, True, None, "nearest", torch.float64)
     _compare(res, ref, [x] + [p[k] for k in NAMES[1:7]] + [None], torch.float32)
 
@@ -163,7 +163,7 @@ def test_ghost_module_backward_empty(shape, gate_mode, kernel_backend, device):
     x = torch.randn(*shape, device=device)
     p = _folded_params(c, 8, 2, 3, torch.float32, device)
     gate = None if gate_mode is None else torch.rand(n, 16, 2, 2, device=device)
-    res = ghost_module_backward(torch.randn(n, 16, h, w, device=device), x, **p, out_channels=16, relu=True,
+    res = ghost_module_backward(torch.randn(n, 16, h, w, device=device), x, **p, out_channels=16, act=True,
                                 gate=gate, gate_mode=gate_mode or "nearest")
     for name, got, inp in zip(NAMES, res, [x] + [p[k] for k in NAMES[1:7]] + [gate]):
         if inp is None:
@@ -180,5 +180,5 @@ def test_ghost_module_backward_outputs_do_not_alias(dtype, device):
     p = _folded_params(4, 8, 2, 3, dtype, device)
     gate = torch.rand(1, 16, 2, 2, device=device).to(dtype)
     res = ghost_module_backward(torch.randn(1, 16, 5, 5, device=device).to(dtype), x, **p, out_channels=16,
-                                relu=True, gate=gate, gate_mode="bilinear")
+                                act=True, gate=gate, gate_mode="bilinear")
     assert len({t.untyped_storage().data_ptr() for t in res}) == 8

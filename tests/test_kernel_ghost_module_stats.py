@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 from ghostfast import reference
 from kernel_backends import ghost_stats, ghost_stats_backward
-from kernel_inputs import (BN_FIELDS, acc_dtype, fold_ghost_params, make_ghost_params, skip_unsupported, to_layout,
+from kernel_inputs import (act_id, BN_FIELDS, acc_dtype, fold_ghost_params, make_ghost_params, skip_unsupported, to_layout,
                            without)
 from numerics import assert_close_rel
 
@@ -26,22 +26,22 @@ def _inputs(n, c_in, h, w, init, ratio, dw, dtype, layout, device, offset=0.0, b
     return x, p["bn1"], [f[k] for k in NAMES[1:]]
 
 
-def _reference(x, params, relu, stage):
+def _reference(x, params, act, stage):
     leaves = [t.detach().double().requires_grad_(True) for t in [x] + params]
-    mean, var = reference.ghost_module_stats(*leaves, relu=relu, stage=stage)
+    mean, var = reference.ghost_module_stats(*leaves, act=act, stage=stage)
     return leaves, mean, var
 
 
-def _check(n, c_in, h, w, init, ratio, dw, relu, dtype, layout, stage, device, offset=0.0, needs=(True,) * 5,
+def _check(n, c_in, h, w, init, ratio, dw, act, dtype, layout, stage, device, offset=0.0, needs=(True,) * 5,
            bn=None, **bn_kw):
     skip_unsupported(dtype, device)
     x, bn1, params = _inputs(n, c_in, h, w, init, ratio, dw, dtype, layout, device, offset, **bn_kw)
     if bn is not None:  # a variant of bn1, folded again
         bn1 = bn(bn1)
         params[1:3] = reference.fold_bn_vectors(bn1, init, acc_dtype(dtype), x.device)
-    leaves, mean_ref, var_ref = _reference(x, params, relu, stage)
+    leaves, mean_ref, var_ref = _reference(x, params, act, stage)
 
-    mean, var = ghost_stats(x, params[0], bn1, params[3], relu, stage)
+    mean, var = ghost_stats(x, params[0], bn1, params[3], act, stage)
     acc = acc_dtype(dtype)
     channels = init if stage == 1 else init * (ratio - 1)
     for name, got, want in (("mean", mean, mean_ref), ("var", var, var_ref)):
@@ -56,7 +56,7 @@ def _check(n, c_in, h, w, init, ratio, dw, relu, dtype, layout, stage, device, o
     gv = torch.randn(channels, device=device, dtype=torch.float64)
     m = n * h * w
     want = torch.autograd.grad((mean_ref, var_ref), leaves, (gm, gv), allow_unused=True)
-    res = ghost_stats_backward(x, *params, relu, stage, (gm / m).to(acc), (2 * gv / m).to(acc), mean,
+    res = ghost_stats_backward(x, *params, act, stage, (gm / m).to(acc), (2 * gv / m).to(acc), mean,
                                needs=needs)
     assert len(res) == 5
     for i, (name, got, ref, inp) in enumerate(zip(NAMES, res, want, [x] + params)):
@@ -87,8 +87,8 @@ CASES = [
 
 
 def _case_id(case):
-    n, ci, h, w, init, ratio, dw, relu, dtype, layout = case
-    return f"n{n}-cin{ci}-{h}x{w}-init{init}-r{ratio}-dw{dw}-{'relu' if relu else 'id'}-" \
+    n, ci, h, w, init, ratio, dw, act, dtype, layout = case
+    return f"n{n}-cin{ci}-{h}x{w}-init{init}-r{ratio}-dw{dw}-{act_id(act)}-" \
            f"{str(dtype).split('.')[-1]}-{layout}"
 
 
@@ -98,11 +98,11 @@ def test_ghost_module_stats_match_reference(case, stage, device):
     _check(*case, stage=stage, device=device)
 
 
-@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("act", [True, False])
 @pytest.mark.parametrize("ratio", [2, 3])
 @pytest.mark.parametrize("dw", [1, 3, 5, 7])
-def test_ghost_module_stats_dw_ratio_sweep(dw, ratio, relu, device):
-    _check(2, 11, 15, 13, 8, ratio, dw, relu, stage=2, dtype=torch.float32, layout="contiguous", device=device)
+def test_ghost_module_stats_dw_ratio_sweep(dw, ratio, act, device):
+    _check(2, 11, 15, 13, 8, ratio, dw, act, stage=2, dtype=torch.float32, layout="contiguous", device=device)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

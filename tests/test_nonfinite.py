@@ -59,7 +59,7 @@ def test_ghost_module_nonfinite_propagates(case, device):
     def run(x, g, where):
         nonlocal launches
         launches += 1
-        got = kernel_backends.ghost_forward(x, **p, out_channels=out_channels, relu=relu, gate=g, gate_mode=mode)
+        got = kernel_backends.ghost_forward(x, **p, out_channels=out_channels, act=relu, gate=g, gate_mode=mode)
         want = ghost_reference(x, p, out_channels, relu, g, mode)
         why = nonfinite_mismatch(got, want)
         if why:

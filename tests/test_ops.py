@@ -108,11 +108,11 @@ def stats_ref(args, relu, stage):
 def test_ops_opcheck_ghost_module(backend, device):
     args = grad_leaves(ghost_args(device))
     gate = torch.rand(2, 11, 3, 2, device=device, requires_grad=True)
-    torch.library.opcheck(GM, (*flat(args), 11, True, gate, "bilinear", backend))
+    torch.library.opcheck(GM, (*flat(args), 11, "relu", gate, "bilinear", backend))
     # BatchNorms with missing tensors: bn1 affine=False (no weight, bias), bn2 none at all
     args[2] = args[2]._replace(weight=None, bias=None)
     args[4] = BatchNormParams()
-    torch.library.opcheck(GM, (*flat(args), 12, False, None, "nearest", backend))
+    torch.library.opcheck(GM, (*flat(args), 12, "none", None, "nearest", backend))
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -127,7 +127,7 @@ def test_ops_opcheck_dfc(mode, backend, device):
 @pytest.mark.parametrize("backend", STATS_BACKENDS)
 def test_ops_opcheck_ghost_module_stats(backend, stage, device):
     x, w1, bn1, w2, _ = grad_leaves(ghost_args(device))
-    torch.library.opcheck(GM_STATS, (x, w1, *bn1, w2, True, stage, backend))
+    torch.library.opcheck(GM_STATS, (x, w1, *bn1, w2, "relu", stage, backend))
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -140,8 +140,8 @@ def test_ops_opcheck_backward_ops(backend, device):
     s2, b2 = reference.fold_bn_vectors(bn2, 8, torch.float32, device)
     gate = torch.rand(2, 11, 3, 2, device=device)
     go = torch.randn(2, 11, 6, 5, device=device)
-    opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, True, gate, "bilinear", [True] * 8, backend))
-    opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, True, None, "nearest",
+    opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, "relu", gate, "bilinear", [True] * 8, backend))
+    opcheck(GM_BWD, (go, x, w1, s1, b1, w2, s2, b2, 11, "relu", None, "nearest",
                      [False, True, True, False, True, False, True, False], backend))
     d = dfc_args(device)
     folded = [d[1], *reference.fold_bn_vectors(d[2], 6, torch.float32, device), d[3],
@@ -150,7 +150,7 @@ def test_ops_opcheck_backward_ops(backend, device):
     opcheck(DFC_BWD, (torch.randn(2, 6, 3, 3, device=device), d[0], *folded, "gate", [True] * 10, backend))
     if backend in STATS_BACKENDS:
         m = torch.randn(8, device=device)
-        opcheck(GM_STATS_BWD, (x, w1, s1, b1, w2, True, 2, torch.randn(8, device=device),
+        opcheck(GM_STATS_BWD, (x, w1, s1, b1, w2, "relu", 2, torch.randn(8, device=device),
                                 torch.randn(8, device=device), m, [True] * 5, backend))
 
 
@@ -165,7 +165,7 @@ def test_ops_registered_backward_ops_match_autograd(backend, device):
     go = torch.randn(2, 11, 6, 5, device=device)
     inputs = [x, w1, folded[0], folded[1], w2, folded[2], folded[3], gate]
     needs = [True, True, False, True, True, True, False, True]
-    got = GM_BWD(go, x, w1, *folded[:2], w2, *folded[2:], 11, True, gate, "bilinear", needs, backend)
+    got = GM_BWD(go, x, w1, *folded[:2], w2, *folded[2:], 11, "relu", gate, "bilinear", needs, backend)
     leaves = [t.detach().double().requires_grad_(True) for t in inputs]
     out = reference.ghost_module_forward(*leaves[:7], 11, True, leaves[7], "bilinear")
     want = torch.autograd.grad(out, leaves, go.double())
@@ -222,15 +222,15 @@ def test_ops_fake_kernels_match_kernels(backend, layout, device):
     g = ghost_args(device, dtype, bn_dtype=torch.float32)
     g[0] = _layout(g[0], layout)
     gate = torch.rand(2, 11, 3, 2, device=device, dtype=dtype)
-    _fake_matches_real(GM, (*flat(g), 11, True, gate, "bilinear", backend))
-    _fake_matches_real(GM, (*flat(g), 12, False, None, "nearest", backend))
+    _fake_matches_real(GM, (*flat(g), 11, "relu", gate, "bilinear", backend))
+    _fake_matches_real(GM, (*flat(g), 12, "none", None, "nearest", backend))
     d = dfc_args(device, dtype)
     d[0] = _layout(d[0], layout)
     for mode in ops.DFC_MODES:
         _fake_matches_real(DFC, (*flat(d), mode, backend))
     if backend in STATS_BACKENDS:
         for stage in (1, 2):
-            _fake_matches_real(GM_STATS, (g[0], g[1], *g[2], g[3], True, stage, backend))
+            _fake_matches_real(GM_STATS, (g[0], g[1], *g[2], g[3], "relu", stage, backend))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
@@ -244,7 +244,7 @@ def test_ops_fake_backward_kernels_match_kernels(backend, layout, device):
     s2, b2 = reference.fold_bn_vectors(g[4], 8, torch.float32, device)
     go = _layout(torch.randn(2, 11, 6, 5, device=device, dtype=dtype), layout)
     for needs in ([True] * 8, [True, False, True, False, False, True, False, False]):
-        _fake_matches_real(GM_BWD, (go, g[0], g[1], s1, b1, g[3], s2, b2, 11, True, gate, "bilinear", needs,
+        _fake_matches_real(GM_BWD, (go, g[0], g[1], s1, b1, g[3], s2, b2, 11, "relu", gate, "bilinear", needs,
                                     backend))
     d = dfc_args(device, dtype)
     d[0] = _layout(d[0], layout)
@@ -258,7 +258,7 @@ def test_ops_fake_backward_kernels_match_kernels(backend, layout, device):
     if backend in STATS_BACKENDS:
         vec = [torch.randn(8, device=device) for _ in range(3)]
         for needs in ([True] * 5, [False, True, False, True, True]):
-            _fake_matches_real(GM_STATS_BWD, (g[0], g[1], s1, b1, g[3], True, 2, *vec, needs, backend))
+            _fake_matches_real(GM_STATS_BWD, (g[0], g[1], s1, b1, g[3], "relu", 2, *vec, needs, backend))
 
 
 # ---- the registered ops check their own arguments, on every backend --------------------------------------------
@@ -280,7 +280,7 @@ def test_ops_registered_ghost_module_checks_arguments(backend, device):
     gate = torch.rand(2, 11, 3, 2, device=device)
 
     def call(x=x, w1=w1, bn1=bn1, w2=w2, bn2=bn2, out_channels=11, gate=gate, mode="bilinear", backend=backend):
-        return (GM, x, w1, *bn1, w2, *bn2, out_channels, True, gate, mode, backend)
+        return (GM, x, w1, *bn1, w2, *bn2, out_channels, "relu", gate, mode, backend)
 
     _raises(ValueError, r"expected bn1_weight of shape \(4,\), got \(3,\)",
             *call(bn1=bn1._replace(weight=bn1.weight[:3])))
@@ -326,12 +326,12 @@ def test_ops_registered_dfc_checks_arguments(backend, device):
 @pytest.mark.parametrize("backend", STATS_BACKENDS)
 def test_ops_registered_ghost_module_stats_checks_arguments(backend, device):
     x, w1, bn1, w2, _ = ghost_args(device)
-    _raises(ValueError, r"stage must be 1 or 2, got 3", GM_STATS, x, w1, *bn1, w2, True, 3, backend)
+    _raises(ValueError, r"stage must be 1 or 2, got 3", GM_STATS, x, w1, *bn1, w2, "relu", 3, backend)
     _raises(ValueError, r"expected bn1_var of shape \(4,\)", GM_STATS, x, w1, *bn1._replace(var=bn1.var[:3]), w2,
-            True, 2, backend)
-    _raises(ValueError, r"more than 1 value per channel", GM_STATS, x[:1, :, :1, :1], w1, *bn1, w2, True, 1, backend)
-    _raises(ValueError, r"init >= 1", GM_STATS, x, w1[:0], *bn1, w2, True, 1, backend)
-    _raises(ValueError, r"backend must be one of .*got 'tritonn'", GM_STATS, x, w1, *bn1, w2, True, 1, "tritonn")
+            "relu", 2, backend)
+    _raises(ValueError, r"more than 1 value per channel", GM_STATS, x[:1, :, :1, :1], w1, *bn1, w2, "relu", 1, backend)
+    _raises(ValueError, r"init >= 1", GM_STATS, x, w1[:0], *bn1, w2, "relu", 1, backend)
+    _raises(ValueError, r"backend must be one of .*got 'tritonn'", GM_STATS, x, w1, *bn1, w2, "relu", 1, "tritonn")
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -343,7 +343,7 @@ def test_ops_registered_backward_ops_check_arguments(backend, device):
     gate = torch.rand(2, 12, 3, 2, device=device)
 
     def gm(go=go, s1=s1, s2=s2, gate=gate, needs=[True] * 8, backend=backend):
-        return (GM_BWD, go, x, w1, s1, b1, w2, s2, b2, 12, True, gate, "bilinear", needs, backend)
+        return (GM_BWD, go, x, w1, s1, b1, w2, s2, b2, 12, "relu", gate, "bilinear", needs, backend)
 
     _raises(ValueError, r"expected primary_scale of shape \(4,\), got \(3,\)", *gm(s1=s1[:3]))
     _raises(ValueError, r"expected cheap_scale of shape \(8,\), got \(7,\)", *gm(s2=s2[:7]))
@@ -523,7 +523,7 @@ def test_ops_gradcheck_ghost_module_stats_float64(backend, device):
     for stage in (1, 2):
         for relu in (True, False):
             def fn(x, w1, a1, b1, m1, v1, w2):
-                return ops.ghost_module_stats(x, w1, BatchNormParams(a1, b1, m1, v1, eps), w2, relu=relu,
+                return ops.ghost_module_stats(x, w1, BatchNormParams(a1, b1, m1, v1, eps), w2, act=relu,
                                               stage=stage, backend=backend)
 
             assert torch.autograd.gradcheck(fn, (x, w1, *bn1.tensors(), w2), fast_mode=True)
@@ -770,7 +770,7 @@ def test_ops_double_backward_raises_clearly(backend, device):
 @pytest.mark.parametrize("backend", STATS_FUSED)
 def test_ops_ghost_module_stats_double_backward_raises_clearly(backend, device):
     x, w1, bn1, w2, _ = grad_leaves(ghost_args(device, torch.float64, n=2, c_in=3, init=2, h=4, w=3))
-    mean, var = ops.ghost_module_stats(x, w1, bn1, w2, relu=True, stage=2, backend=backend)
+    mean, var = ops.ghost_module_stats(x, w1, bn1, w2, act=True, stage=2, backend=backend)
     (gx,) = torch.autograd.grad((mean * var).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         gx.sum().backward()
@@ -780,7 +780,7 @@ def test_ops_ghost_module_stats_double_backward_raises_clearly(backend, device):
 @pytest.mark.parametrize("backend", STATS_BACKENDS)
 def test_ops_ghost_module_stats_match_reference(backend, stage, device):
     args = ghost_args(device)
-    mean, var = ops.ghost_module_stats(args[0], args[1], args[2], args[3], relu=True, stage=stage, backend=backend)
+    mean, var = ops.ghost_module_stats(args[0], args[1], args[2], args[3], act=True, stage=stage, backend=backend)
     want_mean, want_var = stats_ref(args, True, stage)
     assert_close_rel(mean, want_mean, torch.float32)
     assert_close_rel(var, want_var, torch.float32)
