@@ -418,7 +418,8 @@ class _FusedGhostBase(nn.Module):
         running statistics updated; one in eval mode passes its running statistics."""
         conv1, bn1, conv2, bn2 = self._ghost_layers
         w1, w2 = _cast_weight(conv1.weight, dtype), _cast_weight(conv2.weight, dtype)
-        w1 = w1.reshape(w1.shape[0], -1, 1, 1)
+        if w1.shape[-2:] != (1, 1):  # a k x k primary conv: its weight over primary_columns' patch channels
+            w1 = w1.reshape(w1.shape[0], -1, 1, 1)
         p1 = None if _batch_stats(bn1) else _eval_bn(conv1, bn1)
         p2 = None if _batch_stats(bn2) else _eval_bn(conv2, bn2)
         if p1 is None or p2 is None:

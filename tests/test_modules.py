@@ -170,6 +170,17 @@ def test_module_eval_gradients_match_eager(backend, device):
         assert_close_rel(a, b, torch.float64, factor=1e3)
 
 
+def with_primary_groups(m, groups=2):
+    old = m.primary_conv[0]
+    m.primary_conv[0] = nn.Conv2d(old.in_channels, old.out_channels, 1, groups=groups, bias=False)
+    return m
+
+
+def with_reflect_padding(m):
+    m.primary_conv[0].padding_mode = "reflect"
+    return m
+
+
 def with_activation(m, act):
     m.primary_conv[2] = act
     m.cheap_operation[2] = act
@@ -177,8 +188,9 @@ def with_activation(m, act):
 
 
 @pytest.mark.parametrize("factory,why", [
-    (lambda: timm_ghost.GhostModule(8, 12, kernel_size=3), "kernel_size"),
-    (lambda: timm_ghost.GhostModule(8, 12, stride=2), "stride"),
+    (lambda: timm_ghost.GhostModule(8, 12, dw_size=9), "kernel_size (9, 9)"),
+    (lambda: with_primary_groups(timm_ghost.GhostModule(8, 12)), "groups 2"),
+    (lambda: with_reflect_padding(timm_ghost.GhostModule(8, 12, kernel_size=3)), "padding_mode 'reflect'"),
     (lambda: with_activation(timm_ghost.GhostModule(8, 12), nn.GELU()), "GELU"),
 ])
 def test_module_unsupported_falls_back_with_warning(factory, why, device):
@@ -200,8 +212,8 @@ def test_module_unsupported_falls_back_with_warning(factory, why, device):
 
 def test_module_strict_env(monkeypatch, device):
     monkeypatch.setenv("GHOSTFAST_STRICT", "1")
-    with pytest.raises(GhostfastUnsupported, match="stride"):
-        GhostModule(8, 12, stride=2)
+    with pytest.raises(GhostfastUnsupported, match=r"kernel_size \(9, 9\)"):
+        GhostModule(8, 12, dw_size=9)
 
 
 def test_module_bad_input_errors(device):
