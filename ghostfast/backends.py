@@ -178,6 +178,11 @@ def resolve_backend(requested: Optional[str], device: torch.device,
     available = available_backends(device)
     if requested == "auto":
         fused = auto_candidates(device, dtype, act)
+        if not fused and auto_candidates(device):
+            # fused backends run this device, none this dtype / activation: the fallback is worth a warning
+            why = "; ".join(filter(None, ((dtype_unsupported(n, dtype) if dtype is not None else None)
+                                          or act_unsupported(n, act) for n in auto_candidates(device))))
+            return "reference", f"backend 'auto': no fused backend can run this on {device} ({why})"
         return ("auto" if len(fused) > 1 else (fused or ["reference"])[0]), None
     if requested in available:
         why = (None if dtype is None else dtype_unsupported(requested, dtype)) or act_unsupported(requested, act)

@@ -275,3 +275,34 @@ def test_convert_graph_module_is_reported(device):
     with pytest.warns(GhostfastFallbackWarning, match="GraphModule"):
         out = ghostfast.convert(traced)
     assert out.ghostfast_report.skipped and "before tracing" in out.ghostfast_report.skipped[0][1]
+
+
+# ---- deployment of the new wrappers ------------------------------------------------------------------------------
+
+
+def _sources():
+    v3 = HuaweiGhostNetV3Stack().eval()
+    v3.reparameterize()
+    return {"huawei_v3": v3, "ultralytics": UltralyticsGhostNet().eval(),
+            "ultralytics_fused": ultralytics_fuse(UltralyticsGhostNet().eval()), "ghost_resnet": TinyGhostResNet().eval()}
+
+
+@pytest.mark.parametrize("source", ["huawei_v3", "ultralytics", "ultralytics_fused", "ghost_resnet"])
+def test_new_sources_script_trace_fx_onnx(source, device):
+    model = _randomized(_sources()[source]).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GhostfastFallbackWarning)  # SiLU on a backend without it: eager is fine here
+        fast = ghostfast.convert(model)
+    x = torch.randn(1, 3, 32, 32, device=device)
+    with torch.no_grad():
+        ref = model(x)
+        for recorded in (torch.jit.script(fast), torch.jit.trace(fast, x), torch.fx.symbolic_trace(fast)):
+            assert_close_rel(recorded(x), ref, torch.float32)
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(fast, (x,), buf, dynamo=False, input_names=["x"])
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {"x": x.cpu().numpy()})[0])
+    assert_close_rel(out, ref.cpu(), torch.float32, factor=10)

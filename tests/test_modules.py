@@ -188,7 +188,7 @@ def with_activation(m, act):
 
 
 @pytest.mark.parametrize("factory,why", [
-    (lambda: timm_ghost.GhostModule(8, 12, dw_size=9), "kernel_size (9, 9)"),
+    (lambda: timm_ghost.GhostModule(8, 12, dw_size=9), "cheap conv kernel_size"),
     (lambda: with_primary_groups(timm_ghost.GhostModule(8, 12)), "groups 2"),
     (lambda: with_reflect_padding(timm_ghost.GhostModule(8, 12, kernel_size=3)), "padding_mode 'reflect'"),
     (lambda: with_activation(timm_ghost.GhostModule(8, 12), nn.GELU()), "GELU"),
