@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test info venv bench-venv bench bench-full test-torch211 test-torch211-all aot-sm90 cuda-emu-full cuda-resource-usage
+.PHONY: demo test info venv bench-venv bench bench-full bench-peers bench-peers-quick test-torch211 test-torch211-all aot-sm90 cuda-emu-full cuda-resource-usage
 
 venv:
 	bash scripts/setup_venv.sh
@@ -35,6 +35,14 @@ bench-venv:
 
 bench: bench-venv
 	$(PY) -m ghostfast bench --quick
+
+# ghostfast vs torch.compile, ONNX Runtime, OpenVINO on this CPU (interleaved worker processes, 2 threads):
+# benchmarks/results/cpu-2core/peers.{csv,md,png}; ~25 min on a quiet 2-core machine. bench-peers-quick: batch 1 only.
+bench-peers: bench-venv
+	$(PY) -m benchmarks.peers
+
+bench-peers-quick: bench-venv
+	$(PY) -m benchmarks.peers --quick --out out/peers-quick
 
 bench-full: bench-venv
 	$(PY) -m ghostfast bench

@@ -2,7 +2,7 @@
 # Creates ./.venv with what the demo and the tests need, then installs ghostfast into it (editable).
 # Reuses an importable torch (e.g. the GPU image's, which has no package registry); otherwise installs
 # torch==2.14.1 and torchvision==0.29.1. GHOSTFAST_BENCH=1 (or the argument --bench) also installs the benchmarks'
-# optional matplotlib (plots), tqdm (progress bar) and pytest-benchmark; without a registry they are skipped, and the benchmarks
+# optional matplotlib (plots), tqdm (progress bar), pytest-benchmark and openvino; without a registry they are skipped, and the benchmarks
 # run without them.
 # Other versions (scripts/test_torch211.sh, the GPU image's torch 2.11 / triton 3.6): GHOSTFAST_TORCH_PKGS="torch==X ..."
 # installs those instead (another version already in the venv is replaced; no system site packages), and
@@ -40,7 +40,8 @@ for mod in onnx onnxscript onnxruntime; do
   "$VPY" -c "import $mod" 2>/dev/null || pipi "$mod" || echo "note: could not install $mod; the ONNX tests skip"
 done
 if [ "${GHOSTFAST_BENCH:-0}" = "1" ] || [ "${1:-}" = "--bench" ]; then
-  for pkg in matplotlib tqdm pytest-benchmark; do
+  # openvino: benchmarks/peers.py's OpenVINO rows (onnxruntime is installed above)
+  for pkg in matplotlib tqdm pytest-benchmark openvino; do
     "$VPY" -c "import ${pkg//-/_}" 2>/dev/null || pipi "$pkg" || echo "note: could not install $pkg; benchmarks run without it"
   done
 fi
