@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test info venv bench-venv bench bench-full bench-peers bench-peers-quick test-torch211 test-torch211-all aot-sm90 cuda-emu-full cuda-resource-usage
+.PHONY: demo test info venv bench-venv bench bench-full bench-peers bench-peers-quick conversion-report test-torch211 test-torch211-all aot-sm90 cuda-emu-full cuda-resource-usage
 
 venv:
 	bash scripts/setup_venv.sh
@@ -43,6 +43,11 @@ bench-peers: bench-venv
 
 bench-peers-quick: bench-venv
 	$(PY) -m benchmarks.peers --quick --out out/peers-quick
+
+# Per source model (timm V1/V2/V3, Huawei V3, the paper, ultralytics, Ghost-ResNet): Ghost modules converted / seen
+# and the end-to-end error vs eager -> benchmarks/results/cpu-2core/conversion.{csv,md} (~1 min).
+conversion-report: venv
+	$(PY) scripts/conversion_report.py
 
 bench-full: bench-venv
 	$(PY) -m ghostfast bench

@@ -95,6 +95,14 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    md = ["| source | Ghost-like modules | converted | as | rel. error vs eager (fp32) | not converted: why |",
+          "|---|---:|---:|---|---:|---|"]
+    for r in rows:
+        md.append(f"| {r['source']} | {r['ghost_like']} | {r['converted']} | {r['as'] or '-'} | {r['rel_error']} | "
+                  f"{r['skip_reasons'] or '-'} |")
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
     print(f"wrote {args.out}")
 
 
