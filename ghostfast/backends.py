@@ -95,6 +95,12 @@ def _compiled_registrations() -> dict:
     return _C_STATE["registered"]
 
 
+def resolution_state() -> tuple:
+    """What backend availability depends on beyond the device and the request: TRITON_INTERPRET and the compiled
+    registrations (refreshed by refresh_compiled). Part of the key under which modules cache a resolved backend."""
+    return triton_interpreting(), id(_C_STATE.get("registered"))
+
+
 def refresh_compiled() -> dict:
     """Re-read the registrations, e.g. after loading a development build (scripts/dev_build.py) into this process."""
     _C_STATE.pop("registered", None)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .backends import check_backend_name, default_backend, default_strict, fallback, resolve_backend
-from .backends import stats_backend
+from .backends import resolution_state, stats_backend
 from .reference import GATE_MODES, BatchNormParams
 
 
@@ -126,11 +126,16 @@ def _primary_geometry(conv: nn.Conv2d) -> Tuple[Optional[ops.PrimaryConv], Optio
 
 def _eval_bn(conv: nn.Conv2d, bn: Optional[nn.Module]) -> BatchNormParams:
     """conv -> [BN in eval mode] as the live tensors the kernels fold (no arithmetic: a conv bias before a BN, rare,
-    costs one subtraction; without a BN it is the shift)."""
+    costs one subtraction; without a BN it is the shift). Read from the modules' parameter and buffer dicts (what
+    attribute access returns, without nn.Module.__getattr__'s lookups: this runs per module call)."""
+    bias = conv._parameters.get("bias")
     if bn is None:
-        return BatchNormParams(None, conv.bias, None, None, 0.0)
-    mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias.to(bn.running_mean.dtype)
-    return BatchNormParams(bn.weight, bn.bias, mean, bn.running_var, float(bn.eps))
+        return BatchNormParams(None, bias, None, None, 0.0)
+    params, buffers = bn._parameters, bn._buffers
+    mean = buffers["running_mean"]
+    if bias is not None:
+        mean = mean - bias.to(mean.dtype)
+    return BatchNormParams(params.get("weight"), params.get("bias"), mean, buffers["running_var"], float(bn.eps))
 
 
 def _batch_stats(bn: Optional[nn.Module]) -> bool:
@@ -221,8 +226,20 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
+# Counts every submodule registration in the process (nn.Module's global hook): a converted module re-checks its
+# structure only after one (see _FusedGhostBase._current_plan).
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module, name, submodule):
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
 # Attributes of the fused modules themselves, never copied from the wrapped module.
 _OWN_ATTRIBUTES = frozenset({"training", "out_chs", "backend", "strict", "gate_mode", "unsupported_reason", "act",
+                             "_plan_quick", "_plan_key", "_resolved",
                              "dump_patches", "call_super_init", "forward"})
 
 
@@ -255,7 +272,7 @@ class _FusedGhostBase(nn.Module):
         self.backend = backend
         self.strict = strict
         self.gate_mode = gate_mode
-        self._plan_key = None
+        self._plan_key = self._plan_quick = None
         self._replan()
         if self.unsupported_reason is not None and self._is_strict():
             fallback(self.unsupported_reason, True)
@@ -301,17 +318,41 @@ class _FusedGhostBase(nn.Module):
 
     # -- the plan: what the current submodules are, re-read when one is replaced ------------------------------
     def _structure_key(self) -> tuple:
-        return (self.out_chs, tuple(map(id, self.modules())))
+        """Every submodule's identity, in order (a replaced or deleted submodule changes it); walked over the
+        `_modules` dicts directly, as this runs per call."""
+        ids, stack = [self.out_chs], [self]
+        while stack:
+            m = stack.pop()
+            ids.append(id(m))
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        return tuple(ids)
 
     def _current_plan(self) -> Optional[str]:
-        """The reason this module cannot run fused now, or None; re-analysed when a submodule was replaced."""
-        if self._structure_key() != self._plan_key:
-            self._replan()
+        """The reason this module cannot run fused now, or None; re-analysed when a submodule was replaced.
+
+        Per call only `_quick_key` is compared: it changes whenever a module is registered anywhere (nn.Module's
+        global registration hook, `_REGISTRATIONS`), a submodule of the containers is deleted (their sizes), or an
+        attribute the plan reads (out_chs, the gate options) changes; then the full structure key decides."""
+        quick = self._quick_key()
+        if quick != self._plan_quick:
+            if self._structure_key() != self._plan_key:
+                self._replan()
+            self._plan_quick = quick
         return self.unsupported_reason
 
     def _replan(self) -> None:
+        self._resolved = {}  # (backend request, device, dtype, batch statistics, strict) -> fused backend
         self._analyse()
         self._plan_key = self._structure_key()
+        self._plan_quick = self._quick_key()
+
+    def _quick_key(self) -> tuple:
+        children = self._modules.values()
+        return (_REGISTRATIONS[0], self.out_chs, len(self._modules),
+                *[len(c._modules) for c in children if c is not None], *self._gate_key())
+
+    def _gate_key(self) -> tuple:
+        return ()
 
     def _ghost_parts(self) -> Tuple[Tuple[nn.Conv2d, Optional[nn.Module], str], Tuple[nn.Conv2d, Optional[nn.Module], str]]:
         """((conv, BatchNorm or None, activation) of the primary half, the same of the cheap half), read from the
@@ -380,7 +421,18 @@ class _FusedGhostBase(nn.Module):
         if train_bns and x.numel() // max(x.shape[1], 1) < 2:
             return None  # eager raises BatchNorm's own error: one value per channel has no batch statistics
         requested = default_backend() if self.backend is None else self.backend
-        if requested == "auto" and x.device.type == "cpu" and self._ghost_batch_stats():
+        batch_stats = self._ghost_batch_stats()
+        key = (requested, x.device, dtype, batch_stats, strict, resolution_state())
+        cached = self._resolved.get(key)
+        if cached is not None:  # a fused backend resolved before for this plan, device, dtype and mode
+            return cached
+        name = self._resolve(x, dtype, requested, batch_stats, strict)
+        if name is not None:
+            self._resolved[key] = name
+        return name
+
+    def _resolve(self, x: Tensor, dtype: torch.dtype, requested: str, batch_stats: bool, strict: bool):
+        if requested == "auto" and x.device.type == "cpu" and batch_stats:
             # `auto` runs what is fastest: on CPU the C++ backward kernels lose to oneDNN's convolution backward,
             # and a training step through them is slower than eager (benchmarks/results/cpu-2core/models.csv:
             # 0.66x / 0.85x on ghostnet_100 / ghostnetv2_100). backend='cpu' trains fused (half the activations).
@@ -391,7 +443,7 @@ class _FusedGhostBase(nn.Module):
             return None
         if name == "reference":
             return None
-        if self._ghost_batch_stats():
+        if batch_stats:
             stats, why = stats_backend(name, x.device)
             if stats is None:
                 fallback(f"{type(self).__name__} in training mode: {why}; the original submodules run", strict)
