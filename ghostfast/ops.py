@@ -579,8 +579,10 @@ def _direct(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     nobody recording ops: no torch.compile / torch.export trace, no dispatch or torch-function mode (profilers,
     FlopCounterMode, fake tensors), no functorch transform. Saves the custom op's dispatch and autograd layers
     (~40 us a call on a CPU, the bulk of a small module's time at batch 1)."""
+    if torch.compiler.is_compiling():  # first: constant True under dynamo, which cannot trace the queries below
+        return False
     if type(x) is not Tensor or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() \
-            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            or torch._C._are_functorch_transforms_active():
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return False
