@@ -62,6 +62,17 @@ inline void check_output(const at::Tensor& t, const at::Tensor& x, const char* o
   TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
 }
 
+// The Ghost module kernels' activation (schema argument `int act`): the codes of ghostfast.reference.ACT_CODES,
+// the same in every backend. Each backend implements them in one place (cpu/activation.h, cuda/common.cuh).
+enum class Act : int { None = 0, Relu = 1, Relu6 = 2, Hardswish = 3, Silu = 4 };
+constexpr int64_t kNumActs = 5;
+
+inline Act check_act(const char* op, int64_t act) {
+  TORCH_CHECK(act >= 0 && act < kNumActs, op, ": expected act an activation code in [0, ", kNumActs,
+              ") (0 none, 1 relu, 2 relu6, 3 hardswish, 4 silu: ghostfast.reference.ACT_CODES), got ", act);
+  return static_cast<Act>(act);
+}
+
 // An entry of a backward kernel's `grads`: an undefined or empty tensor marks a gradient that is not needed.
 inline bool grad_requested(const at::Tensor& g) { return g.defined() && g.numel() > 0; }
 

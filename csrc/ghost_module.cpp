@@ -11,6 +11,9 @@
 //    cheap depthwise; optional weight, bias, mean, var vectors and eps) and fold them per channel inside the launch
 //    (batch_norm.h); the backward kernels take the folded scales and biases as contiguous vectors in the
 //    accumulation dtype (float32; float64 for float64 inputs), computed by the op's autograd.
+//  - act: both halves' activation as its code in ghostfast.reference.ACT_CODES (0 none, 1 relu, 2 relu6,
+//    3 hardswish, 4 silu; F.relu, F.relu6, F.hardswish, F.silu as eager PyTorch computes them, their backward from
+//    the pre-activation); other codes are an error.
 //  - gate, when given, is [N, out_channels, Hg, Wg], contiguous NCHW, x's dtype; gate_mode 'nearest'|'bilinear'.
 //  - the kernels write every element of `out` and of every non-empty tensor in `grads`
 //    (order: x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate);
@@ -22,23 +25,23 @@ TORCH_LIBRARY_FRAGMENT(ghostfast, m) {
       "_ghost_module_kernel(Tensor x, Tensor primary_weight, "
       "Tensor? bn1_weight, Tensor? bn1_bias, Tensor? bn1_mean, Tensor? bn1_var, float bn1_eps, Tensor cheap_weight, "
       "Tensor? bn2_weight, Tensor? bn2_bias, Tensor? bn2_mean, Tensor? bn2_var, float bn2_eps, "
-      "int out_channels, bool relu, Tensor? gate, str gate_mode, Tensor(a!) out) -> ()");
+      "int out_channels, int act, Tensor? gate, str gate_mode, Tensor(a!) out) -> ()");
   m.def(
       "_ghost_module_backward_kernel(Tensor grad_out, Tensor x, Tensor primary_weight, Tensor primary_scale, "
       "Tensor primary_bias, Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, "
-      "bool relu, Tensor? gate, str gate_mode, Tensor(a!)[] grads) -> ()");
+      "int act, Tensor? gate, str gate_mode, Tensor(a!)[] grads) -> ()");
   // Training-mode BatchNorm statistics (ghostfast.reference.ghost_module_stats): per channel over N, H, W, the
   // mean and biased variance of z1 = W1 x (stage 1, [init]; bn1 unused) or of z2 = dw(act(bn1(z1))) (stage 2,
   // every cheap channel). mean and var are accumulation-dtype vectors.
   m.def(
       "_ghost_module_stats_kernel(Tensor x, Tensor primary_weight, "
       "Tensor? bn1_weight, Tensor? bn1_bias, Tensor? bn1_mean, Tensor? bn1_var, float bn1_eps, "
-      "Tensor cheap_weight, bool relu, int stage, Tensor(a!) mean, Tensor(b!) var) -> ()");
+      "Tensor cheap_weight, int act, int stage, Tensor(a!) mean, Tensor(b!) var) -> ()");
   // Its backward: with dz = coef_a + coef_c * (z - mean) per channel of the stage's z, the gradients of
   // sum(dz * z) (grads order: x, primary_weight, primary_scale, primary_bias, cheap_weight; stage 1 fills at most
   // the first two; empty = not needed).
   m.def(
       "_ghost_module_stats_backward_kernel(Tensor x, Tensor primary_weight, Tensor primary_scale, "
-      "Tensor primary_bias, Tensor cheap_weight, bool relu, int stage, Tensor coef_a, Tensor coef_c, Tensor mean, "
+      "Tensor primary_bias, Tensor cheap_weight, int act, int stage, Tensor coef_a, Tensor coef_c, Tensor mean, "
       "Tensor(a!)[] grads) -> ()");
 }

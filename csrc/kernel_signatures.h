@@ -16,26 +16,26 @@ using GhostModuleKernel = void(const at::Tensor& x, const at::Tensor& primary_we
                                const std::optional<at::Tensor>& bn2_weight, const std::optional<at::Tensor>& bn2_bias,
                                const std::optional<at::Tensor>& bn2_mean, const std::optional<at::Tensor>& bn2_var,
                                double bn2_eps, int64_t out_channels,
-                               bool relu, const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
+                               int64_t act, const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
                                const at::Tensor& out);
 
 using GhostModuleBackwardKernel = void(const at::Tensor& grad_out, const at::Tensor& x,
                                        const at::Tensor& primary_weight, const at::Tensor& primary_scale,
                                        const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
                                        const at::Tensor& cheap_scale, const at::Tensor& cheap_bias,
-                                       int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
+                                       int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
                                        c10::string_view gate_mode, at::TensorList grads);
 
 using GhostModuleStatsKernel = void(const at::Tensor& x, const at::Tensor& primary_weight,
                                const std::optional<at::Tensor>& bn1_weight, const std::optional<at::Tensor>& bn1_bias,
                                const std::optional<at::Tensor>& bn1_mean, const std::optional<at::Tensor>& bn1_var,
                                double bn1_eps,
-                                    const at::Tensor& cheap_weight, bool relu, int64_t stage, const at::Tensor& mean,
+                                    const at::Tensor& cheap_weight, int64_t act, int64_t stage, const at::Tensor& mean,
                                     const at::Tensor& var);
 
 using GhostModuleStatsBackwardKernel = void(const at::Tensor& x, const at::Tensor& primary_weight,
                                             const at::Tensor& primary_scale, const at::Tensor& primary_bias,
-                                            const at::Tensor& cheap_weight, bool relu, int64_t stage,
+                                            const at::Tensor& cheap_weight, int64_t act, int64_t stage,
                                             const at::Tensor& coef_a, const at::Tensor& coef_c,
                                             const at::Tensor& mean, at::TensorList grads);
 

@@ -76,14 +76,15 @@ _GHOST_VECTORS = (2, 3, 5, 6)  # primary_scale, primary_bias, cheap_scale, cheap
 _DFC_VECTORS = (2, 3, 5, 6, 8, 9)
 
 
-def _relu(act) -> bool:
-    """The kernels' activation flag for `act` (a name of ghostfast.reference.ACTIVATIONS, or a bool)."""
-    from .reference import activation_name
+def _act_code(act) -> int:
+    """The kernels' `act` code for an activation: a name of ghostfast.reference.ACTIVATIONS, or a bool (True: relu,
+    False: none); the codes are ghostfast.reference.ACT_CODES."""
+    from .reference import ACT_CODES, activation_name
 
     act = activation_name(act)
     if act not in CompiledBackend.ACTIVATIONS:
         raise ValueError(f"the compiled Ghost module kernels implement {CompiledBackend.ACTIVATIONS}, got {act!r}")
-    return act == "relu"
+    return ACT_CODES[act]
 
 
 class CompiledBackend(Backend):
@@ -103,7 +104,7 @@ class CompiledBackend(Backend):
             return f"ghostfast._C was built without {self.name.upper()} kernels"
         return None
 
-    ACTIVATIONS = ("none", "relu")  # what csrc/ kernels implement (their `relu` flag)
+    ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")  # what csrc/ kernels implement (their `act` code)
 
     def dtype_unsupported(self, dtype: torch.dtype) -> Optional[str]:
         return None if dtype in COMPILED_DTYPES[self.name] else f"the {self.name} backend has no {dtype} kernels"
@@ -124,7 +125,8 @@ class CompiledBackend(Backend):
         x = _dense(x)
         out = _empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), x.dtype, x.device, _fmt(x))
         _ops()._ghost_module_kernel(x, primary_weight.contiguous(), *_bn(bn1), cheap_weight.contiguous(), *_bn(bn2),
-                                    out_channels, _relu(act), None if gate is None else gate.contiguous(), gate_mode, out)
+                                    out_channels, _act_code(act), None if gate is None else gate.contiguous(),
+                                    gate_mode, out)
         return out
 
     def ghost_module_backward(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
@@ -135,7 +137,7 @@ class CompiledBackend(Backend):
         _ops()._ghost_module_backward_kernel(
             grad_out.contiguous(memory_format=_fmt(x)), x, primary_weight.contiguous(), _vec(primary_scale, x),
             _vec(primary_bias, x), cheap_weight.contiguous(), _vec(cheap_scale, x), _vec(cheap_bias, x), out_channels,
-            _relu(act), None if gate is None else gate.contiguous(), gate_mode, bufs)
+            _act_code(act), None if gate is None else gate.contiguous(), gate_mode, bufs)
         return _returned(bufs, inputs, needs)
 
     def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, act, stage):
@@ -148,7 +150,7 @@ class CompiledBackend(Backend):
         mean = _empty((n,), _acc(x), x.device)
         var = _empty((n,), _acc(x), x.device)
         _ops()._ghost_module_stats_kernel(x, primary_weight.contiguous(), *_bn(bn1), cheap_weight.contiguous(),
-                                          _relu(act), stage, mean, var)
+                                          _act_code(act), stage, mean, var)
         return mean, var
 
     def ghost_module_stats_backward(self, x, primary_weight, primary_scale, primary_bias, cheap_weight, act, stage,
@@ -165,7 +167,7 @@ class CompiledBackend(Backend):
         bufs = _grad_buffers(inputs, needs, x, (2, 3))
         _ops()._ghost_module_stats_backward_kernel(
             x, primary_weight.contiguous(), _vec(primary_scale, x), _vec(primary_bias, x), cheap_weight.contiguous(),
-            _relu(act), stage, _vec(coef_a, x), _vec(coef_c, x), _vec(mean, x), bufs)
+            _act_code(act), stage, _vec(coef_a, x), _vec(coef_c, x), _vec(mean, x), bufs)
         return _returned(bufs, inputs, needs)
 
     # ---- DFC attention --------------------------------------------------------------------------------------

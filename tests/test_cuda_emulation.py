@@ -18,11 +18,13 @@ import pytest
 import torch
 
 import kernel_backends
+import test_kernel_activations as acts
 import test_kernel_dfc as dfc_fwd
 import test_kernel_dfc_backward as dfc_bwd
 import test_kernel_ghost_module as ghost_fwd
 import test_kernel_ghost_module_backward as ghost_bwd
 from cuda_emu import build, harness
+from ghostfast import reference
 from ghostfast.backends import BACKENDS
 from kernel_inputs import acc_dtype, fold_dfc_params, fold_ghost_params, make_dfc_params, make_ghost_params
 from numerics import assert_close_rel
@@ -31,6 +33,8 @@ FULL = os.environ.get("GHOSTFAST_EMU_FULL", "") == "1"
 ORDERS = ("forward", "reverse", "random")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MODES = ("gate", "nearest", "bilinear")
+# the activations past none / relu (those run in every case above them): test_kernel_activations.py's cases each
+NEW_ACTS = tuple(a for a in reference.ACTIVATIONS if a not in ("none", "relu"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,7 +88,18 @@ def _ghost_forward_cases():
     for missing in ("var", "all"):
         cases.append((f"missing-{missing}", lambda mp, m=missing:
                       ghost_fwd.test_ghost_module_kernel_missing_bn_tensors(m, "both", "cpu")))
+    for act in NEW_ACTS:
+        for cid, c in _parametrized(acts.test_activation_forward, "case"):
+            cases.append((f"act-{act}-{cid}", lambda mp, c=c, a=act: acts.test_activation_forward(c, a, "cpu")))
     return cases
+
+
+def _parametrized(fn, name):
+    """(id, value) of each value of a test function's `@pytest.mark.parametrize(name, ..., ids=...)`."""
+    for m in getattr(fn, "pytestmark", []):
+        if m.name == "parametrize" and m.args[0] == name:
+            return list(zip(m.kwargs["ids"], m.args[1]))
+    raise LookupError(f"{fn.__name__} has no parametrize of {name!r}")
 
 
 def _ghost_backward_cases():
@@ -116,6 +131,9 @@ def _ghost_backward_cases():
                   (False, True, True, True, True, True, True, False)]:
         cases.append((f"needs-{''.join('1' if n else '0' for n in needs)}", lambda mp, n=needs:
                       ghost_bwd.test_ghost_module_backward_needs(n, "cpu")))
+    for act in NEW_ACTS:
+        for cid, c in _parametrized(acts.test_activation_backward, "case"):
+            cases.append((f"act-{act}-{cid}", lambda mp, c=c, a=act: acts.test_activation_backward(c, a, "cpu", mp)))
     return cases
 
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/activation.h"
 #include "cpu/vec.h"
 
 namespace ghostfast::cpu {
@@ -22,18 +23,17 @@ namespace ghostfast::cpu {
 // ---------------------------------------------------------------------------------------------------------------
 
 // Optional epilogue of the GEMM, applied before the store: C = act(C * scale + bias), scale / bias indexed by the
-// row i (ROW) or the column j (COL) of C.
+// row i (ROW) or the column j (COL) of C; act is the Gemm's template argument ACT (cpu/activation.h).
 template <typename acc_t>
 struct Epilogue {
   enum Kind { NONE, ROW, COL };
   Kind kind = NONE;
   const acc_t* scale = nullptr;
   const acc_t* bias = nullptr;
-  bool relu = false;
   bool stream = false;  // non-temporal stores of whole, aligned vectors (C written once, not read back here)
 };
 
-template <typename acc_t, typename a_t, typename b_t, typename c_t, bool ACCUM>
+template <typename acc_t, typename a_t, typename b_t, typename c_t, bool ACCUM, Act ACT = Act::None>
 struct Gemm {
   // Tiles of MR rows x NV vectors (12 accumulators, 3 loads + 4 broadcasts per 12 FMAs); column blocks narrower
   // than NV vectors (the last columns, narrow C) take MR_NARROW rows instead (2 vectors: 12 accumulators again).
@@ -79,7 +79,7 @@ struct Gemm {
           } else {
             o = at::vec::fmadd(acc[r][v], Vec::loadu(epi.scale + j0 + v * V), Vec::loadu(epi.bias + j0 + v * V));
           }
-          acc[r][v] = epi.relu ? relu_v(o) : o;
+          acc[r][v] = act_v<ACT>(o);
         }
       }
     }

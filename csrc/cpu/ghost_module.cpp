@@ -35,7 +35,7 @@ constexpr const char* kStatsBwdOp = "ghostfast::_ghost_module_stats_backward_ker
 
 // x, primary_weight and cheap_weight (every kernel); sets every field of the geometry but oc and what depends on it
 // (n_x1, n_cheap, n_src, R), the layout (set_layout) and the gate's
-Geometry check_common(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, bool relu) {
+Geometry check_common(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, int64_t act) {
   check_x(x, c10::DeviceType::CPU, op);
   const at::ScalarType dt = x.scalar_type();
   Geometry g;
@@ -44,7 +44,7 @@ Geometry check_common(const char* op, const at::Tensor& x, const at::Tensor& w1,
   g.H = x.size(2);
   g.W = x.size(3);
   g.HW = g.H * g.W;
-  g.relu = relu;
+  g.act = check_act(op, act);
 
   TORCH_CHECK(w1.defined() && w1.dim() == 4, op, ": expected primary_weight of shape [init, C_in, 1, 1], got ",
               w1.defined() ? w1.sizes() : at::IntArrayRef{});
@@ -77,9 +77,9 @@ void set_out_channels(Geometry& g, int64_t out_channels) {
 
 // the Ghost module kernels: out_channels, gate, gate_mode
 Geometry check_module_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
-                           int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
+                           int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
                            c10::string_view gate_mode) {
-  Geometry g = check_common(op, x, w1, w2, relu);
+  Geometry g = check_common(op, x, w1, w2, act);
   const int64_t cheap = g.init * g.rm1;
   TORCH_CHECK(out_channels >= 1 && out_channels <= g.init + cheap, op, ": expected 1 <= out_channels <= ",
               g.init + cheap, " (init * ratio), got ", out_channels);
@@ -104,11 +104,11 @@ Geometry check_module_args(const char* op, const at::Tensor& x, const at::Tensor
 }
 
 // the statistics kernels: stage 1 keeps the x1 channels only (z1), stage 2 every cheap channel (z2)
-Geometry check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, bool relu,
+Geometry check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, int64_t act,
                           int64_t stage) {
   TORCH_CHECK(stage == 1 || stage == 2, op, ": expected stage 1 (statistics of z1 = conv1x1(x)) or 2 (of z2, the ",
               "cheap depthwise's output), got ", stage);
-  Geometry g = check_common(op, x, w1, w2, relu);
+  Geometry g = check_common(op, x, w1, w2, act);
   set_out_channels(g, stage == 1 ? g.init : g.init * (1 + g.rm1));
   return g;
 }
@@ -142,9 +142,9 @@ void ghost_module_forward_cpu(const at::Tensor& x, const at::Tensor& primary_wei
                               double bn1_eps, const at::Tensor& cheap_weight,
                               const std::optional<at::Tensor>& bn2_weight, const std::optional<at::Tensor>& bn2_bias,
                               const std::optional<at::Tensor>& bn2_mean, const std::optional<at::Tensor>& bn2_var,
-                              double bn2_eps, int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
+                              double bn2_eps, int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
                               c10::string_view gate_mode, const at::Tensor& out) {
-  Geometry g = check_module_args(kFwdOp, x, primary_weight, cheap_weight, out_channels, relu, gate, gate_mode);
+  Geometry g = check_module_args(kFwdOp, x, primary_weight, cheap_weight, out_channels, act, gate, gate_mode);
   const BatchNormArgs bn1 =
       batch_norm_args(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, g.init, x, kFwdOp, "bn1");
   const BatchNormArgs bn2 =
@@ -158,10 +158,10 @@ void ghost_module_forward_cpu(const at::Tensor& x, const at::Tensor& primary_wei
 void ghost_module_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight,
                                const at::Tensor& primary_scale, const at::Tensor& primary_bias,
                                const at::Tensor& cheap_weight, const at::Tensor& cheap_scale,
-                               const at::Tensor& cheap_bias, int64_t out_channels, bool relu,
+                               const at::Tensor& cheap_bias, int64_t out_channels, int64_t act,
                                const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
                                at::TensorList grads) {
-  Geometry g = check_module_args(kBwdOp, x, primary_weight, cheap_weight, out_channels, relu, gate, gate_mode);
+  Geometry g = check_module_args(kBwdOp, x, primary_weight, cheap_weight, out_channels, act, gate, gate_mode);
   const at::ScalarType acc = acc_type(x.scalar_type());
   check_param(primary_scale, x, acc, kBwdOp, "primary_scale", {g.init});
   check_param(primary_bias, x, acc, kBwdOp, "primary_bias", {g.init});
@@ -192,9 +192,9 @@ void ghost_module_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
 void ghost_module_stats_cpu(const at::Tensor& x, const at::Tensor& primary_weight,
                             const std::optional<at::Tensor>& bn1_weight, const std::optional<at::Tensor>& bn1_bias,
                             const std::optional<at::Tensor>& bn1_mean, const std::optional<at::Tensor>& bn1_var,
-                            double bn1_eps, const at::Tensor& cheap_weight, bool relu, int64_t stage,
+                            double bn1_eps, const at::Tensor& cheap_weight, int64_t act, int64_t stage,
                             const at::Tensor& mean, const at::Tensor& var) {
-  Geometry g = check_stats_args(kStatsOp, x, primary_weight, cheap_weight, relu, stage);
+  Geometry g = check_stats_args(kStatsOp, x, primary_weight, cheap_weight, act, stage);
   const BatchNormArgs bn1 =
       batch_norm_args(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, g.init, x, kStatsOp, "bn1");
   const at::ScalarType acc = acc_type(x.scalar_type());
@@ -212,10 +212,10 @@ void ghost_module_stats_cpu(const at::Tensor& x, const at::Tensor& primary_weigh
 
 void ghost_module_stats_backward_cpu(const at::Tensor& x, const at::Tensor& primary_weight,
                                      const at::Tensor& primary_scale, const at::Tensor& primary_bias,
-                                     const at::Tensor& cheap_weight, bool relu, int64_t stage,
+                                     const at::Tensor& cheap_weight, int64_t act, int64_t stage,
                                      const at::Tensor& coef_a, const at::Tensor& coef_c, const at::Tensor& mean,
                                      at::TensorList grads) {
-  Geometry g = check_stats_args(kStatsBwdOp, x, primary_weight, cheap_weight, relu, stage);
+  Geometry g = check_stats_args(kStatsBwdOp, x, primary_weight, cheap_weight, act, stage);
   const at::ScalarType acc = acc_type(x.scalar_type());
   check_param(primary_scale, x, acc, kStatsBwdOp, "primary_scale", {g.init});
   check_param(primary_bias, x, acc, kStatsBwdOp, "primary_bias", {g.init});

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "cpu/activation.h"
 #include "cpu/gate_upsample.h"
 #include "cpu/vec.h"
 
@@ -34,7 +35,8 @@ struct Geometry {
   int64_t n_src = 0;    // x1 channels the kept cheap channels read: ceil(n_cheap / rm1)
   int64_t R = 0;        // depthwise halo (0 without cheap channels)
   int64_t Hg = 0, Wg = 0;
-  bool relu = true, cl = false, gated = false, bilinear = false;
+  Act act = Act::None;  // both halves' activation (cpu/activation.h), dispatched once per launch
+  bool cl = false, gated = false, bilinear = false;
 };
 
 // which gradients a backward call computes (the non-empty tensors of its `grads`)

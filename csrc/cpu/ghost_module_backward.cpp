@@ -11,6 +11,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/activation.h"
 #include "cpu/depthwise.h"
 #include "cpu/gate_upsample.h"
 #include "cpu/gemm.h"
@@ -104,7 +105,7 @@ BwdWs<acc_of<scalar_t>> make_bwd_ws(const Ctx<scalar_t>& cx) {
   return ws;
 }
 
-template <typename scalar_t>
+template <Act A, typename scalar_t>
 void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_out, const Needs& nd,
                         const Segment& sg, Partials<acc_of<scalar_t>>& pt, acc_of<scalar_t>* ug, const GateSeg& gs,
                         BwdWs<acc_of<scalar_t>>& ws) {
@@ -114,7 +115,6 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
   const Geometry& d = cx.d;
   const int64_t W = d.W, H = d.H, R = d.R, K = d.K, KK = d.KK, Wp = W + 2 * R, HW = d.HW, G = ws.G, C = d.C;
   const int64_t n = sg.n, r0 = sg.r0, r1 = sg.r1;
-  const bool relu = d.relu;
   const bool primary = nd.primary();
   const bool gate_grad = ug != nullptr;
   const scalar_t* xn = cx.x + n * C * HW;
@@ -157,7 +157,7 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
           const acc_t* src = z0 + c * ws.z_ps + (h - xhi) * W;
           acc_t* dst = ds + c * ws.ds_ps + (h - xlo) * Wp + R;
           for (int64_t w = 0; w < W; w += V)
-            keep_first(act_v(at::vec::fmadd(Vec::loadu(src + w), sv, bv), relu), W - w).store(dst + w);
+            keep_first(act_v<A>(at::vec::fmadd(Vec::loadu(src + w), sv, bv)), W - w).store(dst + w);
         }
       }
       xhi = nhi;
@@ -211,13 +211,13 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
             const Vec y2 = at::vec::fmadd(c2, sv, bv);
             const Vec gov = vload<acc_t>(gor + w, m);
             Vec g2 = gn != nullptr ? gov * Vec::loadu(gtr + w) : gov;
-            if (relu) g2 = relu_grad_v(g2, y2);
+            g2 = act_grad_v<A>(g2, y2);  // the activation's backward from the pre-activation y2
             g2 = keep_first(g2, m);
             (g2 * sv).store(qrow + w);
             if (owned) {
               rs = at::vec::fmadd(g2, keep_first(c2, m), rs);  // c2 past W: the next row's values (maybe Inf)
               rb = rb + g2;
-              if (gate_grad) (gov * act_v(y2, relu)).store(vr + w);
+              if (gate_grad) (gov * act_v<A>(y2)).store(vr + w);
             }
           }
           if (owned) {
@@ -288,10 +288,10 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
             const int64_t m = std::min<int64_t>(V, W - w);
             const Vec zv = Vec::loadu(zr + w);
             const Vec y1 = at::vec::fmadd(zv, sv, bv);
-            if (gate_grad) (vload<acc_t>(gor + w, m) * act_v(y1, relu)).store(vr + w);
+            if (gate_grad) (vload<acc_t>(gor + w, m) * act_v<A>(y1)).store(vr + w);
             if (primary) {
               Vec g1 = Vec::loadu(gx + w);
-              if (relu) g1 = relu_grad_v(g1, y1);
+              g1 = act_grad_v<A>(g1, y1);
               g1 = keep_first(g1, m);
               rs = at::vec::fmadd(g1, keep_first(zv, m), rs);  // zv past W: the next row's z (maybe Inf)
               rb = rb + g1;
@@ -332,7 +332,7 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
   }
 }
 
-template <typename scalar_t>
+template <Act A, typename scalar_t>
 void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_out, const Needs& nd,
                     const Segment& sg, Partials<acc_of<scalar_t>>& pt, acc_of<scalar_t>* ug, const GateSeg& gs,
                     BwdWs<acc_of<scalar_t>>& ws) {
@@ -344,7 +344,6 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
   const int64_t Zc = cx.Zc, Cq = cx.Cq, Cds = cx.Cds, Cpad = cx.Cpad;
   const int64_t zrs = W * Zc, dsrs = Wp * Cds, qrs = Wp * Cq;
   const int64_t n = sg.n, r0 = sg.r0, r1 = sg.r1;
-  const bool relu = d.relu;
   const bool primary = nd.primary();
   const bool gate_grad = ug != nullptr;
   const int st = cx.stats;  // statistics backward: no grad_out, dz from the coefficients
@@ -400,7 +399,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
             acc_t* dst = ds + (h - xlo) * dsrs + (w + R) * Cds;
             acc_t* x1dst = d.rm1 == 1 ? dst : x1t;
             for (int64_t c = 0; c < Zc; c += V)
-              act_v(at::vec::fmadd(Vec::loadu(src + c), Vec::loadu(s1p + c), Vec::loadu(b1p + c)), relu)
+              act_v<A>(at::vec::fmadd(Vec::loadu(src + c), Vec::loadu(s1p + c), Vec::loadu(b1p + c)))
                   .store(x1dst + c);
             if (d.rm1 != 1)
               for (int64_t o = 0; o < d.n_cheap; ++o) dst[o] = x1t[o / d.rm1];
@@ -449,13 +448,13 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
             const Vec y2 = at::vec::fmadd(c2, Vec::loadu(s2p + c), Vec::loadu(b2p + c));
             const Vec gov = vload<acc_t>(gor + w * oc + d.init + c, m);
             Vec g2 = gn != nullptr ? gov * Vec::loadu(gt + w * oc + d.init + c) : gov;
-            if (relu) g2 = relu_grad_v(g2, y2);
+            g2 = act_grad_v<A>(g2, y2);  // the activation's backward from the pre-activation y2
             g2 = keep_first(g2, m);
             (g2 * Vec::loadu(s2p + c)).store(qrow + (w + R) * Cq + c);
             if (owned) {
               at::vec::fmadd(g2, c2, Vec::loadu(pt.s2.data() + c)).store(pt.s2.data() + c);
               (Vec::loadu(pt.b2.data() + c) + g2).store(pt.b2.data() + c);
-              if (gate_grad) vstore<acc_t>(vr + w * oc + d.init + c, gov * act_v(y2, relu), m);
+              if (gate_grad) vstore<acc_t>(vr + w * oc + d.init + c, gov * act_v<A>(y2), m);
             }
           }
         }
@@ -509,7 +508,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
             const Vec gov = st == 0 ? vload<acc_t>(gor + w * oc + c, m) : Vec(acc_t(0));
             const Vec zv = Vec::loadu(zp + c);
             const Vec y1 = at::vec::fmadd(zv, Vec::loadu(s1p + c), Vec::loadu(b1p + c));
-            if (gate_grad) vstore<acc_t>(vr + w * oc + c, gov * act_v(y1, relu), m);
+            if (gate_grad) vstore<acc_t>(vr + w * oc + c, gov * act_v<A>(y1), m);
             if (primary) {
               Vec g1 = gn != nullptr ? gov * Vec::loadu(gt + w * oc + c) : gov;
               if (cheap) {
@@ -519,7 +518,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
                   g1 = g1 + Vec::loadu(tx + c);
                 }
               }
-              if (relu) g1 = relu_grad_v(g1, y1);
+              g1 = act_grad_v<A>(g1, y1);
               g1 = keep_first(g1, m);
               at::vec::fmadd(g1, zv, Vec::loadu(pt.s1.data() + c)).store(pt.s1.data() + c);
               (Vec::loadu(pt.b1.data() + c) + g1).store(pt.b1.data() + c);
@@ -586,24 +585,28 @@ void backward_impl(const Geometry& geo, const at::Tensor& grad_out, const at::Te
   scalar_t* gx = nd.x ? grads[0].data_ptr<scalar_t>() : nullptr;
 
   const bool stream = nd.x && grads[0].numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
-  at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
-    auto ws = make_bwd_ws(cx);
-    ws.stream = stream;
-    for (int64_t g = gb; g < ge; ++g) {
-      Partials<acc_t>& pt = parts[g];
-      if (nd.w1) pt.w1.assign(static_cast<size_t>(d.n_x1 * w1_ld), acc_t(0));
-      pt.s1.assign(static_cast<size_t>(cx.Zc), acc_t(0));
-      pt.b1.assign(static_cast<size_t>(cx.Zc), acc_t(0));
-      pt.w2.assign(static_cast<size_t>(d.cl ? d.KK * cx.Cq : d.n_cheap * d.KK), acc_t(0));
-      pt.s2.assign(static_cast<size_t>(cx.Cq), acc_t(0));
-      pt.b2.assign(static_cast<size_t>(cx.Cq), acc_t(0));
-      for (size_t i = 0; i < groups[g].size(); ++i) {
-        acc_t* ugp = gate_grad ? ug.data() : nullptr;
-        if (d.cl) bwd_cl_segment(cx, go, gx, nd, groups[g][i], pt, ugp, gsegs[g][i], ws);
-        else bwd_planar_segment(cx, go, gx, nd, groups[g][i], pt, ugp, gsegs[g][i], ws);
+  // the statistics backward of stage 1 (z1) has no activation: one instantiation
+  dispatch_act(stats_stage == 1 ? Act::None : d.act, [&](auto act) {
+    constexpr Act A = decltype(act)::value;
+    at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
+      auto ws = make_bwd_ws(cx);
+      ws.stream = stream;
+      for (int64_t g = gb; g < ge; ++g) {
+        Partials<acc_t>& pt = parts[g];
+        if (nd.w1) pt.w1.assign(static_cast<size_t>(d.n_x1 * w1_ld), acc_t(0));
+        pt.s1.assign(static_cast<size_t>(cx.Zc), acc_t(0));
+        pt.b1.assign(static_cast<size_t>(cx.Zc), acc_t(0));
+        pt.w2.assign(static_cast<size_t>(d.cl ? d.KK * cx.Cq : d.n_cheap * d.KK), acc_t(0));
+        pt.s2.assign(static_cast<size_t>(cx.Cq), acc_t(0));
+        pt.b2.assign(static_cast<size_t>(cx.Cq), acc_t(0));
+        for (size_t i = 0; i < groups[g].size(); ++i) {
+          acc_t* ugp = gate_grad ? ug.data() : nullptr;
+          if (d.cl) bwd_cl_segment<A>(cx, go, gx, nd, groups[g][i], pt, ugp, gsegs[g][i], ws);
+          else bwd_planar_segment<A>(cx, go, gx, nd, groups[g][i], pt, ugp, gsegs[g][i], ws);
+        }
       }
-    }
-    if (stream) stream_fence();
+      if (stream) stream_fence();
+    });
   });
 
   // ---- sum the groups' partials in group order ----

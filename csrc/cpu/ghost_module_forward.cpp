@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "cpu/activation.h"
 #include "cpu/depthwise.h"
 #include "cpu/gate_upsample.h"
 #include "cpu/gemm.h"
@@ -21,17 +22,17 @@
 namespace ghostfast::cpu::ghost_module {
 namespace {
 
-// dst[0 .. cnt) = [gate *] [act](src * s + b) (affine / act optional)
-template <typename acc_t, typename scalar_t>
+// dst[0 .. cnt) = [gate *] act(src [* s + b]) (affine optional; A = Act::None: no activation)
+template <Act A, typename acc_t, typename scalar_t>
 inline void store_out(scalar_t* dst, const acc_t* src, int64_t cnt, const acc_t* gate, bool affine, acc_t s, acc_t b,
-                      bool relu, bool stream) {
+                      bool stream) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec sv(s), bv(b);
   auto value = [&](int64_t i) {
     Vec v = Vec::loadu(src + i);
     if (affine) v = at::vec::fmadd(v, sv, bv);
-    if (relu) v = relu_v(v);
+    v = act_v<A>(v);
     if (gate != nullptr) v = v * Vec::loadu(gate + i);
     return v;
   };
@@ -52,7 +53,7 @@ inline void store_out(scalar_t* dst, const acc_t* src, int64_t cnt, const acc_t*
   if (i < cnt) vstore<acc_t>(dst + i, value(i), cnt - i);
 }
 
-template <typename scalar_t>
+template <Act A, typename scalar_t>
 void fwd_planar_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws) {
   using acc_t = acc_of<scalar_t>;
   const Geometry& d = cx.d;
@@ -85,8 +86,7 @@ void fwd_planar_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& s
       epi.kind = Epilogue<acc_t>::ROW;
       epi.scale = cx.s1.data();
       epi.bias = cx.b1.data();
-      epi.relu = d.relu;
-      Gemm<acc_t, acc_t, scalar_t, acc_t, false>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
+      Gemm<acc_t, acc_t, scalar_t, acc_t, false, A>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
                                                       cx.x_end, z0, ws.z_ps, true, epi);
       for (int64_t c = 0; c < d.n_src; ++c) {
         const acc_t* zc = z0 + c * ws.z_ps;
@@ -101,8 +101,8 @@ void fwd_planar_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& s
     for (int64_t c = 0; c < d.n_x1; ++c) {
       if (gn != nullptr)
         gate_rows(ws.gt.data(), ws.hr.data(), ws.hr_rows, gn + c * gplane, s, e, W, d.Wg, cx.gt, d.bilinear);
-      store_out<acc_t>(on + c * HW + s * W, z + c * ws.z_ps + (s - lo) * W, cnt, gv, false, acc_t(0), acc_t(0),
-                       false, ws.stream);
+      store_out<Act::None, acc_t>(on + c * HW + s * W, z + c * ws.z_ps + (s - lo) * W, cnt, gv, false, acc_t(0),
+                                  acc_t(0), ws.stream);
     }
     // cheap channels
     for (int64_t o = 0; o < d.n_cheap; ++o) {
@@ -115,12 +115,12 @@ void fwd_planar_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& s
       const int64_t oc_idx = d.init + o;
       if (gn != nullptr)
         gate_rows(ws.gt.data(), ws.hr.data(), ws.hr_rows, gn + oc_idx * gplane, s, e, W, d.Wg, cx.gt, d.bilinear);
-      store_out<acc_t>(on + oc_idx * HW + s * W, ws.t.data(), cnt, gv, true, cx.s2[o], cx.b2[o], d.relu, ws.stream);
+      store_out<A, acc_t>(on + oc_idx * HW + s * W, ws.t.data(), cnt, gv, true, cx.s2[o], cx.b2[o], ws.stream);
     }
   }
 }
 
-template <typename scalar_t>
+template <Act A, typename scalar_t>
 void fwd_cl_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws) {
   using acc_t = acc_of<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -157,8 +157,7 @@ void fwd_cl_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& sg, F
       epi.kind = Epilogue<acc_t>::COL;
       epi.scale = cx.s1.data();
       epi.bias = cx.b1.data();
-      epi.relu = d.relu;
-      Gemm<acc_t, scalar_t, acc_t, acc_t, false>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
+      Gemm<acc_t, scalar_t, acc_t, acc_t, false, A>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
                                                       nullptr, z0, Zc, true, epi);
       if (d.n_cheap > 0) {
         for (int64_t h = hi; h < nhi; ++h) {
@@ -202,12 +201,12 @@ void fwd_cl_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& sg, F
         for (int64_t c = 0; c < n_cheap; c += V) {
           Vec v = at::vec::fmadd(Vec::loadu(t + w * Cq + c), Vec::loadu(cx.s2.data() + c),
                                  Vec::loadu(cx.b2.data() + c));
-          if (d.relu) v = relu_v(v);
+          v = act_v<A>(v);
           if (gp != nullptr) v = v * Vec::loadu(gp + init + c);
           v.store(op + init + c);
         }
       }
-      store_out<acc_t>(on + h * W * oc, orow, W * oc, nullptr, false, acc_t(0), acc_t(0), false, ws.stream);
+      store_out<Act::None, acc_t>(on + h * W * oc, orow, W * oc, nullptr, false, acc_t(0), acc_t(0), ws.stream);
     }
   }
 }
@@ -223,15 +222,18 @@ void forward_impl(const Geometry& geo, const at::Tensor& x, const at::Tensor& w1
   const auto groups = split_rows(geo.N, geo.H, ng);
   scalar_t* out_p = out.data_ptr<scalar_t>();
   const bool stream = out.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
-  at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
-    auto ws = make_fwd_ws(cx);
-    ws.stream = stream;
-    for (int64_t g = gb; g < ge; ++g)
-      for (const Segment& sg : groups[g]) {
-        if (geo.cl) fwd_cl_segment(cx, out_p, sg, ws);
-        else fwd_planar_segment(cx, out_p, sg, ws);
-      }
-    if (stream) stream_fence();
+  dispatch_act(geo.act, [&](auto act) {
+    constexpr Act A = decltype(act)::value;
+    at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
+      auto ws = make_fwd_ws(cx);
+      ws.stream = stream;
+      for (int64_t g = gb; g < ge; ++g)
+        for (const Segment& sg : groups[g]) {
+          if (geo.cl) fwd_cl_segment<A>(cx, out_p, sg, ws);
+          else fwd_planar_segment<A>(cx, out_p, sg, ws);
+        }
+      if (stream) stream_fence();
+    });
   });
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "cpu/activation.h"
 #include "cpu/depthwise.h"
 #include "cpu/gemm.h"
 #include "cpu/ghost_module.h"
@@ -117,7 +118,7 @@ void chunk_stats_pm(const acc_t* p, int64_t np, int64_t ld, int64_t nch, StatPar
   }
 }
 
-template <typename scalar_t>
+template <Act A, typename scalar_t>
 void stats_planar_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws,
                           StatParts<acc_of<scalar_t>>& sp) {
   using acc_t = acc_of<scalar_t>;
@@ -149,9 +150,8 @@ void stats_planar_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg,
         epi.kind = Epilogue<acc_t>::ROW;
         epi.scale = cx.s1.data();
         epi.bias = cx.b1.data();
-        epi.relu = d.relu;
       }
-      Gemm<acc_t, acc_t, scalar_t, acc_t, false>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
+      Gemm<acc_t, acc_t, scalar_t, acc_t, false, A>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
                                                       cx.x_end, z0, ws.z_ps, true, epi);
       for (int64_t c = 0; c < d.n_src; ++c) {
         const acc_t* zc = z0 + c * ws.z_ps;
@@ -182,7 +182,7 @@ void stats_planar_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg,
   }
 }
 
-template <typename scalar_t>
+template <Act A, typename scalar_t>
 void stats_cl_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws,
                       StatParts<acc_of<scalar_t>>& sp) {
   using acc_t = acc_of<scalar_t>;
@@ -218,9 +218,8 @@ void stats_cl_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg, Fwd
         epi.kind = Epilogue<acc_t>::COL;
         epi.scale = cx.s1.data();
         epi.bias = cx.b1.data();
-        epi.relu = d.relu;
       }
-      Gemm<acc_t, scalar_t, acc_t, acc_t, false>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
+      Gemm<acc_t, scalar_t, acc_t, acc_t, false, A>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
                                                       nullptr, z0, Zc, true, epi);
       if (d.n_cheap > 0) {
         for (int64_t h = hi; h < nhi; ++h) {
@@ -265,15 +264,19 @@ void stats_impl(const Geometry& geo, int stage, const at::Tensor& x, const at::T
   const int64_t ng = num_groups(d.N * d.H);
   const auto groups = split_rows(d.N, d.H, ng);
   std::vector<StatParts<acc_t>> parts(static_cast<size_t>(ng));
-  at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
-    auto ws = make_fwd_ws(cx);
-    for (int64_t g = gb; g < ge; ++g) {
-      parts[g].init(channels);
-      for (const Segment& sg : groups[g]) {
-        if (d.cl) stats_cl_segment(cx, stage, sg, ws, parts[g]);
-        else stats_planar_segment(cx, stage, sg, ws, parts[g]);
+  // stage 1 (z1) has no activation: one instantiation
+  dispatch_act(stage == 1 ? Act::None : d.act, [&](auto act) {
+    constexpr Act A = decltype(act)::value;
+    at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
+      auto ws = make_fwd_ws(cx);
+      for (int64_t g = gb; g < ge; ++g) {
+        parts[g].init(channels);
+        for (const Segment& sg : groups[g]) {
+          if (d.cl) stats_cl_segment<A>(cx, stage, sg, ws, parts[g]);
+          else stats_planar_segment<A>(cx, stage, sg, ws, parts[g]);
+        }
       }
-    }
+    });
   });
   StatParts<acc_t> tot;
   tot.init(channels);

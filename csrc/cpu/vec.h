@@ -1,5 +1,6 @@
 // The vector layer of the CPU kernels (both ops): at::vec::Vectorized<acc_t> loads and stores from / to the tensor
-// dtypes (whole or partial vectors), activations, fixed-order reductions, non-temporal stores and the sigmoid.
+// dtypes (whole or partial vectors), lane masks, fixed-order reductions, non-temporal stores and the sigmoid (the
+// Ghost module's activations on top of it: cpu/activation.h).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -108,25 +109,6 @@ inline acc_t lane_mask(bool keep) {
 template <typename acc_t>
 inline Vectorized<acc_t> select_lanes(const Vectorized<acc_t>& mask, const Vectorized<acc_t>& v) {
   return v & mask;
-}
-
-// F.relu: negative -> 0, NaN passes
-template <typename acc_t>
-inline Vectorized<acc_t> relu_v(const Vectorized<acc_t>& v) {
-  const Vectorized<acc_t> zero(acc_t(0));
-  return Vectorized<acc_t>::blendv(v, zero, v < zero);
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> act_v(const Vectorized<acc_t>& v, bool relu) {
-  return relu ? relu_v(v) : v;
-}
-
-// ReLU's backward as torch computes it (threshold_backward on the result): 0 where the result is <= 0
-template <typename acc_t>
-inline Vectorized<acc_t> relu_grad_v(const Vectorized<acc_t>& g, const Vectorized<acc_t>& pre) {
-  const Vectorized<acc_t> zero(acc_t(0));
-  return Vectorized<acc_t>::blendv(g, zero, pre <= zero);
 }
 
 // lanes summed in a fixed order

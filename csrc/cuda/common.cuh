@@ -1,5 +1,6 @@
-// The shared layer of the CUDA kernels of both ops: launch constants, the accumulation dtype, warp reductions, the
-// per-block BatchNorm fold, the tile chooser and launch helpers, and the host wrappers' argument checks.
+// The shared layer of the CUDA kernels of both ops: launch constants, the accumulation dtype, the sigmoid and the
+// Ghost module's activations, warp reductions, the per-block BatchNorm fold, the tile chooser and launch helpers,
+// and the host wrappers' argument checks.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,10 +37,51 @@ __device__ __forceinline__ acc_t to_acc(T v) {
   return static_cast<acc_t>(v);
 }
 
-// F.relu: negative -> 0, NaN passes through.
+__device__ __forceinline__ float sigmoid_acc(float z) { return 1.0f / (1.0f + ::expf(-z)); }
+__device__ __forceinline__ double sigmoid_acc(double z) { return 1.0 / (1.0 + ::exp(-z)); }
+
+// The Ghost module's activations (common.h's Act, the same for a whole launch: a uniform branch), the one place the
+// CUDA kernels compute them: act_forward(act, y) and act_backward(act, g, y) = g * act'(y), both of the
+// pre-activation y (after the BatchNorm), as eager PyTorch computes them (cpu/activation.h has the table). The
+// forwards let NaN through; the backward at a NaN y is 0 for relu (as this kernel always had it; eager gives g),
+// g for relu6 and hardswish, NaN for silu.
 template <typename acc_t>
-__device__ __forceinline__ acc_t relu_keep_nan(acc_t v) {
-  return v < acc_t(0) ? acc_t(0) : v;
+__device__ __forceinline__ acc_t act_forward(Act act, acc_t y) {
+  const acc_t zero(0), six(6);
+  switch (act) {
+    case Act::Relu:
+      return y < zero ? zero : y;
+    case Act::Relu6:
+      return y < zero ? zero : (y > six ? six : y);
+    case Act::Hardswish: {
+      acc_t t = y + acc_t(3);
+      t = t < zero ? zero : (t > six ? six : t);
+      return y * t / six;
+    }
+    case Act::Silu:
+      return y * sigmoid_acc(y);
+    default:
+      return y;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t act_backward(Act act, acc_t g, acc_t y) {
+  const acc_t zero(0), one(1), three(3);
+  switch (act) {
+    case Act::Relu:
+      return y > zero ? g : zero;
+    case Act::Relu6:
+      return (y <= zero || y >= acc_t(6)) ? zero : g;  // hardtanh_backward
+    case Act::Hardswish:
+      return y <= -three ? zero : (y < three ? g * (y / three + acc_t(0.5)) : g);  // hardswish_backward
+    case Act::Silu: {
+      const acc_t s = sigmoid_acc(y);
+      return g * s * (one + y * (one - s));
+    }
+    default:
+      return g;
+  }
 }
 
 template <typename acc_t>

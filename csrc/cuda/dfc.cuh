@@ -22,9 +22,6 @@ namespace ghostfast {
 constexpr int kTaps = 5;  // the 1x5 and 5x1 depthwise convs
 constexpr int kModeGate = 0, kModeNearest = 1, kModeBilinear = 2;
 
-__device__ __forceinline__ float sigmoid_acc(float z) { return 1.0f / (1.0f + ::expf(-z)); }
-__device__ __forceinline__ double sigmoid_acc(double z) { return 1.0 / (1.0 + ::exp(-z)); }
-
 struct DfcDims {
   int64_t N, C_in, H, W, C, HP, WP;
   int mode;

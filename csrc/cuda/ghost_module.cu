@@ -48,7 +48,8 @@ struct GhostForwardArgs {
   int64_t son, soc, soh, sow;
   int64_t tiles_h, tiles_w, ncb;
   int dw, TH, TW;
-  bool relu, bilinear, cl;
+  Act act;
+  bool bilinear, cl;
 };
 
 // x1 on the region (tile + R halo): act(z1 * scale + shift), 0 outside the image (the depthwise's zero padding) and
@@ -60,7 +61,7 @@ struct X1Epi {
   const acc_t* shift;
   int64_t c0, init, H, W, hb, wb;
   int WA, PA;
-  bool relu;
+  Act act;
   __device__ __forceinline__ void operator()(int p, int c, acc_t z1) const {
     const int ai = p / WA;
     const int aj = p - ai * WA;
@@ -68,8 +69,7 @@ struct X1Epi {
     const int64_t w = wb + aj;
     acc_t r = acc_t(0);
     if (c0 + c < init && h >= 0 && h < H && w >= 0 && w < W) {
-      r = z1 * scale[c] + shift[c];
-      if (relu) r = relu_keep_nan(r);
+      r = act_forward(act, z1 * scale[c] + shift[c]);
     }
     x1s[c * PA + p] = r;
   }
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) ghost_forward_kernel(const GhostForw
       stage, PA, a.C_in, a.cl,
       RegionLoad<scalar_t, acc_t>{a.x + n * a.sxn, a.sxc, a.sxh, a.sxw, a.H, a.W, hb, wb, WA},
       WeightRowLoad<scalar_t, acc_t>{a.primary_weight, c0, a.init, a.C_in},
-      X1Epi<acc_t>{x1s, bn1_scale, bn1_shift, c0, a.init, a.H, a.W, hb, wb, WA, PA, a.relu});
+      X1Epi<acc_t>{x1s, bn1_scale, bn1_shift, c0, a.init, a.H, a.W, hb, wb, WA, PA, a.act});
   __syncthreads();
 
   const int64_t gplane = a.Hg * a.Wg;
@@ -171,8 +171,7 @@ __global__ void __launch_bounds__(kThreads) ghost_forward_kernel(const GhostForw
       acc_t z2 = acc_t(0);
       for (int dy = 0; dy < dw; ++dy)
         for (int dx = 0; dx < dw; ++dx) z2 += to_acc<acc_t>(wk[dy * dw + dx]) * xr[dy * WA + dx];
-      acc_t v = z2 * bn2_scale[q] + bn2_shift[q];
-      if (a.relu) v = relu_keep_nan(v);
+      acc_t v = act_forward(a.act, z2 * bn2_scale[q] + bn2_shift[q]);
       if (a.gate != nullptr) {
         const GateSrc<acc_t> s = gate_source<acc_t>(h, w, a.H, a.W, a.Hg, a.Wg, a.bilinear);
         v *= gate_sample<acc_t>(a.gate + (n * a.out_channels + oc) * gplane, a.Wg, s, a.bilinear);
@@ -185,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) ghost_forward_kernel(const GhostForw
 template <typename scalar_t, int CB>
 void run_ghost_forward(const GhostDims& d, const at::Tensor& x, const at::Tensor& primary_weight,
                        const BatchNormArgs& bn1, const at::Tensor& cheap_weight, const BatchNormArgs& bn2,
-                       const std::optional<at::Tensor>& gate, bool relu, bool cl, const at::Tensor& out) {
+                       const std::optional<at::Tensor>& gate, Act act, bool cl, const at::Tensor& out) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int R = static_cast<int>(d.dw / 2);
   const TileChoice tile = choose_tile(
@@ -225,7 +224,7 @@ void run_ghost_forward(const GhostDims& d, const at::Tensor& x, const at::Tensor
   a.dw = static_cast<int>(d.dw);
   a.TH = tile.th;
   a.TW = tile.tw;
-  a.relu = relu;
+  a.act = act;
   a.bilinear = d.bilinear;
   a.cl = cl;
 
@@ -242,9 +241,10 @@ void ghost_module_kernel_cuda(const at::Tensor& x, const at::Tensor& primary_wei
                               double bn1_eps, const at::Tensor& cheap_weight,
                               const std::optional<at::Tensor>& bn2_weight, const std::optional<at::Tensor>& bn2_bias,
                               const std::optional<at::Tensor>& bn2_mean, const std::optional<at::Tensor>& bn2_var,
-                              double bn2_eps, int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
+                              double bn2_eps, int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
                               c10::string_view gate_mode, const at::Tensor& out) {
   const GhostDims d = check_ghost_args(kOp, x, primary_weight, cheap_weight, out_channels, gate, gate_mode);
+  const Act a = check_act(kOp, act);
   const BatchNormArgs bn1 = batch_norm_args(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, d.init, x, kOp, "bn1");
   const BatchNormArgs bn2 = batch_norm_args(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps, d.cheap, x, kOp, "bn2");
   check_output(out, x, kOp, "out", {d.N, d.out_channels, d.H, d.W});
@@ -255,9 +255,9 @@ void ghost_module_kernel_cuda(const at::Tensor& x, const at::Tensor& primary_wei
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_module_forward_cuda", [&] {
     constexpr int kWide = std::is_same<scalar_t, double>::value ? 16 : 32;
     if (d.n1 <= 8)
-      run_ghost_forward<scalar_t, 8>(d, x, primary_weight, bn1, cheap_weight, bn2, gate, relu, cl, out);
+      run_ghost_forward<scalar_t, 8>(d, x, primary_weight, bn1, cheap_weight, bn2, gate, a, cl, out);
     else
-      run_ghost_forward<scalar_t, kWide>(d, x, primary_weight, bn1, cheap_weight, bn2, gate, relu, cl, out);
+      run_ghost_forward<scalar_t, kWide>(d, x, primary_weight, bn1, cheap_weight, bn2, gate, a, cl, out);
   });
 }
 

@@ -68,7 +68,8 @@ struct GhostBackwardArgs {
   int64_t sgn, sgc, sgh, sgw;
   int64_t tiles_h, tiles_w, ncb;
   int dw, TH, TW;
-  bool relu, bilinear, cl;
+  Act act;
+  bool bilinear, cl;
 };
 
 // x1 on region A and z1 on the tile T.
@@ -80,7 +81,7 @@ struct X1Z1Epi {
   const acc_t* primary_bias;
   int64_t c0, n1, H, W, hb, wb;
   int WA, PA, PT, TH, TW, R2;
-  bool relu;
+  Act act;
   __device__ __forceinline__ void operator()(int p, int c, acc_t z1) const {
     const int ai = p / WA;
     const int aj = p - ai * WA;
@@ -89,8 +90,7 @@ struct X1Z1Epi {
     const int64_t cc = c0 + c;
     acc_t r = acc_t(0);
     if (cc < n1 && h >= 0 && h < H && w >= 0 && w < W) {
-      r = z1 * primary_scale[cc] + primary_bias[cc];
-      if (relu) r = relu_keep_nan(r);
+      r = act_forward(act, z1 * primary_scale[cc] + primary_bias[cc]);
     }
     X1[c * PA + p] = r;
     const int ti = ai - R2;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) ghost_backward_kernel(const GhostBac
       RegionLoad<scalar_t, acc_t>{a.x + n * a.sxn, a.sxc, a.sxh, a.sxw, a.H, a.W, h0 - R2, w0 - R2, WA},
       WeightRowLoad<scalar_t, acc_t>{a.primary_weight, c0, a.init, a.C_in},
       X1Z1Epi<acc_t>{X1, Z1, a.primary_scale, a.primary_bias, c0, a.n1, a.H, a.W, h0 - R2, w0 - R2, WA, PA, PT, TH,
-                     TW, R2, a.relu});
+                     TW, R2, a.act});
   __syncthreads();
 
   const int warp = threadIdx.x / 32;
@@ -205,13 +205,13 @@ __global__ void __launch_bounds__(kThreads) ghost_backward_kernel(const GhostBac
               s = gate_source<acc_t>(h, w, a.H, a.W, a.Hg, a.Wg, a.bilinear);
               g = gov * gate_sample<acc_t>(a.gate + (n * a.out_channels + oc) * gplane, a.Wg, s, a.bilinear);
             }
-            if (a.relu) g = pre2 > acc_t(0) ? g : acc_t(0);  // torch's relu backward: 0 at 0 and at NaN
+            g = act_backward(a.act, g, pre2);  // from the pre-activation
             const bool own = bi >= R && bi < R + TH && bj >= R && bj < R + TW;
             if (own) {
               sum_s += g * z2;
               sum_b += g;
               if (a.grad_gate != nullptr) {
-                const acc_t x2 = a.relu ? relu_keep_nan(pre2) : pre2;
+                const acc_t x2 = act_forward(a.act, pre2);
                 gate_scatter<acc_t>(a.grad_gate + (n * a.out_channels + oc) * gplane, a.Wg, s, a.bilinear,
                                     gov * x2);
               }
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) ghost_backward_kernel(const GhostBac
       if (h >= a.H || w >= a.W) continue;
       const acc_t z1 = Z1[c * PT + t];
       acc_t g = GX[c * PT + t];
-      if (a.relu) g = (z1 * s1v + b1v) > acc_t(0) ? g : acc_t(0);
+      g = act_backward(a.act, g, z1 * s1v + b1v);  // from the pre-activation
       sum_s += g * z1;
       sum_b += g;
       if (a.grad_z1 != nullptr) a.grad_z1[(n * a.n1 + cc) * HW + h * a.W + w] = g * s1v;
@@ -336,7 +336,7 @@ template <typename scalar_t>
 void run_ghost_backward(const GhostDims& d, const at::Tensor& grad_out, const at::Tensor& x,
                         const at::Tensor& primary_weight, const at::Tensor& primary_scale,
                         const at::Tensor& primary_bias, const at::Tensor& cheap_weight, const at::Tensor& cheap_scale,
-                        const at::Tensor& cheap_bias, const std::optional<at::Tensor>& gate, bool relu, bool cl,
+                        const at::Tensor& cheap_bias, const std::optional<at::Tensor>& gate, Act act, bool cl,
                         at::TensorList grads) {
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr int CB = 8;
@@ -404,7 +404,7 @@ void run_ghost_backward(const GhostDims& d, const at::Tensor& grad_out, const at
     a.dw = static_cast<int>(d.dw);
     a.TH = tile.th;
     a.TW = tile.tw;
-    a.relu = relu;
+    a.act = act;
     a.bilinear = d.bilinear;
     a.cl = cl;
     const unsigned int grid = grid_size(kOp, d.N * a.tiles_h * a.tiles_w * a.ncb);
@@ -439,9 +439,10 @@ void ghost_module_backward_kernel_cuda(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& primary_weight, const at::Tensor& primary_scale,
                                        const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
                                        const at::Tensor& cheap_scale, const at::Tensor& cheap_bias,
-                                       int64_t out_channels, bool relu, const std::optional<at::Tensor>& gate,
+                                       int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
                                        c10::string_view gate_mode, at::TensorList grads) {
   const GhostDims d = check_ghost_args(kOp, x, primary_weight, cheap_weight, out_channels, gate, gate_mode);
+  const Act a = check_act(kOp, act);
   const at::ScalarType acc = acc_type(x.scalar_type());
   check_param(primary_scale, x, acc, kOp, "primary_scale", {d.init});
   check_param(primary_bias, x, acc, kOp, "primary_bias", {d.init});
@@ -464,7 +465,7 @@ void ghost_module_backward_kernel_cuda(const at::Tensor& grad_out, const at::Ten
   const c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_module_backward_cuda", [&] {
     run_ghost_backward<scalar_t>(d, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
-                                 cheap_scale, cheap_bias, gate, relu, cl, grads);
+                                 cheap_scale, cheap_bias, gate, a, cl, grads);
   });
 }
 
