@@ -25,7 +25,7 @@ class TritonBackend(Backend):
             return None if triton_interpreting() else "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         return f"no Triton backend for device type {device_type!r}"
 
-    ACTIVATIONS = ("none", "relu")  # kernels/ghost_module.py ACTIVATIONS
+    ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")  # kernels/ghost_module.py ACTIVATIONS
 
     def dtype_unsupported(self, dtype: torch.dtype) -> Optional[str]:
         if dtype == torch.bfloat16 and triton_interpreting():

@@ -14,16 +14,60 @@ from torch import Tensor
 
 from .batch_norm import NO_BN, _fold_bn, bn_launch_args
 
-# The activations these kernels implement (ghostfast.reference.ACTIVATIONS names; a bool is relu / none).
-ACTIVATIONS = ("none", "relu")
+# The activations these kernels implement: ghostfast.reference.ACTIVATIONS, each passed to the kernels as its index
+# there (ghostfast.reference.ACT_CODES); a bool is relu (True) or none (False).
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
 
 
-def _relu_flag(act) -> bool:
+def _act_code(act) -> int:
+    """The kernels' ACT constexpr of `act`: an ACTIVATIONS name, or a bool (True: relu, False: none)."""
     if isinstance(act, bool):
-        return act
+        return ACTIVATIONS.index("relu" if act else "none")
     if act not in ACTIVATIONS:
         raise ValueError(f"the Triton Ghost module kernels implement the activations {ACTIVATIONS}, got {act!r}")
-    return act == "relu"
+    return ACTIVATIONS.index(act)
+
+
+@triton.jit
+def _div(a, b):
+    """a / b correctly rounded, as eager's: Triton's fp32 divide is not on the GPU (fp64's is)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """The activation ACT (its ACTIVATIONS index) of the pre-activation z, as eager PyTorch computes it; where(), not
+    maximum() / minimum(): NaN passes through as in F.relu, F.relu6 and F.hardswish."""
+    if ACT == 1:  # relu
+        z = tl.where(z < 0, 0.0, z)
+    elif ACT == 2:  # relu6 = hardtanh(z, 0, 6)
+        z = tl.where(z < 0, 0.0, tl.where(z > 6.0, 6.0, z))
+    elif ACT == 3:  # hardswish: z * clamp(z + 3, 0, 6) / 6
+        t = z + 3.0
+        t = tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t))
+        z = _div(z * t, 6.0)
+    elif ACT == 4:  # silu = z * sigmoid(z), written z / (1 + exp(-z)) as torch's kernels do
+        z = _div(z, 1.0 + tl.exp(-z))
+    return z
+
+
+@triton.jit
+def _act_grad(z, g, ACT: tl.constexpr):
+    """The gradient reaching the pre-activation z of ACT given the upstream g, as torch's own backward kernels
+    (threshold_backward, hardtanh_backward, hardswish_backward, silu_backward) compute it."""
+    if ACT == 1:  # 0 at exactly 0 (and at NaN)
+        g = tl.where(z > 0, g, 0.0)
+    elif ACT == 2:  # 0 at and past both breakpoints (g at NaN)
+        g = tl.where((z <= 0) | (z >= 6.0), 0.0, g)
+    elif ACT == 3:  # 0 up to -3, g * (z / 3 + 1/2) below 3, g from 3 (and at NaN): torch >= 2.7's breakpoints
+        g = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, g * (_div(z, 3.0) + 0.5), g))
+    elif ACT == 4:  # g * s * (1 + z * (1 - s)), s = sigmoid(z) = 1 / (1 + exp(-z))
+        s = _div(tl.full(z.shape, 1.0, z.dtype), 1.0 + tl.exp(-z))
+        g = g * s * (1.0 + z * (1.0 - s))
+    return g
 
 
 @triton.jit
@@ -156,7 +200,7 @@ def _ghost_module_fwd_kernel(
     HALO_H: tl.constexpr, HALO_W: tl.constexpr,  # halo tile, powers of two; output tile is HALO - 2R per side
     DW: tl.constexpr,  # depthwise kernel size (odd)
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # x1 channels per item, C_in chunk of the dot
-    RELU: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,  # epilogue flags
+    ACT: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,  # activation code, epilogue flags
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 only)
     ACC: tl.constexpr, IS_FP64: tl.constexpr,  # accumulate dtype (fp32, or fp64 for fp64 inputs)
     BN1_HAS_W: tl.constexpr, BN1_HAS_B: tl.constexpr, BN1_HAS_M: tl.constexpr, BN1_HAS_V: tl.constexpr,
@@ -212,8 +256,7 @@ def _ghost_module_fwd_kernel(
             s1, b1 = _fold_bn(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, c64, c_ok,
                               BN1_HAS_W, BN1_HAS_B, BN1_HAS_M, BN1_HAS_V, ACC)
             x1 = acc * s1[None, :] + b1[None, :]
-            if RELU:
-                x1 = tl.where(x1 < 0, 0.0, x1)  # not maximum(): NaN must pass through as in F.relu
+            x1 = _act(x1, ACT)
             # the depthwise zero-pads the biased, activated x1: lanes outside the image read as 0
             x1 = tl.where(in_img[:, None], x1, 0.0)
 
@@ -255,8 +298,7 @@ def _ghost_module_fwd_kernel(
                         s2, b2 = _fold_bn(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps, o2_64, m2c,
                                           BN2_HAS_W, BN2_HAS_B, BN2_HAS_M, BN2_HAS_V, ACC)
                         y2 = acc2 * s2[None, :] + b2[None, :]
-                        if RELU:
-                            y2 = tl.where(y2 < 0, 0.0, y2)
+                        y2 = _act(y2, ACT)
                         m2 = store_pix[:, None] & m2c[None, :]
                         oc = (init + o2).to(tl.int64)
                         if HAS_GATE:
@@ -422,7 +464,7 @@ def _forward_launch(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act
         *sg, *out.stride(),
         tiles_h, tiles_w, n_cblocks, total,
         HALO_H=halo_h, HALO_W=halo_w, DW=k, BLOCK_C=block_c, BLOCK_K=block_k,
-        RELU=_relu_flag(act), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
+        ACT=_act_code(act), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
         INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
         **bn1_flags, **bn2_flags, STATS=stats, num_warps=num_warps,
     )
@@ -526,7 +568,7 @@ def _ghost_module_bwd_kernel(
     HALO_H: tl.constexpr, HALO_W: tl.constexpr,  # halo tile, powers of two; the owned tile is HALO - 4R per side
     DW: tl.constexpr,  # depthwise kernel size (odd)
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # x1 channels per block, C_in chunk of the dots
-    RELU: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,
+    ACT: tl.constexpr, HAS_GATE: tl.constexpr, GATE_BILINEAR: tl.constexpr,  # activation code, gate flags
     NEED_GX: tl.constexpr, NEED_W1: tl.constexpr, NEED_GATE: tl.constexpr,  # which gradients to produce
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 only)
     ACC: tl.constexpr, IS_FP64: tl.constexpr,  # accumulate dtype (fp32, or fp64 for fp64 inputs)
@@ -598,9 +640,7 @@ def _ghost_module_bwd_kernel(
                                INPUT_PRECISION, ACC)
             s1, b1 = _fold_bn(s1_ptr, b1_ptr, s1_ptr, s1_ptr, 0.0, c64, c_ok, True, True, False, False, ACC)
             pre1 = y1 * s1[None, :] + b1[None, :]
-            x1 = pre1
-            if RELU:
-                x1 = tl.where(pre1 < 0, 0.0, pre1)
+            x1 = _act(pre1, ACT)
             x1 = tl.where(in_img[:, None], x1, 0.0)  # the depthwise zero-pads the biased, activated x1
 
             # ---- gradient reaching x1 directly (its channels that survive the cut) ----
@@ -643,16 +683,14 @@ def _ghost_module_bwd_kernel(
                     if HAS_GATE:
                         g2 = go2 * _gate_at(g_n, oc * sgc, o00, o01, o10, o11, lh, lw, mb, GATE_BILINEAR, ACC)
                         if NEED_GATE:
-                            x2 = pre2
-                            if RELU:
-                                x2 = tl.where(pre2 < 0, 0.0, pre2)
+                            x2 = _act(pre2, ACT)
                             mt = t_pix[:, None] & m2c[None, :]
                             _gate_scatter(gg_n, oc * ggc, q00, q01, q10, q11, lh, lw, tl.where(mt, go2 * x2, 0.0),
                                           mt, GATE_BILINEAR, ACC)
                     else:
                         g2 = go2
-                    if RELU:
-                        g2 = tl.where(pre2 > 0, g2, 0.0)  # torch's relu backward: 0 at exactly 0 (and at NaN)
+                    if HAS_GO:  # without grad_out g2 is 0 and no path runs through act2 (no NaN from it)
+                        g2 = _act_grad(pre2, g2, ACT)
                     g2 = tl.where(mb, g2, 0.0)
                     g2t = tl.where(in_t[:, None], g2, 0.0)
                     if HAS_GO:
@@ -682,9 +720,9 @@ def _ghost_module_bwd_kernel(
 
             # ---- g1 = gx1 * act'(pre1) on the tile; BN1 and W1 reductions ----
             g1 = gx1
-            if RELU:
-                # recomputed rather than kept live across the cheap-output loop (registers are the limit here)
-                g1 = tl.where(y1 * s1[None, :] + b1[None, :] > 0, g1, 0.0)
+            if HAS_GO or CORR == 2:  # else gx1 is 0 and no path runs through act1
+                # pre1 recomputed rather than kept live across the cheap-output loop (registers are the limit here)
+                g1 = _act_grad(y1 * s1[None, :] + b1[None, :], g1, ACT)
             g1 = tl.where(m1, g1, 0.0)
             tl.atomic_add(gs1_ptr + c64, tl.sum(g1 * y1, axis=0), mask=c_ok)
             tl.atomic_add(gb1_ptr + c64, tl.sum(g1, axis=0), mask=c_ok)
@@ -829,7 +867,7 @@ def _backward_launch(grad_out, x, primary_weight, primary_scale, primary_bias, c
             *sg, *gx_t.stride(), Cg * Hg * Wg, Hg * Wg,
             tiles_h, tiles_w, n_cblocks, total, slot,
             HALO_H=halo_h, HALO_W=halo_w, DW=dw, BLOCK_C=block_c, BLOCK_K=block_k,
-            RELU=_relu_flag(act), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
+            ACT=_act_code(act), HAS_GATE=gate is not None, GATE_BILINEAR=gate_mode == "bilinear",
             NEED_GX=bool(needs[0]), NEED_W1=bool(needs[1]), NEED_GATE=need_gate,
             INPUT_PRECISION=precision, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
             HAS_GO=grad_out is not None, CORR=corr_stage, num_warps=num_warps,

@@ -17,9 +17,9 @@ launch asks for. A compile error, or shared memory above sm_90's opt-in limit (2
 The cases: every distinct Ghost module (and DFC branch) of timm's ghostnet_100 / ghostnetv2_100 / ghostnetv3_100
 at 224x224 (`benchmarks/shapes.py`) at batch 1, 32 and 256; each in float32, float16, bfloat16 and float64
 (half inputs with BatchNorm vectors in their own dtype and in float32, as under autocast); the forward without a
-gate and with a nearest and a bilinear gate, both activations; the statistics variants of both stages; the
-backward for every combination of the gradients that change the kernel (x, primary weight, gate); the DFC in its
-three modes, forward and backward (x, conv weight). Plus a few awkward shapes (1-pixel images and gates, 2x2 and
+gate and with a nearest and a bilinear gate, each module's own activation (the edge shapes: all five); the
+statistics variants of both stages; the backward for every combination of the gradients that change the kernel (x,
+primary weight, gate); the DFC in its three modes, forward and backward (x, conv weight). Plus a few awkward shapes (1-pixel images and gates, 2x2 and
 3x3 DFC inputs) where Triton's specialisation of ints equal to 1 changes the program.
 """
 from __future__ import annotations
@@ -124,28 +124,28 @@ def ghost_cases(shape, n: int, dtype) -> Iterable[Tuple[dict, Callable]]:
     e = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     x, w1, w2 = e(n, cin, h, w), e(init, cin, 1, 1), e(cheap, 1, dw, dw)
     # as the models run them: a gate on the attention modules only (nearest as timm, bilinear as the paper), each
-    # module's own activation; the edge shapes take every combination
+    # module's own activation (relu or none); the edge shapes take every combination and every activation
     if shape.get("attention") is None:
         gates = {"none": None, "nearest": e(n, out_c, hg, wg), "bilinear": e(n, out_c, hg, wg)}
     elif shape["attention"]:
         gates = {"nearest": e(n, out_c, hg, wg), "bilinear": e(n, out_c, hg, wg)}
     else:
         gates = {"none": None}
-    relus = (True, False) if shape.get("relu") is None else (shape["relu"],)
+    acts = gm.ACTIVATIONS if shape.get("relu") is None else ("relu" if shape["relu"] else "none",)
     base = dict(shape=shape["label"], N=n, dtype=DTYPE_NAME[dtype])
     bn_dtypes = (dtype, torch.float32) if _half(dtype) else (dtype,)
-    for relu in relus:
+    for act in acts:
         for gate_mode, g in gates.items():
             for bdt in bn_dtypes:
-                yield (dict(base, op="ghost_module", direction="forward", variant="eval", gate=gate_mode, relu=relu,
+                yield (dict(base, op="ghost_module", direction="forward", variant="eval", gate=gate_mode, act=act,
                             bn_dtype=DTYPE_NAME[bdt]),
-                       lambda g=g, gate_mode=gate_mode, relu=relu, bdt=bdt: gm.ghost_module_forward(
-                           x, w1, _bn(init, bdt), w2, _bn(cheap, bdt), out_c, relu, g,
+                       lambda g=g, gate_mode=gate_mode, act=act, bdt=bdt: gm.ghost_module_forward(
+                           x, w1, _bn(init, bdt), w2, _bn(cheap, bdt), out_c, act, g,
                            "nearest" if gate_mode == "none" else gate_mode))
         for stage in (1, 2):
             yield (dict(base, op="ghost_module", direction="forward", variant=f"stats{stage}", gate="none",
-                        relu=relu, bn_dtype=DTYPE_NAME[dtype]),
-                   lambda stage=stage, relu=relu: gm.ghost_module_stats(x, w1, _bn(init, dtype), w2, relu, stage))
+                        act=act, bn_dtype=DTYPE_NAME[dtype]),
+                   lambda stage=stage, act=act: gm.ghost_module_stats(x, w1, _bn(init, dtype), w2, act, stage))
         acc = _acc(dtype)
         s1, b1, s2, b2 = e(init, dt=acc), e(init, dt=acc), e(cheap, dt=acc), e(cheap, dt=acc)
         go = e(n, out_c, h, w)
@@ -154,18 +154,18 @@ def ghost_cases(shape, n: int, dtype) -> Iterable[Tuple[dict, Callable]]:
                 if g is None and need_g:
                     continue
                 needs = (need_x, need_w1, True, True, True, True, True, need_g)
-                yield (dict(base, op="ghost_module", direction="backward", variant="eval", gate=gate_mode, relu=relu,
+                yield (dict(base, op="ghost_module", direction="backward", variant="eval", gate=gate_mode, act=act,
                             needs=_needs_label(x=need_x, w1=need_w1, gate=need_g if g is not None else None)),
-                       lambda g=g, gate_mode=gate_mode, needs=needs, relu=relu: gm.ghost_module_backward(
-                           go, x, w1, s1, b1, w2, s2, b2, out_c, relu, g,
+                       lambda g=g, gate_mode=gate_mode, needs=needs, act=act: gm.ghost_module_backward(
+                           go, x, w1, s1, b1, w2, s2, b2, out_c, act, g,
                            "nearest" if gate_mode == "none" else gate_mode, needs))
         for stage in (1, 2):
             for need_x, need_w1 in itertools.product((True, False), repeat=2):
                 needs = (need_x, need_w1, True, True, True)
                 yield (dict(base, op="ghost_module", direction="backward", variant=f"stats{stage}", gate="none",
-                            relu=relu, needs=_needs_label(x=need_x, w1=need_w1)),
-                       lambda stage=stage, needs=needs, relu=relu: gm.ghost_module_stats_backward(
-                           x, w1, s1, b1, w2, relu, stage, e(init if stage == 1 else cheap, dt=acc),
+                            act=act, needs=_needs_label(x=need_x, w1=need_w1)),
+                       lambda stage=stage, needs=needs, act=act: gm.ghost_module_stats_backward(
+                           x, w1, s1, b1, w2, act, stage, e(init if stage == 1 else cheap, dt=acc),
                            e(init if stage == 1 else cheap, dt=acc), e(init if stage == 1 else cheap, dt=acc), needs))
 
 
@@ -176,7 +176,7 @@ def dfc_cases(shape, n: int, dtype) -> Iterable[Tuple[dict, Callable]]:
     cin, c, h, w = shape["in_chs"], shape["out_chs"], shape["H"], shape["W"]
     e = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     x, cw, hw, vw = e(n, cin, h, w), e(c, cin, 1, 1), e(c, 1, 1, 5), e(c, 1, 5, 1)
-    base = dict(shape=shape["label"], N=n, dtype=DTYPE_NAME[dtype], relu=None)
+    base = dict(shape=shape["label"], N=n, dtype=DTYPE_NAME[dtype], act=None)
     bn_dtypes = (dtype, torch.float32) if _half(dtype) else (dtype,)
     acc = _acc(dtype)
     vec = [e(c, dt=acc) for _ in range(6)]
@@ -292,7 +292,7 @@ def describe(v: dict) -> dict:
         variant="/".join(sorted({c["variant"] for c in cases})),
         dtype=first["dtype"],
         gate="/".join(sorted({c["gate"] for c in cases})),
-        relu="/".join(sorted({str(c["relu"]) for c in cases})),
+        act="/".join(sorted({str(c["act"]) for c in cases})),
         needs="/".join(sorted({c.get("needs", "") for c in cases})) or "",
         config=" ".join(config),
         num_warps=comp["num_warps"], num_stages=comp["num_stages"],
@@ -422,7 +422,8 @@ def compile_variant(v: dict) -> dict:
 
 def _weight(d: dict) -> int:
     """More enabled code paths first, so a config is first met (and kept) in its heaviest variant."""
-    return -sum(f.endswith("=1") or f == "UPSAMPLE=2" for f in d["flags"].split())
+    return -sum(f.endswith("=1") or f == "UPSAMPLE=2" or (f.startswith("ACT=") and f != "ACT=0")
+                for f in d["flags"].split())
 
 
 def _elem_class(dtype: str) -> str:
@@ -431,7 +432,11 @@ def _elem_class(dtype: str) -> str:
 
 def _features(d: dict, which: str) -> set:
     kd = (d["kernel"], d["dtype"])
-    feats = {(kd, "flag", f) for f in d["flags"].split()} | {(d["kernel"], "spec1", f) for f in d["spec1"].split()}
+    # the activation (ACT, five values) once per kernel and accumulation dtype (fp64, or fp32: every other dtype),
+    # not per dtype: it is elementwise math in the accumulator, and the product would double the compiles
+    acc = (d["kernel"], "fp64" if d["dtype"] == "fp64" else "fp32-acc")
+    feats = {(acc if f.startswith("ACT=") else kd, "flag", f) for f in d["flags"].split()}
+    feats |= {(d["kernel"], "spec1", f) for f in d["spec1"].split()}
     if which == "ci":
         return feats | {(d["kernel"], "config", d["config"], d["num_warps"], d["num_stages"])}
     # shared memory and registers scale with the element size: every config once per element size
@@ -442,7 +447,7 @@ def select(described: List[dict], which: str) -> List[int]:
     """Indices of the variants to compile. 'all': every captured variant (hours). 'cover' (the committed table):
     greedily, heaviest first, a variant is kept when it brings a config (tiles + warps + stages) not yet compiled
     for its kernel and element size (fp16 and bf16 share one), a flag value not yet compiled for its kernel and
-    dtype, or an int argument specialised to 1 not yet seen for its kernel; the rest differ from a kept one only in
+    dtype (the activation: for its kernel and accumulation dtype), or an int argument specialised to 1 not yet seen for its kernel; the rest differ from a kept one only in
     combinations of those, in pointer dtypes or in divisibility hints. 'ci': from those, the same with every
     config once per kernel (any dtype)."""
     order = sorted(range(len(described)), key=lambda i: _weight(described[i]))
@@ -462,7 +467,7 @@ def select(described: List[dict], which: str) -> List[int]:
 
 # ---- output ---------------------------------------------------------------------------------------------------
 
-COLUMNS = ("kernel", "op", "direction", "variant", "dtype", "gate", "relu", "needs", "config", "num_warps",
+COLUMNS = ("kernel", "op", "direction", "variant", "dtype", "gate", "act", "needs", "config", "num_warps",
            "num_stages", "regs", "spill_stores", "spill_loads", "stack", "shared", "status", "flags", "ptr_types",
            "spec1", "launches", "example", "compile_s", "cpu_s", "variant_id", "error")
 
@@ -577,8 +582,9 @@ def write_readme(path: str, rows: List[dict], n_launch: int, n_variants: int, se
         f"variant and gradient combination: {n_launch} launches, {n_variants} distinct variants (what a GPU would JIT: "
         f"they differ in flags, in which int arguments equal 1 or are divisible by 16, and in pointer dtypes). It "
         f"compiles {len(rows)} of them, heaviest first: every config (tiles, num_warps, num_stages) of each kernel "
-        f"once per element size (fp16 and bf16 share one), every flag value of each kernel and dtype, and every int "
-        f"argument specialised to 1 ({seconds / 60:.0f} min wall on 2 shared CPU cores). Triton "
+        f"once per element size (fp16 and bf16 share one), every flag value of each kernel and dtype (the activation: "
+        f"each of its values once per kernel and accumulation dtype), and every int argument specialised to 1 "
+        f"({seconds / 60:.0f} min wall on 2 shared CPU cores). Triton "
         f"{_t.__version__}, target `GPUTarget('cuda', 90, 32)`, ptxas `sm_90a`. `{CSV_NAME}` has one row per "
         f"compiled variant: `regs` per thread, `spill_stores` / `spill_loads` / `stack` (bytes per thread, ptxas -v), "
         f"`shared` (what the launch asks for, `metadata.shared`; sm_90's opt-in limit is {SM90_SMEM_LIMIT} B), "
