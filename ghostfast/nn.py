@@ -520,7 +520,22 @@ class _FusedGhostBase(nn.Module):
         return f"out_chs={self.out_chs}, backend={self.backend or 'default'}, {fused}"
 
 
-class GhostModule(_FusedGhostBase):
+class _GhostOnly(_FusedGhostBase):
+    """A Ghost module without attention: one fused launch, or its eager submodules (`_eager_ghost`)."""
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        return self._eager_ghost(x)
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        backend, dtype = self._fused_backend(x)
+        if backend is None:
+            return self._eager_ghost(x)
+        with _fused_region(x):
+            x = x if dtype is None else x.to(dtype)
+            return self._run_ghost(x, dtype, backend, None)
+
+
+class GhostModule(_GhostOnly):
     """Ghost module (GhostNet V1, and V3 after reparameterization) running as one fused kernel in eval mode.
 
     Same constructor and state_dict as timm's `GhostModule`; `from_module` wraps an existing module."""
@@ -541,16 +556,6 @@ class GhostModule(_FusedGhostBase):
         `out_chs` defaults to `m.out_chs` or `m.oup`."""
         return cls._wrap(m, ("primary_conv", "cheap_operation"), out_chs, backend, strict)
 
-    def _eager_forward(self, x: Tensor) -> Tensor:
-        return self._eager_ghost(x)
-
-    def _fused_forward(self, x: Tensor) -> Tensor:
-        backend, dtype = self._fused_backend(x)
-        if backend is None:
-            return self._eager_ghost(x)
-        with _fused_region(x):
-            x = x if dtype is None else x.to(dtype)
-            return self._run_ghost(x, dtype, backend, None)
 
 
 class GhostModuleV2(_FusedGhostBase):
@@ -718,7 +723,7 @@ def _conv_module_part(m: nn.Module, what: str) -> Tuple[nn.Conv2d, Optional[nn.M
     return conv, bn, _act_kind(m._modules.get("act"))
 
 
-class GhostConv(_FusedGhostBase):
+class GhostConv(_GhostOnly):
     """ultralytics YOLO's `GhostConv` as one fused launch: `y = cv1(x); cat(y, cv2(y))`, where `cv1` is a `Conv`
     (conv k x k, stride s + BN + SiLU by default; `act=False`: none) and `cv2` its 5x5 depthwise `Conv`. Also
     after ultralytics' `model.fuse()` (BN folded into the conv bias). Wraps an existing module, sharing its
@@ -745,19 +750,9 @@ class GhostConv(_FusedGhostBase):
         y = self.cv1(x)
         return torch.cat((y, self.cv2(y)), 1)
 
-    def _eager_forward(self, x: Tensor) -> Tensor:
-        return self._eager_ghost(x)
-
-    def _fused_forward(self, x: Tensor) -> Tensor:
-        backend, dtype = self._fused_backend(x)
-        if backend is None:
-            return self._eager_ghost(x)
-        with _fused_region(x):
-            x = x if dtype is None else x.to(dtype)
-            return self._run_ghost(x, dtype, backend, None)
 
 
-class GhostConv2d(_FusedGhostBase):
+class GhostConv2d(_GhostOnly):
     """The Ghost module of Ghost-ResNet (Huawei's ghost_resnet.py, an `nn.Conv2d` subclass): `x1 = conv1(x)`
     (k x k, stride, padding; biased), `cat(x1, conv2(x1)[:, :out - init])` (biased depthwise), no BatchNorm or
     activation inside, as one fused launch. Wraps an existing module, sharing its parameters and attributes."""
@@ -783,16 +778,6 @@ class GhostConv2d(_FusedGhostBase):
         x2 = self.conv2(x1)
         return torch.cat([x1, x2[:, :self.out_chs - x1.shape[1]]], 1)
 
-    def _eager_forward(self, x: Tensor) -> Tensor:
-        return self._eager_ghost(x)
-
-    def _fused_forward(self, x: Tensor) -> Tensor:
-        backend, dtype = self._fused_backend(x)
-        if backend is None:
-            return self._eager_ghost(x)
-        with _fused_region(x):
-            x = x if dtype is None else x.to(dtype)
-            return self._run_ghost(x, dtype, backend, None)
 
 
 __all__: List[str] = ["GhostConv", "GhostConv2d", "GhostModule", "GhostModuleV2", "StructureError"]
