@@ -98,12 +98,13 @@ def _compiled_registrations() -> dict:
 def resolution_state() -> tuple:
     """What backend availability depends on beyond the device and the request: TRITON_INTERPRET and the compiled
     registrations (refreshed by refresh_compiled). Part of the key under which modules cache a resolved backend."""
-    return triton_interpreting(), id(_C_STATE.get("registered"))
+    return triton_interpreting(), _C_STATE.get("refreshed", 0)  # a count, not id(): dynamo traces this
 
 
 def refresh_compiled() -> dict:
     """Re-read the registrations, e.g. after loading a development build (scripts/dev_build.py) into this process."""
     _C_STATE.pop("registered", None)
+    _C_STATE["refreshed"] = _C_STATE.get("refreshed", 0) + 1
     return _compiled_registrations()
 
 
