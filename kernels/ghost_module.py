@@ -58,8 +58,8 @@ def _act(z, ACT: tl.constexpr):
 def _act_grad(z, g, ACT: tl.constexpr):
     """The gradient reaching the pre-activation z of ACT given the upstream g, as torch's own backward kernels
     (threshold_backward, hardtanh_backward, hardswish_backward, silu_backward) compute it."""
-    if ACT == 1:  # 0 at exactly 0 (and at NaN)
-        g = tl.where(z > 0, g, 0.0)
+    if ACT == 1:  # 0 at and below 0, g at NaN (threshold_backward)
+        g = tl.where(z <= 0, 0.0, g)
     elif ACT == 2:  # 0 at and past both breakpoints (g at NaN)
         g = tl.where((z <= 0) | (z >= 6.0), 0.0, g)
     elif ACT == 3:  # 0 up to -3, g * (z / 3 + 1/2) below 3, g from 3 (and at NaN): torch >= 2.7's breakpoints

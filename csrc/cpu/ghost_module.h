@@ -146,6 +146,9 @@ struct Ctx {
   // dz = ca + cc * (z - cm) per channel. ca / cc / cm are padded with zeros to whole vectors.
   int stats = 0;
   std::vector<acc_t> ca, cc, cm;
+  // Library GEMM (forward, float / double): z1 = W1 x of the whole batch by ATen (MKL / oneDNN) before the row walk,
+  // which then reads it instead of running its own GEMM: NCHW [N][n_x1][HW], channels_last [N*HW][n_x1].
+  const acc_t* zl = nullptr;
 
   void prepare(const Geometry& geo, const at::Tensor& x_t, const at::Tensor& w1_t, const at::Tensor& w2_t,
                const std::optional<at::Tensor>& gate_t, bool backward) {
@@ -227,6 +230,16 @@ struct Ctx {
     pad(cm, *sg.mean);
   }
 };
+
+// ---- library GEMM (issue 13 item 3) ----
+
+// Whether the forward computes x1's GEMM with ATen's (MKL / oneDNN) for the whole batch (Ctx::zl) instead of its own
+// register-blocked GEMM per sub-block. GHOSTFAST_CPU_GEMM=own / library forces one (tests, A/B runs); otherwise the
+// measured rule (benchmarks/results/cpu-2core/NOTES.md, "GEMM where a library wins").
+bool use_library_gemm(const Geometry& g, at::ScalarType dtype);
+
+// z1 = W1 x by ATen for the library path (float / double inputs): NCHW [N][n_x1][HW], channels_last [N*HW][n_x1]
+at::Tensor library_z1(const Geometry& g, const at::Tensor& x, const at::Tensor& primary_weight);
 
 // ---- forward workspace (the forward and the statistics kernels) ----
 

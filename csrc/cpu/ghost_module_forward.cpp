@@ -8,7 +8,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "batch_norm.h"
@@ -53,6 +56,39 @@ inline void store_out(scalar_t* dst, const acc_t* src, int64_t cnt, const acc_t*
   if (i < cnt) vstore<acc_t>(dst + i, value(i), cnt - i);
 }
 
+// The measured rule for the library GEMM (`use_library_gemm`; benchmarks/results/cpu-2core/gemm_choice.csv: float32,
+// 2 threads, every Ghost-module shape of timm's GhostNets; NOTES.md). On images larger than 14x14 the own GEMM's tiles
+// stay in cache and the library's z1 round trip through memory costs more (1.05-1.2x slower). On 14x14 and 7x7
+// images the library wins clearly with a long reduction (C_in >= 400: 0.72-0.9x, 0.85-0.88x with cold caches); with
+// shorter ones it wins less (0.81-0.97x at batch 8, the 160 -> 960 layers at batch 1) or loses (1.03-1.2x at batch
+// 1), and whole models measured no better with those included, so they keep the own GEMM.
+bool library_gemm_wins(const Geometry& g) { return g.HW <= 196 && g.C >= 400; }
+
+// library GEMM, NCHW: dst[0 .. cnt) = act(src * s + b), whole vectors (dst is padded; nothing read past src[cnt - 1])
+template <Act A, typename acc_t>
+inline void affine_act_row(acc_t* dst, const acc_t* src, int64_t cnt, acc_t s, acc_t b) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec sv(s), bv(b);
+  int64_t i = 0;
+  for (; i + V <= cnt; i += V) act_v<A>(at::vec::fmadd(Vec::loadu(src + i), sv, bv)).store(dst + i);
+  if (i < cnt) act_v<A>(at::vec::fmadd(vload<acc_t>(src + i, cnt - i), sv, bv)).store(dst + i);
+}
+
+// library GEMM, channels_last: one pixel's x1 channels, dst[0 .. Zc) = act(src * s1 + b1) (zero-padded s1 / b1:
+// the padding lanes are act(0) = 0, as the GEMM's epilogue writes them)
+template <Act A, typename scalar_t>
+inline void affine_act_pixel(acc_of<scalar_t>* dst, const acc_of<scalar_t>* src, int64_t n, int64_t Zc,
+                             const Ctx<scalar_t>& cx) {
+  using acc_t = acc_of<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t c = 0; c < Zc; c += V) {
+    const Vec v = c + V <= n ? Vec::loadu(src + c) : vload<acc_t>(src + c, n - c);
+    act_v<A>(at::vec::fmadd(v, Vec::loadu(cx.s1.data() + c), Vec::loadu(cx.b1.data() + c))).store(dst + c);
+  }
+}
+
 template <Act A, typename scalar_t>
 void fwd_planar_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws) {
   using acc_t = acc_of<scalar_t>;
@@ -86,8 +122,14 @@ void fwd_planar_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& s
       epi.kind = Epilogue<acc_t>::ROW;
       epi.scale = cx.s1.data();
       epi.bias = cx.b1.data();
-      Gemm<acc_t, acc_t, scalar_t, acc_t, false, A>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
-                                                      cx.x_end, z0, ws.z_ps, true, epi);
+      if (cx.zl != nullptr) {
+        const acc_t* zn = cx.zl + n * d.n_x1 * HW + hi * W;
+        for (int64_t c = 0; c < d.n_x1; ++c)
+          affine_act_row<A>(z0 + c * ws.z_ps, zn + c * HW, np, cx.s1[c], cx.b1[c]);
+      } else {
+        Gemm<acc_t, acc_t, scalar_t, acc_t, false, A>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
+                                                        cx.x_end, z0, ws.z_ps, true, epi);
+      }
       for (int64_t c = 0; c < d.n_src; ++c) {
         const acc_t* zc = z0 + c * ws.z_ps;
         acc_t* dsc = ds + c * ws.ds_ps;
@@ -157,8 +199,13 @@ void fwd_cl_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& sg, F
       epi.kind = Epilogue<acc_t>::COL;
       epi.scale = cx.s1.data();
       epi.bias = cx.b1.data();
-      Gemm<acc_t, scalar_t, acc_t, acc_t, false, A>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
-                                                      nullptr, z0, Zc, true, epi);
+      if (cx.zl != nullptr) {
+        const acc_t* zp = cx.zl + (n * HW + hi * W) * d.n_x1;
+        for (int64_t p = 0; p < np; ++p) affine_act_pixel<A>(z0 + p * Zc, zp + p * d.n_x1, d.n_x1, Zc, cx);
+      } else {
+        Gemm<acc_t, scalar_t, acc_t, acc_t, false, A>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
+                                                        nullptr, z0, Zc, true, epi);
+      }
       if (d.n_cheap > 0) {
         for (int64_t h = hi; h < nhi; ++h) {
           for (int64_t w = 0; w < W; ++w) {
@@ -218,6 +265,13 @@ void forward_impl(const Geometry& geo, const at::Tensor& x, const at::Tensor& w1
   Ctx<scalar_t> cx;
   cx.prepare(geo, x, w1, w2, gate, false);
   cx.fold_batch_norms(bn1, &bn2);
+  at::Tensor zl;  // the library GEMM's z1 (kept alive for the row walk)
+  if constexpr (std::is_same_v<scalar_t, acc_of<scalar_t>>) {
+    if (use_library_gemm(geo, x.scalar_type())) {
+      zl = library_z1(geo, x, w1);
+      cx.zl = zl.data_ptr<scalar_t>();
+    }
+  }
   const int64_t ng = num_groups(geo.N * geo.H);
   const auto groups = split_rows(geo.N, geo.H, ng);
   scalar_t* out_p = out.data_ptr<scalar_t>();
@@ -238,6 +292,36 @@ void forward_impl(const Geometry& geo, const at::Tensor& x, const at::Tensor& w1
 }
 
 }  // namespace
+
+bool use_library_gemm(const Geometry& g, at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  const char* env = std::getenv("GHOSTFAST_CPU_GEMM");
+  if (env != nullptr && std::strcmp(env, "own") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "library") == 0) return true;
+  return library_gemm_wins(g);
+}
+
+at::Tensor library_z1(const Geometry& g, const at::Tensor& x, const at::Tensor& primary_weight) {
+  const at::Tensor w = primary_weight.view({g.init, g.C}).narrow(0, 0, g.n_x1);
+  // one buffer per thread, reused (a fresh allocation of a few MB is a fresh mmap: its page faults cost more than
+  // the library GEMM saves)
+  static thread_local at::Tensor buffer;
+  const int64_t need = g.N * g.HW * g.n_x1;
+  if (!buffer.defined() || buffer.scalar_type() != x.scalar_type() || buffer.numel() < need)
+    buffer = at::empty({need}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (g.cl) {  // [N*HW][C] (a view of the channels_last input) times W1^T
+    at::Tensor z = buffer.narrow(0, 0, need).view({g.N * g.HW, g.n_x1});
+    at::mm_out(z, x.permute({0, 2, 3, 1}).reshape({g.N * g.HW, g.C}), w.t());
+    return z;
+  }
+  at::Tensor z = buffer.narrow(0, 0, need).view({g.N, g.n_x1, g.HW});  // [N][n_x1][HW]
+  const at::Tensor xv = x.view({g.N, g.C, g.HW});
+  for (int64_t n = 0; n < g.N; ++n) {
+    at::Tensor zn = z.select(0, n);
+    at::mm_out(zn, w, xv.select(0, n));
+  }
+  return z;
+}
 
 void forward(const Geometry& geo, const at::Tensor& x, const at::Tensor& primary_weight, const BatchNormArgs& bn1,
              const at::Tensor& cheap_weight, const BatchNormArgs& bn2, const std::optional<at::Tensor>& gate,

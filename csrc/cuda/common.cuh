@@ -43,8 +43,8 @@ __device__ __forceinline__ double sigmoid_acc(double z) { return 1.0 / (1.0 + ::
 // The Ghost module's activations (common.h's Act, the same for a whole launch: a uniform branch), the one place the
 // CUDA kernels compute them: act_forward(act, y) and act_backward(act, g, y) = g * act'(y), both of the
 // pre-activation y (after the BatchNorm), as eager PyTorch computes them (cpu/activation.h has the table). The
-// forwards let NaN through; the backward at a NaN y is 0 for relu (as this kernel always had it; eager gives g),
-// g for relu6 and hardswish, NaN for silu.
+// forwards let NaN through; the backward at a NaN y is g for relu, relu6 and hardswish (threshold_backward and
+// hardtanh_backward test y <= 0), NaN for silu.
 template <typename acc_t>
 __device__ __forceinline__ acc_t act_forward(Act act, acc_t y) {
   const acc_t zero(0), six(6);
@@ -70,7 +70,7 @@ __device__ __forceinline__ acc_t act_backward(Act act, acc_t g, acc_t y) {
   const acc_t zero(0), one(1), three(3);
   switch (act) {
     case Act::Relu:
-      return y > zero ? g : zero;
+      return y <= zero ? zero : g;  // threshold_backward: g at NaN
     case Act::Relu6:
       return (y <= zero || y >= acc_t(6)) ? zero : g;  // hardtanh_backward
     case Act::Hardswish:

@@ -1,0 +1,60 @@
+"""The `cpu` backend's Ghost module forward with x1's GEMM by ATen (MKL / oneDNN; GHOSTFAST_CPU_GEMM=library) and by
+its own register-blocked GEMM (=own), both against the float64 eager reference with poisoned outputs, over the
+forward kernel's covering cases plus the wide, small-image shapes the library path is chosen for
+(csrc/cpu/ghost_module_forward.cpp, `library_gemm_wins`)."""
+import pytest
+import torch
+
+import kernel_backends
+from test_kernel_ghost_module import CASES, _check
+from kernel_inputs import ghost_case_id
+
+pytestmark = pytest.mark.skipif("cpu" not in kernel_backends.NAMES, reason="the cpu backend (ghostfast._C) is absent")
+
+# (N, C_in, H, W, init, ratio, dw, out_channels, relu, dtype, layout, gate_mode): GhostNet's wide 7x7 and 14x14
+# layers, scaled down where the channel count does not change the code path
+WIDE = [
+    (2, 160, 7, 7, 480, 2, 3, 960, True, torch.float32, "contiguous", None),
+    (1, 160, 7, 7, 480, 2, 3, 960, False, torch.float32, "channels_last", "nearest"),
+    (2, 112, 7, 7, 336, 2, 3, 672, True, torch.float64, "contiguous", "bilinear"),
+    (3, 80, 14, 14, 100, 2, 3, 184, True, torch.float32, "channels_last", None),  # out < 2*init: cheap half cut
+    (1, 40, 5, 9, 60, 3, 5, 150, False, torch.float64, "channels_last", "bilinear"),
+    (2, 24, 3, 3, 20, 2, 3, 17, True, torch.float32, "contiguous", "nearest"),  # out < init
+]
+
+
+@pytest.fixture(params=["own", "library"])
+def gemm(request, monkeypatch):
+    monkeypatch.setenv("GHOSTFAST_CPU_GEMM", request.param)
+    with kernel_backends.active("cpu"):
+        yield request.param
+
+
+@pytest.mark.parametrize("case", CASES + WIDE, ids=[ghost_case_id(c) for c in CASES + WIDE])
+def test_forward_with_either_gemm_matches_reference(case, gemm):
+    _check(*case, "cpu")
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "silu"])
+def test_library_gemm_every_activation(act, gemm):
+    _check(2, 48, 7, 7, 96, 2, 3, 192, act, torch.float32, "contiguous", "nearest", "cpu")
+    _check(1, 48, 7, 7, 96, 2, 3, 190, act, torch.float32, "channels_last", None, "cpu")
+
+
+def test_either_gemm_same_result_to_rounding(monkeypatch):
+    """Both GEMMs ran (K = 960 is past the library's K blocking: the sums' orders differ, so the results differ in
+    rounding) and agree to float32 rounding."""
+    from ghostfast import ops
+    from ghostfast.reference import BatchNormParams
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 960, 7, 7, generator=g)
+    w1, w2 = torch.randn(480, 960, 1, 1, generator=g) * 0.05, torch.randn(480, 1, 3, 3, generator=g)
+    bn = BatchNormParams(torch.rand(480, generator=g) + 0.5, torch.randn(480, generator=g),
+                         torch.randn(480, generator=g), torch.rand(480, generator=g) + 0.5, 1e-5)
+    outs = {}
+    for mode in ("own", "library"):
+        monkeypatch.setenv("GHOSTFAST_CPU_GEMM", mode)
+        with torch.inference_mode():
+            outs[mode] = ops.ghost_module(x, w1, bn, w2, bn, 960, act="relu", backend="cpu")
+    rel = ((outs["own"] - outs["library"]).norm() / outs["own"].norm()).item()
+    assert 0 < rel < 2e-6
