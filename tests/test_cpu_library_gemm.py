@@ -58,3 +58,33 @@ def test_either_gemm_same_result_to_rounding(monkeypatch):
             outs[mode] = ops.ghost_module(x, w1, bn, w2, bn, 960, act="relu", backend="cpu")
     rel = ((outs["own"] - outs["library"]).norm() / outs["own"].norm()).item()
     assert 0 < rel < 2e-6
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "grad"])
+def test_library_gemm_across_inference_mode(first, monkeypatch):
+    """The library path's reused buffer works whichever mode allocated it: a module called under inference_mode,
+    then in a training step (and the other way round), as a benchmark or a validation loop does."""
+    from ghostfast import ops
+    from ghostfast.reference import BatchNormParams
+    monkeypatch.setenv("GHOSTFAST_CPU_GEMM", "library")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 416, 7, 7, generator=g)
+    w1 = (torch.randn(40, 416, 1, 1, generator=g) * 0.05).requires_grad_()
+    w2 = torch.randn(40, 1, 3, 3, generator=g)
+    bn = BatchNormParams(torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g),
+                         torch.randn(40, generator=g), torch.rand(40, generator=g) + 0.5, 1e-5)
+
+    def inference():
+        with torch.inference_mode():
+            return ops.ghost_module(x, w1, bn, w2, bn, 80, backend="cpu")
+
+    def grad():
+        out = ops.ghost_module(x, w1, bn, w2, bn, 80, backend="cpu")
+        out.square().sum().backward()
+        return out.detach()
+
+    calls = [inference, grad] if first == "inference_mode" else [grad, inference]
+    outs = [f() for f in calls + calls]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
+    assert w1.grad is not None and w1.grad.abs().sum() > 0

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -305,6 +306,10 @@ at::Tensor library_z1(const Geometry& g, const at::Tensor& x, const at::Tensor& 
   const at::Tensor w = primary_weight.view({g.init, g.C}).narrow(0, 0, g.n_x1);
   // one buffer per thread, reused (a fresh allocation of a few MB is a fresh mmap: its page faults cost more than
   // the library GEMM saves)
+  // InferenceMode: the buffer is an inference tensor whichever mode first allocated it, and written only under the
+  // guard (an inference tensor written outside InferenceMode raises; a normal one allocated outside and written
+  // inside would be counted as a version bump). Nothing here is differentiated: the kernels sit below autograd.
+  c10::InferenceMode guard;
   static thread_local at::Tensor buffer;
   const int64_t need = g.N * g.HW * g.n_x1;
   if (!buffer.defined() || buffer.scalar_type() != x.scalar_type() || buffer.numel() < need)
