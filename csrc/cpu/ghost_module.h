@@ -151,7 +151,7 @@ struct Ctx {
   const acc_t* zl = nullptr;
 
   void prepare(const Geometry& geo, const at::Tensor& x_t, const at::Tensor& w1_t, const at::Tensor& w2_t,
-               const std::optional<at::Tensor>& gate_t, bool backward) {
+               const std::optional<at::Tensor>& gate_t, bool backward, bool own_gemm = true) {
     d = geo;
     x = x_t.data_ptr<scalar_t>();
     x_end = x + x_t.numel();
@@ -164,8 +164,10 @@ struct Ctx {
     Cds = d.rm1 == 1 ? Zc : Cq;
     Cpad = round_up(std::max<int64_t>(C, 1), V);
     if (!d.cl) {
-      w1.assign(static_cast<size_t>(d.n_x1 * C), acc_t(0));
-      for (int64_t i = 0; i < d.n_x1 * C; ++i) w1[i] = static_cast<acc_t>(pw[i]);
+      if (own_gemm) {  // the library GEMM (Ctx::zl) reads the weight tensor itself
+        w1.assign(static_cast<size_t>(d.n_x1 * C), acc_t(0));
+        for (int64_t i = 0; i < d.n_x1 * C; ++i) w1[i] = static_cast<acc_t>(pw[i]);
+      }
       w2.assign(static_cast<size_t>(d.n_cheap * KK), acc_t(0));
       for (int64_t i = 0; i < d.n_cheap * KK; ++i) w2[i] = static_cast<acc_t>(cw[i]);
       if (backward) {
@@ -177,9 +179,11 @@ struct Ctx {
           for (int64_t t = 0; t < KK; ++t) w2f[o * KK + t] = w2[o * KK + (KK - 1 - t)];
       }
     } else {
-      w1.assign(static_cast<size_t>(C * Zc), acc_t(0));
-      for (int64_t c = 0; c < d.n_x1; ++c)
-        for (int64_t k = 0; k < C; ++k) w1[k * Zc + c] = static_cast<acc_t>(pw[c * C + k]);
+      if (own_gemm) {
+        w1.assign(static_cast<size_t>(C * Zc), acc_t(0));
+        for (int64_t c = 0; c < d.n_x1; ++c)
+          for (int64_t k = 0; k < C; ++k) w1[k * Zc + c] = static_cast<acc_t>(pw[c * C + k]);
+      }
       if (backward) {
         w1r.assign(static_cast<size_t>(d.n_x1 * Cpad), acc_t(0));
         for (int64_t c = 0; c < d.n_x1; ++c)

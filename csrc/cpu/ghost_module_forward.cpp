@@ -263,12 +263,14 @@ template <typename scalar_t>
 void forward_impl(const Geometry& geo, const at::Tensor& x, const at::Tensor& w1, const BatchNormArgs& bn1,
                   const at::Tensor& w2, const BatchNormArgs& bn2, const std::optional<at::Tensor>& gate,
                   const at::Tensor& out) {
+  bool library = false;
+  if constexpr (std::is_same_v<scalar_t, acc_of<scalar_t>>) library = use_library_gemm(geo, x.scalar_type());
   Ctx<scalar_t> cx;
-  cx.prepare(geo, x, w1, w2, gate, false);
+  cx.prepare(geo, x, w1, w2, gate, false, !library);
   cx.fold_batch_norms(bn1, &bn2);
   at::Tensor zl;  // the library GEMM's z1 (kept alive for the row walk)
   if constexpr (std::is_same_v<scalar_t, acc_of<scalar_t>>) {
-    if (use_library_gemm(geo, x.scalar_type())) {
+    if (library) {
       zl = library_z1(geo, x, w1);
       cx.zl = zl.data_ptr<scalar_t>();
     }
