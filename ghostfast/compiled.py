@@ -76,15 +76,22 @@ _GHOST_VECTORS = (2, 3, 5, 6)  # primary_scale, primary_bias, cheap_scale, cheap
 _DFC_VECTORS = (2, 3, 5, 6, 8, 9)
 
 
+_ACT_CODE_OF: dict = {}  # act argument -> code, filled on first use (this runs per call)
+
+
 def _act_code(act) -> int:
     """The kernels' `act` code for an activation: a name of ghostfast.reference.ACTIVATIONS, or a bool (True: relu,
     False: none); the codes are ghostfast.reference.ACT_CODES."""
+    code = _ACT_CODE_OF.get(act) if isinstance(act, (str, bool)) else None
+    if code is not None:
+        return code
     from .reference import ACT_CODES, activation_name
 
-    act = activation_name(act)
-    if act not in CompiledBackend.ACTIVATIONS:
-        raise ValueError(f"the compiled Ghost module kernels implement {CompiledBackend.ACTIVATIONS}, got {act!r}")
-    return ACT_CODES[act]
+    name = activation_name(act)
+    if name not in CompiledBackend.ACTIVATIONS:
+        raise ValueError(f"the compiled Ghost module kernels implement {CompiledBackend.ACTIVATIONS}, got {name!r}")
+    _ACT_CODE_OF[act] = ACT_CODES[name]
+    return ACT_CODES[name]
 
 
 class CompiledBackend(Backend):

@@ -239,7 +239,7 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 
 # Attributes of the fused modules themselves, never copied from the wrapped module.
 _OWN_ATTRIBUTES = frozenset({"training", "out_chs", "backend", "strict", "gate_mode", "unsupported_reason", "act",
-                             "_plan_quick", "_plan_key", "_resolved",
+                             "_plan_quick", "_plan_key", "_resolved", "_plan_bn_list",
                              "dump_patches", "call_super_init", "forward"})
 
 
@@ -341,8 +341,9 @@ class _FusedGhostBase(nn.Module):
         return self.unsupported_reason
 
     def _replan(self) -> None:
-        self._resolved = {}  # (backend request, device, dtype, batch statistics, strict) -> fused backend
+        self._resolved = {}  # (backend request, device, dtype, BatchNorm modes, strict, state) -> fused backend
         self._analyse()
+        self._plan_bn_list = tuple(self._plan_bns()) if self.unsupported_reason is None else ()
         self._plan_key = self._structure_key()
         self._plan_quick = self._quick_key()
 
@@ -413,6 +414,14 @@ class _FusedGhostBase(nn.Module):
 
     def _backend_for(self, x: Tensor, dtype: torch.dtype) -> Optional[str]:
         strict = self._is_strict()
+        requested = default_backend() if self.backend is None else self.backend
+        modes = tuple(m.training for m in self._plan_bn_list)
+        key = (requested, x.device, dtype, modes, strict, resolution_state())
+        cached = self._resolved.get(key)  # a fused backend resolved before for this plan, device, dtype and modes
+        if cached is not None:
+            if any(modes) and x.numel() // max(x.shape[1], 1) < 2:
+                return None  # eager raises BatchNorm's own error: one value per channel has no batch statistics
+            return cached
         train_bns = self._training_bns()
         if any(isinstance(m, nn.SyncBatchNorm) for m in train_bns):
             fallback(f"{type(self).__name__} in training mode with SyncBatchNorm (batch statistics reduced across "
@@ -420,14 +429,8 @@ class _FusedGhostBase(nn.Module):
             return None
         if train_bns and x.numel() // max(x.shape[1], 1) < 2:
             return None  # eager raises BatchNorm's own error: one value per channel has no batch statistics
-        requested = default_backend() if self.backend is None else self.backend
-        batch_stats = self._ghost_batch_stats()
-        key = (requested, x.device, dtype, batch_stats, strict, resolution_state())
-        cached = self._resolved.get(key)
-        if cached is not None:  # a fused backend resolved before for this plan, device, dtype and mode
-            return cached
-        name = self._resolve(x, dtype, requested, batch_stats, strict)
-        if name is not None:
+        name = self._resolve(x, dtype, requested, self._ghost_batch_stats(), strict)
+        if name is not None:  # only a fused backend is cached: every fallback is decided (and warned about) anew
             self._resolved[key] = name
         return name
 
@@ -595,8 +598,11 @@ class GhostModuleV2(_FusedGhostBase):
         self.unsupported_reason = reason
 
     def _gate_key(self) -> tuple:
-        return (getattr(self, "gate_loc", None), getattr(self, "inter_mode", None), getattr(self, "scale", None),
-                self.gate_mode)
+        # per call: the instance dict first (where _wrap copies Huawei's attributes), as getattr with a default on
+        # an nn.Module pays for __getattr__'s AttributeError (~1 us) when the attribute is absent
+        d, cls = self.__dict__, type(self)
+        return tuple(d[name] if name in d else getattr(cls, name, None) for name in ("gate_loc", "inter_mode", "scale")) \
+            + (self.gate_mode,)
 
     def _structure_key(self) -> tuple:
         return super()._structure_key() + self._gate_key()

@@ -127,6 +127,32 @@ def test_data_edits_and_eps_changes_take_effect(backend, device):
             assert_close_rel(fast_out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("edit", ["primary_weight", "cheap_weight", "bn2_running_var", "dfc_h_weight", "bn4_weight"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_data_edits_of_the_wrong_shape_raise_a_clear_error(backend, edit, device):
+    """A `.data` edit that changes a tensor's shape after conversion (the plan keeps the module objects, so nothing
+    re-plans): the fused call raises an error naming the tensor and its expected shape, from Python or from the
+    compiled kernel's own checks (ghostfast.ops.SELF_CHECKING), never a read out of range or a wrong output."""
+    eager = _pair(lambda: timm_ghost.GhostModuleV2(8, 12), device)
+    fast = GhostModuleV2.from_module(copy.deepcopy(eager), backend=backend, strict=True)
+    x = torch.randn(1, 8, 6, 6, device=device)
+    target, name = {
+        # C_in + 1: Python's check derives C_in from the weight, and names the input's channels instead
+        "primary_weight": (fast.primary_conv[0].weight, "primary_weight|expected input with 9 channels"),
+        "cheap_weight": (fast.cheap_operation[0].weight, "cheap_weight"),
+        "bn2_running_var": (fast.cheap_operation[1].running_var, "bn2_var"),
+        "dfc_h_weight": (fast.short_conv[2].weight, "h_weight"),
+        "bn4_weight": (fast.short_conv[3].weight, "bn4_weight"),
+    }[edit]
+    with torch.no_grad():
+        assert_close_rel(fast(x), eager(x), torch.float32)
+        shape = list(target.shape)
+        shape[-1 if target.dim() == 1 or edit == "dfc_h_weight" else 1] += 1
+        target.data = torch.randn(shape, device=device).abs() + 0.5
+        with pytest.raises((RuntimeError, ValueError), match=name):
+            fast(x)
+
+
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen-params", "trainable-params"])
 @pytest.mark.parametrize("backend", FUSED)
 def test_inference_mode_then_autograd(backend, frozen, device):
