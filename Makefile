@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test info venv bench-venv bench bench-full bench-peers bench-peers-quick conversion-report test-torch211 test-torch211-all aot-sm90 cuda-emu-full cuda-resource-usage
+.PHONY: demo test info venv bench-venv bench bench-full bench-peers bench-peers-quick conversion-report test-slow-interpreter test-torch211 test-torch211-all aot-sm90 cuda-emu-full cuda-resource-usage
 
 venv:
 	bash scripts/setup_venv.sh
@@ -23,6 +23,10 @@ test: venv
 # .venv-torch211, ghostfast._C built against it (CPU kernels; the tests run on the CPU), about a fifth of the tests
 # (every file and backend); the whole leg capped at 15 min. test-torch211-all: ghostfast._C with the CUDA kernels
 # too (nvcc against torch 2.11's headers, as on the GPU image), the whole suite, benchmarks/results/torch211/.
+# The whole-model Triton training tests that make test skips under the interpreter (~45-60 min here).
+test-slow-interpreter: venv
+	GHOSTFAST_SLOW_INTERPRETER=1 $(PY) -m pytest -q -ra tests/test_training.py -k triton
+
 test-torch211:
 	TORCH211_CUDA=0 bash scripts/test_torch211.sh ci
 

@@ -6,13 +6,20 @@ an inner parameter only). The tests are grouped by file and by backend (a `kerne
 `triton`, `cpu`, `cuda`, `reference`, `auto`); a group the hash left empty keeps its first test, so every test file
 and every backend of each file runs. The rest are reported as deselected. Used by scripts/test_torch211.sh (the
 torch 2.11 leg of CI), with PYTHONPATH pointing at scripts/.
+
+`--subset-no-slow-interpreter` first drops the whole-model tests (marker `slow`) of the `triton` backend while
+Triton runs under its CPU interpreter (TRITON_INTERPRET=1): about a minute each, where they test what the per-module
+Triton tests and the whole-model tests of the other backends test together; the leg's budget goes to coverage.
 """
+import os
 import zlib
 
 
 def pytest_addoption(parser):
     parser.addoption("--subset-every", type=int, default=1, metavar="N",
                      help="keep about one test in N, at least one per (file, backend) group (default 1: all)")
+    parser.addoption("--subset-no-slow-interpreter", action="store_true",
+                     help="drop the slow (whole-model) tests of the triton backend under TRITON_INTERPRET=1")
 
 
 def _group(item):
@@ -22,8 +29,17 @@ def _group(item):
     return item.nodeid.split("::", 1)[0], backend if isinstance(backend, str) else None
 
 
+def _slow_interpreted(item) -> bool:
+    return item.get_closest_marker("slow") is not None and _group(item)[1] == "triton"
+
+
 def pytest_collection_modifyitems(config, items):
     every = config.getoption("--subset-every")
+    if config.getoption("--subset-no-slow-interpreter") and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        slow = [item for item in items if _slow_interpreted(item)]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not _slow_interpreted(item)]
     if every <= 1:
         return
     keep = {id(item) for item in items if zlib.crc32(item.nodeid.encode()) % every == 0}

@@ -6,8 +6,9 @@
 #   bash scripts/test_torch211.sh [ci|all] [extra pytest arguments]
 #
 #   ci   (default; `make test-torch211`, part of `make test`): a stated subset (scripts/pytest_subset.py: every test
-#        file, every backend, about one test in TORCH211_EVERY (default 5)), the whole leg (venv, build, tests)
-#        capped at TORCH211_BUDGET seconds (default 900)
+#        file, every backend, about one test in TORCH211_EVERY (default 5), without the whole-model tests of the
+#        Triton interpreter, ~1 min each), the whole leg (venv, build, tests) capped at TORCH211_BUDGET seconds
+#        (default 900)
 #   all  the whole suite (`make test-torch211-all`); the summary goes to benchmarks/results/torch211/whole_suite.txt
 #
 # TORCH211_CUDA=0 builds ghostfast._C without the CUDA kernels (the tests run on the CPU; nvcc adds ~a fifth to the
@@ -69,7 +70,7 @@ if [ "$MODE" = ci ]; then
   set +e
   PYTHONPATH="$SRC/scripts${PYTHONPATH:+:$PYTHONPATH}" GHOSTFAST_TEST_DEADLINE=$(( $(date +%s) + left - 60 )) \
     nice -n 5 timeout --kill-after=30 "$left" \
-    "$VPY" -m pytest -q -ra -p pytest_subset --subset-every "${TORCH211_EVERY:-5}" tests "$@" 2>&1 | tee "$VENV/ci.log"
+    "$VPY" -m pytest -q -ra -p pytest_subset --subset-every "${TORCH211_EVERY:-5}" --subset-no-slow-interpreter tests "$@" 2>&1 | tee "$VENV/ci.log"
   rc=${PIPESTATUS[0]}
   set -e
   late=$(grep "global test budget" "$VENV/ci.log" | sed -nE 's/^SKIPPED \[([0-9]+)\].*/\1/p' | awk "{n += \$1} END {print n + 0}" || true)

@@ -182,6 +182,10 @@ class _Recorder:
 def test_training_eval_mode_frozen_bn_runs_fused(name, backend, device):
     """Eval mode with trainable parameters: every Ghost module runs its fused forward and backward kernels, and
     three SGD steps match eager float32 and float64."""
+    if (backend == "triton" and device == "cpu" and name != "ghostnetv2_100"
+            and not os.environ.get("GHOSTFAST_SLOW_INTERPRETER")):
+        pytest.skip("Triton interpreter: ~2.5 min per model here (make test-slow-interpreter runs it); ghostnetv2_100 "
+                    "runs instead, whose 32 Ghost modules include 18 without DFC, the kernels ghostnet_100 runs")
     base = timm_ghostnet(name, seed=0).to(device)
     xs, ts = _data(name, batch=1, device=device)
     eager64 = _run(copy.deepcopy(base), xs, ts, train=False, dtype=torch.float64)
