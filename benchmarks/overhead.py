@@ -106,13 +106,11 @@ def _variants(kind: str):
 
 
 def _model_rows(overhead_us: dict, threads: int, rounds: int, tag: str):
-    import timm
+    from ghostfast.models import timm_ghostnet
 
     rows = []
     for name in ("ghostnet_100", "ghostnetv2_100", "ghostnetv3_100"):
-        model = timm.create_model(name, pretrained=False).eval()
-        if hasattr(model, "reparameterize"):  # V3: the inference form (what convert fuses)
-            model.reparameterize()
+        model = timm_ghostnet(name)  # eval mode; V3 reparameterized (the inference form, what convert fuses)
         fast = ghostfast.convert(model, backend="cpu")
         counts = {"ghost": 0, "ghost_dfc": 0}
 
