@@ -72,6 +72,76 @@ def _ops():
     return torch.ops.ghostfast
 
 
+def _stats1_form(x: Tensor, w1: Tensor, needs) -> Optional[str]:
+    """How the `cpu` backend computes the stage-1 statistics' gradient: None (its kernel), "closed" or "direct"
+    (library GEMMs, `_stats1_backward_library`). GHOSTFAST_CPU_GEMM=own / library forces the kernel / the library
+    (tests, A/B runs). The rule is measured (benchmarks/results/cpu-2core/NOTES.md, 2026-12-03, stage-1 statistics
+    backward; float32, batch 8, 1 thread): the closed form wins wherever C_in <= 1.5 init (1.5-4.7x the kernel),
+    the direct library GEMMs on wide inputs (C_in >= 400: 1.5-1.7x), the kernel on the remaining narrow layers."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not (needs[0] or needs[1]):
+        return None
+    import os
+
+    init, c_in = w1.shape[0], w1.shape[1]
+    closed = c_in * c_in * (needs[0] + needs[1])  # flops per pixel of each form
+    direct = init * c_in * (1 + needs[0] + needs[1])
+    forced = os.environ.get("GHOSTFAST_CPU_GEMM")
+    if forced == "own":
+        return None
+    if forced == "library":
+        return "closed" if closed <= direct else "direct"
+    if 2 * c_in <= 3 * init:
+        return "closed" if closed <= direct else "direct"
+    return "direct" if c_in >= 400 else None
+
+
+def _stats1_backward_library(form: str, x: Tensor, w1: Tensor, coef_a: Tensor, coef_c: Tensor, mean: Tensor,
+                             needs) -> List[Optional[Tensor]]:
+    """The stage-1 statistics' gradient by library GEMMs. Its upstream gradient dz1 = a + c (z1 - mean) per channel
+    is affine in z1 = W1 x, so with d = a - c mean: grad_x = W1^T d + (W1^T diag(c) W1) x and grad_W1 =
+    d (sum x)^T + diag(c) W1 (sum x x^T), sums over the pixels ("closed": no z1 at all; C_in^2 flops per pixel and
+    product), or z1, dz1 and both products as written ("direct": init * C_in per pixel and product)."""
+    acc = x.dtype  # float32 / float64 only (_stats1_form): the inputs' own dtype accumulates
+    init, c_in = w1.shape[0], w1.shape[1]
+    w = w1.reshape(init, c_in).to(acc)
+    c = coef_c.to(acc)
+    d = coef_a.to(acc) - c * mean.to(acc)
+    cl = _fmt(x) == torch.channels_last
+    n, _, h, wd = x.shape
+    # rows: [N*H*W, C_in] (a view of channels_last x); planar: [N, C_in, H*W] (a view of NCHW x)
+    xm = x.permute(0, 2, 3, 1).reshape(-1, c_in) if cl else x.reshape(n, c_in, h * wd)
+    gx = gw = None
+    if form == "closed":
+        if needs[0]:
+            k = w.t() @ (c.unsqueeze(1) * w)  # [C_in, C_in], symmetric
+            bias = w.t() @ d
+            if cl:
+                gx = torch.addmm(bias.unsqueeze(0), xm, k).view(n, h, wd, c_in).permute(0, 3, 1, 2)
+            else:
+                gx = torch.baddbmm(bias.view(1, c_in, 1).expand(n, c_in, h * wd), k.expand(n, c_in, c_in), xm)
+                gx = gx.view(n, c_in, h, wd)
+        if needs[1]:
+            if cl:
+                gram, sx = xm.t() @ xm, xm.sum(0)
+            else:
+                gram, sx = torch.bmm(xm, xm.transpose(1, 2)).sum(0), xm.sum((0, 2))
+            gw = torch.outer(d, sx) + c.unsqueeze(1) * (w @ gram)
+    else:
+        if cl:
+            dz = torch.addcmul(d, c, xm @ w.t())  # [P, init]
+            if needs[0]:
+                gx = (dz @ w).view(n, h, wd, c_in).permute(0, 3, 1, 2)
+            if needs[1]:
+                gw = dz.t() @ xm
+        else:
+            dz = torch.addcmul(d.view(1, init, 1), c.view(1, init, 1), torch.matmul(w, xm))  # [N, init, HW]
+            if needs[0]:
+                gx = torch.matmul(w.t(), dz).view(n, c_in, h, wd)
+            if needs[1]:
+                gw = torch.bmm(dz, xm.transpose(1, 2)).sum(0)
+    return [gx if needs[0] else None, gw.view_as(w1).to(w1.dtype) if needs[1] else None, None, None, None]
+
+
 _GHOST_VECTORS = (2, 3, 5, 6)  # primary_scale, primary_bias, cheap_scale, cheap_bias in the grads order
 _DFC_VECTORS = (2, 3, 5, 6, 8, 9)
 
@@ -171,6 +241,11 @@ class CompiledBackend(Backend):
         x = _dense(x)
         inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight)
         needs = [bool(n) and (stage == 2 or i < 2) for i, n in enumerate(needs)]
+        if stage == 1:
+            form = _stats1_form(x, primary_weight, needs)
+            if form is not None:  # named in profiles as the kernels are (tests/fused_runs.py counts it)
+                with torch.profiler.record_function("ghostfast::_ghost_module_stats_backward_library"):
+                    return _stats1_backward_library(form, x, primary_weight, coef_a, coef_c, mean, needs)
         bufs = _grad_buffers(inputs, needs, x, (2, 3))
         _ops()._ghost_module_stats_backward_kernel(
             x, primary_weight.contiguous(), _vec(primary_scale, x), _vec(primary_bias, x), cheap_weight.contiguous(),

@@ -3,7 +3,8 @@ model really took the fused path (forward and backward), shared by the training,
 
 Kernel launches are classified as `ghost_fwd`, `ghost_bwd`, `dfc_fwd`, `dfc_bwd`. They are counted from Triton's
 interpreter on CPU, from the profiler's CUDA kernels for Triton on a GPU, and from the profiler's
-`ghostfast::_*_kernel` events for the compiled `cpu` / `cuda` backends."""
+`ghostfast::_*_kernel` events for the compiled `cpu` / `cuda` backends (and `ghostfast::_*_library`: an op the
+`cpu` backend runs as library GEMMs, ghostfast/compiled.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +81,7 @@ def record_fused_runs(device: str, backend: str) -> Iterator[FusedRuns]:
                 if backend == "triton" and on_gpu:
                     runs.kernels.append(e.name)
                 elif backend != "triton" and not on_gpu and e.name.startswith("ghostfast::_") and \
-                        e.name.endswith("_kernel"):
+                        e.name.endswith(("_kernel", "_library")):  # _library: a kernel's library-GEMM form
                     runs.kernels.append(e.name)
     finally:
         nn.Conv2d.forward = conv_forward

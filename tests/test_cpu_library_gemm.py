@@ -88,3 +88,41 @@ def test_library_gemm_across_inference_mode(first, monkeypatch):
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
     assert w1.grad is not None and w1.grad.abs().sum() > 0
+
+
+# The stage-1 statistics' gradient (ghostfast/compiled.py, `_stats1_form`): the kernel (=own), or library GEMMs
+# (=library: the closed form where C_in^2 <= init * C_in, else z1 and both products), every float32 / float64 case of
+# the statistics tests plus inputs wider than init (the direct form) and GhostNet's 960 -> 80 layer scaled down.
+from test_kernel_ghost_module_stats import CASES as STATS_CASES, _case_id, _check as _stats_check  # noqa: E402
+
+STATS1 = [c for c in STATS_CASES if c[8] in (torch.float32, torch.float64)] + [
+    (2, 40, 5, 6, 8, 2, 3, True, torch.float32, "contiguous"),
+    (1, 40, 5, 6, 8, 2, 3, False, torch.float64, "channels_last"),
+    (2, 6, 4, 5, 16, 2, 3, True, torch.float32, "channels_last"),
+    (1, 400, 3, 3, 40, 2, 3, True, torch.float32, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("needs", [(True,) * 5, (True, False) + (False,) * 3, (False, True) + (False,) * 3])
+@pytest.mark.parametrize("case", STATS1, ids=[_case_id(c) for c in STATS1])
+def test_stats1_backward_either_gemm_matches_reference(case, needs, gemm):
+    _stats_check(*case, 1, "cpu", needs=needs)
+
+
+def test_stats1_forms_each_run(monkeypatch):
+    """The cases above reach both library forms (and the kernel when forced), so neither goes untested."""
+    from ghostfast.compiled import _stats1_form
+
+    def forms(mode):
+        monkeypatch.setenv("GHOSTFAST_CPU_GEMM", mode)
+        return {_stats1_form(torch.empty(1, c[1], 1, 1, dtype=c[8]), torch.empty(c[4], c[1], 1, 1), [True, True])
+                for c in STATS1}
+
+    assert forms("library") == {"closed", "direct"}
+    assert forms("own") == {None}
+    monkeypatch.delenv("GHOSTFAST_CPU_GEMM")
+    assert _stats1_form(torch.empty(1, 160, 1, 1), torch.empty(480, 160, 1, 1), [True, True]) == "closed"
+    assert _stats1_form(torch.empty(1, 960, 1, 1), torch.empty(80, 960, 1, 1), [True, True]) == "direct"
+    assert _stats1_form(torch.empty(1, 16, 1, 1), torch.empty(8, 16, 1, 1), [True, True]) is None
+    assert _stats1_form(torch.empty(1, 160, 1, 1, dtype=torch.bfloat16), torch.empty(480, 160, 1, 1), [True] * 2) \
+        is None
