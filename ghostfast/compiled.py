@@ -10,6 +10,7 @@ Every buffer a kernel fills is allocated by `_empty` (the tests poison them thro
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -80,8 +81,6 @@ def _stats1_form(x: Tensor, w1: Tensor, needs) -> Optional[str]:
     the direct library GEMMs on wide inputs (C_in >= 400: 1.5-1.7x), the kernel on the remaining narrow layers."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not (needs[0] or needs[1]):
         return None
-    import os
-
     init, c_in = w1.shape[0], w1.shape[1]
     closed = c_in * c_in * (needs[0] + needs[1])  # flops per pixel of each form
     direct = init * c_in * (1 + needs[0] + needs[1])
