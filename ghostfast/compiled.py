@@ -82,15 +82,14 @@ def _stats1_form(x: Tensor, w1: Tensor, needs) -> Optional[str]:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not (needs[0] or needs[1]):
         return None
     init, c_in = w1.shape[0], w1.shape[1]
-    closed = c_in * c_in * (needs[0] + needs[1])  # flops per pixel of each form
-    direct = init * c_in * (1 + needs[0] + needs[1])
     forced = os.environ.get("GHOSTFAST_CPU_GEMM")
     if forced == "own":
         return None
-    if forced == "library":
-        return "closed" if closed <= direct else "direct"
-    if 2 * c_in <= 3 * init:
-        return "closed" if closed <= direct else "direct"
+    if forced == "library":  # the form with fewer flops per pixel
+        products = needs[0] + needs[1]
+        return "closed" if c_in * c_in * products <= init * c_in * (1 + products) else "direct"
+    if 2 * c_in <= 3 * init:  # here the closed form also has the fewer flops, whichever gradients are needed
+        return "closed"
     return "direct" if c_in >= 400 else None
 
 

@@ -91,8 +91,9 @@ def test_library_gemm_across_inference_mode(first, monkeypatch):
 
 
 # The stage-1 statistics' gradient (ghostfast/compiled.py, `_stats1_form`): the kernel (=own), or library GEMMs
-# (=library: the closed form where C_in^2 <= init * C_in, else z1 and both products), every float32 / float64 case of
-# the statistics tests plus inputs wider than init (the direct form) and GhostNet's 960 -> 80 layer scaled down.
+# (=library: the closed form where it has no more flops than z1 and both products, else those), every float32 /
+# float64 case of the statistics tests plus inputs wider than init (the direct form) and GhostNet's 960 -> 80 layer
+# scaled down.
 from test_kernel_ghost_module_stats import CASES as STATS_CASES, _case_id, _check as _stats_check  # noqa: E402
 
 STATS1 = [c for c in STATS_CASES if c[8] in (torch.float32, torch.float64)] + [
