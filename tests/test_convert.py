@@ -39,7 +39,6 @@ def test_convert_timm_model_matches_eager(name, backend, device):
     assert kinds == EXPECTED[name]
     assert fast.state_dict().keys() == model.state_dict().keys()
 
-    # Record what every eager Ghost module saw and produced (cloned: the bottleneck adds into it in place).
     # Per module: what each converted module saw and produced inside the converted model (cloned: the bottleneck
     # adds into it in place), against its eager original on the same input. The fused modules run once (the
     # Triton interpreter is slow), the eager ones twice.
