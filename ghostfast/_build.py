@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-OPS = ("ghost_module", "dfc")
+OPS = ("ghost_module", "dfc", "depthwise_bn")
 DEFAULT_CUDA_ARCHS = "9.0"
 
 

@@ -91,7 +91,8 @@ def _compiled_registrations() -> dict:
     if "registered" not in _C_STATE:
         load_extension()
         _C_STATE["registered"] = {"cpu": _registered("CPU"), "cuda": _registered("CUDA"),
-                                  "cpu_stats": _registered("CPU", _COMPILED_STATS_OPS)}
+                                  "cpu_stats": _registered("CPU", _COMPILED_STATS_OPS),
+                                  "depthwise_bn": _registered("CPU", ("_depthwise_bn_kernel",))}
     return _C_STATE["registered"]
 
 

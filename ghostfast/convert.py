@@ -21,6 +21,7 @@ import torch.fx
 from torch import nn
 
 from .backends import check_backend_name, default_strict, fallback
+from .bottleneck import GhostBottleneck
 from .nn import GhostConv, GhostConv2d, GhostModule, GhostModuleV2, StructureError, _FusedGhostBase
 
 log = logging.getLogger("ghostfast")
@@ -32,11 +33,15 @@ class ConversionReport:
 
     converted: List[Tuple[str, str]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    # bottlenecks (modules holding ghost1, ghost2 and shortcut) left to per-module fusion, with the reason
+    per_module: List[Tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"ghostfast.convert: {len(self.converted)} converted, {len(self.skipped)} skipped"]
+        lines = [f"ghostfast.convert: {len(self.converted)} converted, {len(self.skipped)} skipped"
+                 + (f", {len(self.per_module)} bottleneck(s) fused per module" if self.per_module else "")]
         lines += [f"  converted {name or '<root>'}: {kind}" for name, kind in self.converted]
         lines += [f"  skipped   {name or '<root>'}: {why}" for name, why in self.skipped]
+        lines += [f"  per-module {name or '<root>'}: {why}" for name, why in self.per_module]
         return "\n".join(lines)
 
 
@@ -109,13 +114,18 @@ _MODES = ("original", "attn", "shortcut", "ori", "ori_shortcut_mul_conv15")
 
 
 def convert(model: nn.Module, *, inplace: bool = False, backend: Optional[str] = None, strict: Optional[bool] = None,
-            gate_mode: str = "nearest", verbose: bool = False) -> nn.Module:
+            gate_mode: str = "nearest", bottlenecks: bool = True, verbose: bool = False) -> nn.Module:
     """Replace every Ghost module in `model` with a fused ghostfast module and return the model.
 
     `backend` ('auto', 'triton', 'reference'; default: env GHOSTFAST_BACKEND, else 'auto', read at call time) and
     `strict` (raise instead of falling back to eager; default: env GHOSTFAST_STRICT) apply to every converted module. Modules that look like Ghost modules but cannot run fused
-    are left as they are and listed in the report, with a one-time warning (strict: raise). The report is
-    attached as `model.ghostfast_report` and logged to the `ghostfast` logger."""
+    are left as they are and listed in the report, with a one-time warning (strict: raise).
+
+    `bottlenecks`: also wrap each timm GhostBottleneck whose Ghost modules were converted in
+    `ghostfast.nn.GhostBottleneck` (ghostfast/bottleneck.py: on inference calls the BatchNorms between the Ghost
+    modules fold into their convs); other bottlenecks (modules holding ghost1, ghost2 and a shortcut) are fused
+    per module and listed in the report's `per_module` with the reason. The report is attached as `model.ghostfast_report` and
+    logged to the `ghostfast` logger."""
     if backend is not None:
         check_backend_name(backend)
     strict = default_strict() if strict is None else strict
@@ -147,11 +157,32 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: Optional[str] =
         if not name:
             model = new
         report.converted.append((name, f"{type(m).__name__} -> ghostfast.nn.{cls.__name__}"))
+    if bottlenecks:
+        model = _convert_bottlenecks(model, backend, report)
     if report.skipped:
         details = "; ".join(f"{n}: {why}" for n, why in report.skipped)
         fallback(f"convert left {len(report.skipped)} Ghost module(s) in eager PyTorch ({details})", strict)
     model.ghostfast_report = report
     (print if verbose else log.info)(str(report))
+    return model
+
+
+def _convert_bottlenecks(model: nn.Module, backend: Optional[str], report: ConversionReport) -> nn.Module:
+    for name, m in list(model.named_modules()):
+        if isinstance(m, GhostBottleneck) or not {"ghost1", "ghost2", "shortcut"} <= set(m._modules):
+            continue
+        try:
+            new = GhostBottleneck.from_module(m, backend=backend)
+            if new.unsupported_reason is not None:
+                raise StructureError(new.unsupported_reason)
+        except StructureError as e:
+            report.per_module.append((name, str(e)))
+            continue
+        if name:
+            _set_submodule(model, name, new)
+        else:
+            model = new
+        report.converted.append((name, f"{type(m).__name__} -> ghostfast.nn.GhostBottleneck (whole bottleneck)"))
     return model
 
 

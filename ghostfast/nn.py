@@ -243,6 +243,39 @@ _OWN_ATTRIBUTES = frozenset({"training", "out_chs", "backend", "strict", "gate_m
                              "dump_patches", "call_super_init", "forward"})
 
 
+def _adopt(new: nn.Module, m: nn.Module, exclude=()) -> None:
+    """Make the freshly built module `new` hold `m`'s own submodules, parameters and buffers (shared objects:
+    identical state_dict keys and named_modules), its public attributes (e.g. `in_channels`, `stride`) but those
+    `new`'s class defines or `exclude` names, `m`'s train/eval flag (not .train(): that would reset every
+    BatchNorm's own flag, frozen BNs) and `m`'s hooks (shared dicts: their handles keep removing them)."""
+    for name, child in m._modules.items():
+        new._modules[name] = child
+    for name, param in m._parameters.items():
+        new._parameters[name] = param
+    for name, buf in m._buffers.items():
+        new._buffers[name] = buf
+    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    for name, value in vars(m).items():
+        if not name.startswith("_") and name not in _OWN_ATTRIBUTES and name not in exclude \
+                and not hasattr(type(new), name) and not isinstance(value, (nn.Module, Tensor)) and not callable(value):
+            setattr(new, name, value)
+    new.training = m.training
+    for name in _HOOK_DICTS:
+        if name in vars(m):
+            setattr(new, name, getattr(m, name))
+
+
+def subtree_ids(root: nn.Module) -> List[int]:
+    """Every module's identity under `root` (itself first), in order: a replaced or deleted submodule changes it.
+    Walked over the `_modules` dicts directly, as the converted modules compare it per call."""
+    ids, stack = [], [root]
+    while stack:
+        m = stack.pop()
+        ids.append(id(m))
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return ids
+
+
 class _FusedGhostBase(nn.Module):
     """Shared machinery: structure analysis (re-planned when a submodule is replaced), backend choice, fallback
     policy, the live BatchNorm arguments.
@@ -282,31 +315,17 @@ class _FusedGhostBase(nn.Module):
         """A new module holding `m`'s own submodules, parameters and buffers (shared objects: identical state_dict
         keys and named_modules), its public attributes (e.g. `in_channels`, `mode`), `m`'s train/eval flag (its
         BatchNorms keep their own) and `m`'s hooks. `submodules`: the ones the fused forward needs."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
         missing = [name for name in submodules if not isinstance(getattr(m, name, None), nn.Module)]
         if missing:
             raise StructureError(f"{type(m).__name__} has no submodule {', '.join(missing)}")
-        for name, child in m._modules.items():
-            self._modules[name] = child
-        for name, param in m._parameters.items():
-            self._parameters[name] = param
-        for name, buf in m._buffers.items():
-            self._buffers[name] = buf
-        self._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
-        for name, value in vars(m).items():
-            if not name.startswith("_") and name not in _OWN_ATTRIBUTES and not hasattr(type(self), name) \
-                    and not isinstance(value, (nn.Module, Tensor)) and not callable(value):
-                setattr(self, name, value)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        _adopt(self, m)
         if out_chs is None:
             out_chs = getattr(m, "out_chs", getattr(m, "oup", None))
         if out_chs is None:
             raise StructureError(f"{type(m).__name__} has neither out_chs nor oup; pass out_chs=")
         self._init_options(out_chs, backend, strict, gate_mode)
-        self.training = m.training  # not .train(): that would reset every BatchNorm's own flag (frozen BNs)
-        for name in _HOOK_DICTS:
-            if name in vars(m):
-                setattr(self, name, getattr(m, name))
         return self
 
     @property
@@ -320,12 +339,7 @@ class _FusedGhostBase(nn.Module):
     def _structure_key(self) -> tuple:
         """Every submodule's identity, in order (a replaced or deleted submodule changes it); walked over the
         `_modules` dicts directly, as this runs per call."""
-        ids, stack = [self.out_chs], [self]
-        while stack:
-            m = stack.pop()
-            ids.append(id(m))
-            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-        return tuple(ids)
+        return (self.out_chs, *subtree_ids(self))
 
     def _current_plan(self) -> Optional[str]:
         """The reason this module cannot run fused now, or None; re-analysed when a submodule was replaced.
@@ -787,3 +801,7 @@ class GhostConv2d(_GhostOnly):
 
 
 __all__: List[str] = ["GhostConv", "GhostConv2d", "GhostModule", "GhostModuleV2", "StructureError"]
+
+from .bottleneck import GhostBottleneck  # noqa: E402  (it builds on the modules above)
+
+__all__.append("GhostBottleneck")

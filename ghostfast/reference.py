@@ -234,3 +234,12 @@ def dfc_attention_forward(x: Tensor, *dfc_params: Tensor, mode: str = "nearest")
     """The DFC gate upsampled back to x's H x W: what GhostModuleV2 multiplies the Ghost output by."""
     gate = dfc_gate_forward(x, *dfc_params)
     return upsample_gate(gate, (x.shape[-2], x.shape[-1]), mode)
+
+
+def depthwise_bn_forward(x: Tensor, weight: Tensor, bn: BatchNormParams, stride: int, padding: int) -> Tensor:
+    """A K x K depthwise conv (zero padding, `stride`) followed by a folded BatchNorm: the kernel
+    `_depthwise_bn_kernel` (csrc/depthwise_bn.cpp) that GhostBottleneck's direct path runs for conv_dw -> bn_dw and
+    the shortcut's depthwise conv -> BatchNorm."""
+    scale, shift = fold_bn_vectors(bn, x.shape[1], x.dtype, x.device)
+    y = F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+    return y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)

@@ -4,7 +4,7 @@
 
 Each checkout must have its `ghostfast._C` built in place (`GHOSTFAST_CUDA=0 python setup.py build_ext --inplace`,
 or an editable install). A round runs one worker process per checkout, alternating which goes first, and each
-worker times every case (converted timm modules and whole models, eval mode, batch 1, float32) for `--reps`
+worker times every case (converted timm modules and whole models, eval mode, batch 1 (models also 8), float32) for `--reps`
 calls after a warm-up (wall clock, or with --threads 1 --clock thread the calling thread's CPU time, steady on a
 shared machine); the figure per case is the median over rounds of each worker's median, so slow drifts of a
 busy machine hit both sides alike. Prints a table and, with --csv, writes one row per case and checkout.
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# (label, what) -- the Ghost modules whose DFC / Ghost fold costs the most, and the two models at batch 1
+# (label, what) -- the Ghost modules whose DFC / Ghost fold costs the most, and the two models at batch 1 and 8
 CASES = [
     ("GhostModuleV2 960->960 7x7 (fold of 3x960 DFC BNs)", ("v2", 960, 960, 7)),
     ("GhostModuleV2 80->200 14x14", ("v2", 80, 200, 14)),
@@ -29,6 +29,8 @@ CASES = [
     ("GhostModule 16->16 112x112", ("v1", 16, 16, 112)),
     ("ghostnet_100 b1 224", ("model", "ghostnet_100", 224)),
     ("ghostnetv2_100 b1 224", ("model", "ghostnetv2_100", 224)),
+    ("ghostnet_100 b8 224", ("model", "ghostnet_100", 224, 8)),
+    ("ghostnetv2_100 b8 224", ("model", "ghostnetv2_100", 224, 8)),
 ]
 
 WORKER = r"""
@@ -48,7 +50,7 @@ out = {}
 for label, what in cases:
     if what[0] == "model":
         net = timm.create_model(what[1], pretrained=False).eval()
-        x = torch.randn(1, 3, what[2], what[2])
+        x = torch.randn(what[3] if len(what) > 3 else 1, 3, what[2], what[2])
     else:
         kind, cin, cout, hw = what
         net = (tg.GhostModuleV2(cin, cout) if kind == "v2" else tg.GhostModule(cin, cout)).eval()

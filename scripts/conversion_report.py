@@ -1,4 +1,5 @@
-"""Per source model: Ghost-like modules seen by `ghostfast.convert`, converted, skipped (with reasons), and the
+"""Per source model: Ghost-like modules seen by `ghostfast.convert`, converted, skipped (with reasons), its
+bottlenecks wrapped whole or fused per module (ghostfast.nn.GhostBottleneck), and the
 end-to-end relative error of the converted model against the eager original (eval mode, random weights and
 BatchNorm statistics, fp32). Writes benchmarks/results/cpu-2core/conversion.csv (`make conversion-report`).
 
@@ -81,11 +82,14 @@ def main() -> None:
                 ref, out = _first(model(x)), _first(fast(x))
         report = fast.ghostfast_report
         err = ((out - ref).norm() / ref.norm()).item()
-        kinds = sorted({k.rsplit(".", 1)[-1] for _, k in report.converted})
+        modules = [k for _, k in report.converted if "whole bottleneck" not in k]
+        whole = len(report.converted) - len(modules)
+        kinds = sorted({k.rsplit(".", 1)[-1] for k in modules})
         reasons = sorted({why for _, why in report.skipped})
         eager_calls = sorted({str(w.message) for w in caught if "running eager" in str(w.message)})
-        rows.append({"source": name, "ghost_like": len(report.converted) + len(report.skipped),
-                     "converted": len(report.converted), "skipped": len(report.skipped), "as": " ".join(kinds),
+        rows.append({"source": name, "ghost_like": len(modules) + len(report.skipped),
+                     "converted": len(modules), "skipped": len(report.skipped), "as": " ".join(kinds),
+                     "bottlenecks": f"{whole} whole, {len(report.per_module)} per module",
                      "rel_error": f"{err:.2e}", "input": "x".join(map(str, shape)), "backend": args.backend,
                      "skip_reasons": " | ".join(reasons), "eager_at_call": len(eager_calls)})
         print(f"{name}: {rows[-1]['converted']}/{rows[-1]['ghost_like']} converted, rel. error {err:.2e}"
@@ -95,10 +99,12 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    md = ["| source | Ghost-like modules | converted | as | rel. error vs eager (fp32) | not converted: why |",
-          "|---|---:|---:|---|---:|---|"]
+    md = ["| source | Ghost-like modules | converted | as | bottlenecks | rel. error vs eager (fp32) | "
+          "not converted: why |",
+          "|---|---:|---:|---|---|---:|---|"]
     for r in rows:
-        md.append(f"| {r['source']} | {r['ghost_like']} | {r['converted']} | {r['as'] or '-'} | {r['rel_error']} | "
+        md.append(f"| {r['source']} | {r['ghost_like']} | {r['converted']} | {r['as'] or '-'} | {r['bottlenecks']} | "
+                  f"{r['rel_error']} | "
                   f"{r['skip_reasons'] or '-'} |")
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write("\n".join(md) + "\n")

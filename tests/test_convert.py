@@ -17,11 +17,15 @@ from numerics import assert_close_rel, rel_error
 from original_modules import HuaweiGhostModuleV2, PaperGhostModule, PaperGhostNetBlock
 
 # Ghost modules per model: 16 bottlenecks x 2; V2/V3 put attention on ghost1 of every block after the second.
+# timm's V1/V2 bottlenecks are wrapped whole too (ghostfast.nn.GhostBottleneck); V3's GhostBottleneckV3 is fused
+# per module (listed in the report's per_module).
+WHOLE = "GhostBottleneck (whole bottleneck)"
 EXPECTED = {
-    "ghostnet_100": {"GhostModule": 32},
-    "ghostnetv2_100": {"GhostModule": 18, "GhostModuleV2": 14},
+    "ghostnet_100": {"GhostModule": 32, WHOLE: 16},
+    "ghostnetv2_100": {"GhostModule": 18, "GhostModuleV2": 14, WHOLE: 16},
     "ghostnetv3_100": {"GhostModule": 18, "GhostModuleV2": 14},
 }
+PER_MODULE = {"ghostnet_100": 0, "ghostnetv2_100": 0, "ghostnetv3_100": 16}
 
 
 @pytest.mark.slow
@@ -37,6 +41,7 @@ def test_convert_timm_model_matches_eager(name, backend, device):
         cls = kind.rsplit(".", 1)[-1]
         kinds[cls] = kinds.get(cls, 0) + 1
     assert kinds == EXPECTED[name]
+    assert len(report.per_module) == PER_MODULE[name]
     assert fast.state_dict().keys() == model.state_dict().keys()
 
     # Per module: what each converted module saw and produced inside the converted model (cloned: the bottleneck

@@ -1,0 +1,251 @@
+"""`GhostBottleneck`: the GhostNet V1 / V2 bottleneck as one drop-in module (issue 13 item 1, first step).
+
+timm's `GhostBottleneck` computes, for input x,
+
+    y = ghost1(x)                                   # a Ghost module (V2: with DFC attention)
+    y = bn_dw(conv_dw(y))                           # only with stride > 1: depthwise k x k, stride s
+    y = y * gate(conv_expand(act1(conv_reduce(mean_hw(y)))))   # only with SE: ReLU, hard-sigmoid gate
+    y = ghost2(y)                                   # a Ghost module without activation
+    y += shortcut(x)                                # identity, or Sequential(depthwise, BN, 1x1, BN)
+
+`convert` wraps a whole bottleneck in this module after fusing its two Ghost modules (ghost1 and ghost2 are then
+`ghostfast.nn.GhostModule` / `GhostModuleV2`). The wrapper shares the original's submodules, parameters,
+buffers, attributes and hooks (state_dict keys unchanged) and has two paths:
+
+- the direct path, for inference calls on the CPU (nothing to differentiate, the two BatchNorms after depthwise
+  convs in eval mode, no hook on a submodule it skips, no tracer / compiler / dispatch mode recording, float32 or
+  float64, `ghostfast._C` built): the Ghost modules run fused as usual, and each depthwise conv -> BatchNorm pair
+  (conv_dw -> bn_dw, shortcut[0] -> shortcut[1]) runs as one kernel with the BatchNorm folded per channel inside
+  it (`_depthwise_bn_kernel`, csrc/cpu/depthwise_bn.cpp: no separate BatchNorm pass over the tensor, no fold in
+  Python); SE and the shortcut's 1x1 conv and BatchNorm run as their modules (their hooks fire);
+- the per-module path, every other call: the bottleneck's own forward above over the live submodules (each Ghost
+  module fused, everything else eager), so training, hooks, swapped submodules, `torch.compile`, `torch.export`,
+  TorchScript, fx and ONNX export see exactly the original's module calls.
+
+The kernel folds the live BatchNorm tensors per call (no cache to go stale after optimizer steps or `.data`
+edits). It runs on NCHW input, where it measured faster than oneDNN's depthwise conv + BatchNorm inside the
+models (benchmarks/results/cpu-2core/NOTES.md); on channels_last input, where oneDNN's depthwise conv is about
+twice as fast as on NCHW and the kernel was not faster in isolation, the pair runs as its modules. Only timm's `GhostBottleneck` (whose forward is the one above) is wrapped whole; other bottlenecks keep
+per-module fusion, and the conversion report says which each one got.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .backends import _compiled_registrations, check_backend_name, default_backend
+from .nn import (StructureError, _FusedGhostBase, _REGISTRATIONS, _adopt, _eval_bn, _is_batchnorm, _recording_for_deployment,
+    subtree_ids)
+
+# The forward hooks nn.Module runs for every module (torch.nn.modules.module.register_module_forward_hook ...): any
+# of them makes a skipped submodule's call observable, so the direct path is off while one is registered.
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_DIRECT_DTYPES = (torch.float32, torch.float64)
+
+
+def timm_bottleneck_types() -> tuple:
+    """timm's GhostBottleneck class when timm's ghostnet module is loaded (never imports timm), else ()."""
+    mod = sys.modules.get("timm.models.ghostnet")
+    cls = getattr(mod, "GhostBottleneck", None) if mod is not None else None
+    return (cls,) if isinstance(cls, type) else ()
+
+
+class _Plan(NamedTuple):
+    dw: Optional[Tuple[nn.Conv2d, nn.Module]]              # conv_dw, bn_dw (stride > 1)
+    short: Optional[Tuple[nn.Conv2d, nn.Module]]           # shortcut[0], shortcut[1]; None: identity shortcut
+    skipped: Tuple[nn.Module, ...]                        # the submodules the direct path does not call
+    bns: Tuple[nn.Module, ...]                            # the BatchNorms the kernel folds
+    params: Tuple[Tensor, ...]                            # the tensors it reads (for the no-grad check)
+
+
+_KERNEL_MAX_SIZE = 7  # the kernel's largest K
+
+
+def _depthwise(conv: nn.Module, what: str) -> nn.Conv2d:
+    if type(conv) is not nn.Conv2d:
+        raise StructureError(f"{what} is a {type(conv).__name__}, not an nn.Conv2d")
+    k, st, pad, dil = (tuple(conv.kernel_size), tuple(conv.stride), conv.padding, tuple(conv.dilation))
+    if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels:
+        raise StructureError(f"{what} is not a depthwise conv (groups {conv.groups}, {conv.in_channels} -> "
+                             f"{conv.out_channels} channels)")
+    if isinstance(pad, str) or conv.padding_mode != "zeros" or len(set(k)) != 1 or len(set(st)) != 1 \
+            or len(set(pad)) != 1 or dil != (1, 1) or k[0] > _KERNEL_MAX_SIZE:
+        raise StructureError(f"{what} has kernel {k}, stride {st}, padding {pad!r} ({conv.padding_mode}), dilation "
+                             f"{dil} (the kernel needs square ones up to {_KERNEL_MAX_SIZE}, zero padding, dilation 1)")
+    return conv
+
+
+def _bn(m: nn.Module, what: str) -> nn.Module:
+    if not _is_batchnorm(m, what):
+        raise StructureError(f"{what} is a {type(m).__name__}, not a BatchNorm2d")
+    return m
+
+
+def _analyse(b: nn.Module) -> _Plan:
+    """The direct path's plan for the bottleneck's live submodules; StructureError when it has no such path."""
+    for name in ("ghost1", "ghost2"):
+        g = b._modules.get(name)
+        if not isinstance(g, _FusedGhostBase):
+            raise StructureError(f"{name} is a {type(g).__name__}, not a fused ghostfast Ghost module")
+    skipped: List[nn.Module] = []
+    dw = short = None
+    conv_dw, bn_dw = b._modules.get("conv_dw"), b._modules.get("bn_dw")
+    if (conv_dw is None) != (bn_dw is None):
+        raise StructureError("conv_dw and bn_dw are not both present or both None")
+    if conv_dw is not None:
+        dw = (_depthwise(conv_dw, "conv_dw"), _bn(bn_dw, "bn_dw"))
+        skipped += dw
+    sc = b._modules.get("shortcut")
+    if type(sc) is not nn.Sequential or len(sc) not in (0, 4):
+        raise StructureError(f"shortcut is a {type(sc).__name__} of {len(sc) if isinstance(sc, nn.Sequential) else '?'} "
+                             "layers (the direct path knows an empty Sequential, or depthwise, BN, 1x1, BN)")
+    if len(sc) == 4:
+        short = (_depthwise(sc[0], "shortcut[0]"), _bn(sc[1], "shortcut[1]"))
+        skipped += short
+    skipped.append(sc)
+    bns = tuple(m for m in skipped if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    params = tuple(t for m in skipped for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+    return _Plan(dw, short, tuple(skipped), bns, params)
+
+
+def _kernel_registered() -> bool:
+    return _compiled_registrations().get("depthwise_bn", False)
+
+
+def _dw_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
+    """bn(conv(x)) for an eval-mode BatchNorm: one kernel on NCHW input, the modules on channels_last (module
+    docstring)."""
+    if not x.is_contiguous():
+        return bn(conv(x))
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    h, w = (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1
+    if h < 1 or w < 1:
+        return bn(conv(x))  # eager's own error
+    out = torch.empty((x.shape[0], x.shape[1], h, w), dtype=x.dtype, device=x.device)
+    _run_kernel(x, conv.weight, *_eval_bn(conv, bn), s, p, out)
+    return out
+
+
+def _run_kernel(*args) -> None:
+    torch.ops.ghostfast._depthwise_bn_kernel(*args)
+
+
+class GhostBottleneck(nn.Module):
+    """timm's GhostNet V1 / V2 bottleneck (module docstring): the Ghost modules fused, and on inference calls each
+    depthwise conv -> BatchNorm pair as one kernel. Build with `from_module` (what
+    `ghostfast.convert` does); `unsupported_reason` says why the direct path is off for the current structure."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._eager_forward(x)
+        return self._dispatch(x)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        """The bottleneck's own forward over its live submodules (timm's GhostBottleneck.forward)."""
+        shortcut = x
+        x = self.ghost1(x)
+        if self.conv_dw is not None:
+            x = self.conv_dw(x)
+            x = self.bn_dw(x)
+        if self.se is not None:
+            x = self.se(x)
+        x = self.ghost2(x)
+        x += self.shortcut(shortcut)
+        return x
+
+    @classmethod
+    def from_module(cls, m: nn.Module, *, backend: Optional[str] = None) -> "GhostBottleneck":
+        """Wrap timm's GhostBottleneck `m` (its Ghost modules converted first); StructureError otherwise."""
+        if not timm_bottleneck_types() or not isinstance(m, timm_bottleneck_types()) \
+                or type(m).forward is not timm_bottleneck_types()[0].forward:
+            raise StructureError(f"{type(m).__name__} is not timm's GhostBottleneck (whose forward the whole-"
+                                 "bottleneck path reproduces)")
+        if backend is not None:
+            check_backend_name(backend)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        _adopt(self, m, exclude=("backend", "unsupported_reason"))
+        self.backend = backend
+        self._plan_quick = None
+        self._replan()
+        return self
+
+    # -- the plan, re-read when a submodule is replaced (as _FusedGhostBase does) ------------------------------
+    def _structure_key(self) -> tuple:
+        return tuple(subtree_ids(self))
+
+    def _quick_key(self) -> tuple:
+        return (_REGISTRATIONS[0], len(self._modules), *[len(c._modules) for c in self._modules.values() if c is not None])
+
+    def _replan(self) -> None:
+        try:
+            self._plan, self.unsupported_reason = _analyse(self), None
+        except StructureError as e:
+            self._plan, self.unsupported_reason = None, str(e)
+        self._plan_key, self._plan_quick = self._structure_key(), self._quick_key()
+
+    def _current_plan(self) -> Optional[_Plan]:
+        quick = self._quick_key()
+        if quick != self._plan_quick:
+            if self._structure_key() != self._plan_key:
+                self._replan()
+            self._plan_quick = quick
+        return self._plan
+
+    # -- dispatch ----------------------------------------------------------------------------------------------
+    def _direct_plan(self, x: Tensor) -> Optional[_Plan]:
+        """The plan when this call may take the direct path, else None (module docstring)."""
+        plan = self._current_plan()
+        if plan is None or not isinstance(x, Tensor) or x.dtype not in _DIRECT_DTYPES or x.dim() != 4 \
+                or x.device.type != "cpu" or not _kernel_registered():
+            return None
+        if (default_backend() if self.backend is None else self.backend) == "reference":
+            return None  # the eager spec, computed as the original computes it
+        if not ops._direct(x, *plan.params) or torch.is_autocast_enabled(x.device.type):
+            return None
+        if any(m.training for m in plan.bns):
+            return None
+        module = torch.nn.modules.module
+        if any(getattr(module, h) for h in _GLOBAL_HOOKS):
+            return None
+        if any(getattr(m, h) for m in plan.skipped for h in _MODULE_HOOKS):
+            return None
+        return plan
+
+    @torch.jit.unused
+    def _dispatch(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or _recording_for_deployment(x):
+            return self._eager_forward(x)  # first: dynamo and the tracers record the submodule calls
+        plan = self._direct_plan(x)
+        if plan is None:
+            return self._eager_forward(x)
+        return self._direct_forward(x, plan)
+
+    @torch.jit.unused
+    def _direct_forward(self, x: Tensor, plan: _Plan) -> Tensor:
+        shortcut = x
+        y = self.ghost1(x)
+        if plan.dw is not None:
+            y = _dw_bn(y, *plan.dw)
+        if self.se is not None:
+            y = self.se(y)
+        y = self.ghost2(y)
+        if plan.short is None:
+            y += shortcut
+        else:
+            sc = self.shortcut
+            y += sc[3](sc[2](_dw_bn(shortcut, *plan.short)))
+        return y
+
+    def extra_repr(self) -> str:
+        how = "direct path" if self._current_plan() is not None else f"per-module: {self.unsupported_reason}"
+        return f"backend={self.backend or 'default'}, {how}"
+
+
+__all__ = ["GhostBottleneck", "timm_bottleneck_types"]
