@@ -15,9 +15,7 @@ against eager. Rows are appended to bottleneck.csv (tagged --tag) beside the oth
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -25,20 +23,14 @@ from pathlib import Path
 import torch
 
 import ghostfast
+from benchmarks.measure import _git_sha
+from benchmarks.report import append_rows
 from ghostfast.models import timm_ghostnet
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["tag", "commit", "model", "batch", "threads", "clock", "reps", "eager_ms", "per_module_ms", "bottleneck_ms",
           "paired_ratio", "per_module_rel_err", "bottleneck_rel_err"]
 CASES = [("ghostnet_100", 1, 1.0), ("ghostnetv2_100", 1, 1.0), ("ghostnet_100", 8, 0.2), ("ghostnetv2_100", 8, 0.2)]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,7 +67,8 @@ def measure(name: str, batch: int, threads: int, reps: int) -> dict:
             te.append(clock() - t0)
     return {"model": name, "batch": batch, "threads": threads, "clock": "thread" if threads == 1 else "wall",
             "reps": reps, "eager_ms": f"{statistics.median(te) * 1e3:.3f}",
-            "per_module_ms": f"{statistics.median(ta) * 1e3:.3f}", "bottleneck_ms": f"{statistics.median(tb) * 1e3:.3f}",
+            "per_module_ms": f"{statistics.median(ta) * 1e3:.3f}",
+            "bottleneck_ms": f"{statistics.median(tb) * 1e3:.3f}",
             "paired_ratio": f"{statistics.median(ratios):.4f}", "per_module_rel_err": f"{errs[0]:.2e}",
             "bottleneck_rel_err": f"{errs[1]:.2e}"}
 
@@ -91,19 +84,13 @@ def main() -> None:
     rows = []
     for threads in args.threads:
         for name, batch, share in CASES:
-            row = dict(measure(name, batch, threads, max(10, int(args.reps * share))), tag=args.tag, commit=_commit())
+            row = dict(measure(name, batch, threads, max(10, int(args.reps * share))), tag=args.tag, commit=_git_sha())
             rows.append(row)
             print(f"{name} b{batch} {threads} thread(s): eager {row['eager_ms']} ms, per-module {row['per_module_ms']} "
                   f"ms, bottleneck {row['bottleneck_ms']} ms (paired ratio {row['paired_ratio']}; rel. error vs "
                   f"eager {row['per_module_rel_err']} / {row['bottleneck_rel_err']})", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bottleneck.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(str(path), rows, {}, FIELDS)
     print(f"wrote {len(rows)} rows to {path}")
 
 

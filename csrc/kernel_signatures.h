@@ -1,6 +1,6 @@
-// The C++ signatures of the compiled kernels, one per schema in ghost_module.cpp / dfc.cpp. The dispatcher
-// requires every backend's kernel of an op to have the same C++ signature (a mismatch aborts the process when
-// ghostfast._C is imported), so each implementation file static_asserts its functions against these.
+// The C++ signatures of the compiled kernels, one per schema in ghost_module.cpp / dfc.cpp / depthwise_bn.cpp. The
+// dispatcher requires every backend's kernel of an op to have the same C++ signature (a mismatch aborts the process
+// when ghostfast._C is imported), so each implementation file static_asserts its functions against these.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -55,5 +55,10 @@ using DfcBackwardKernel = void(const at::Tensor& grad, const at::Tensor& x, cons
                                const at::Tensor& h_scale, const at::Tensor& h_bias, const at::Tensor& v_weight,
                                const at::Tensor& v_scale, const at::Tensor& v_bias, c10::string_view mode,
                                at::TensorList grads);
+
+using DepthwiseBnKernel = void(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                               const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
+                               double bn_eps, int64_t stride, int64_t padding, const at::Tensor& out);
 
 }  // namespace ghostfast

@@ -25,8 +25,10 @@ buffers, attributes and hooks (state_dict keys unchanged) and has two paths:
 The kernel folds the live BatchNorm tensors per call (no cache to go stale after optimizer steps or `.data`
 edits). It runs on NCHW input, where it measured faster than oneDNN's depthwise conv + BatchNorm inside the
 models (benchmarks/results/cpu-2core/NOTES.md); on channels_last input, where oneDNN's depthwise conv is about
-twice as fast as on NCHW and the kernel was not faster in isolation, the pair runs as its modules. Only timm's `GhostBottleneck` (whose forward is the one above) is wrapped whole; other bottlenecks keep
-per-module fusion, and the conversion report says which each one got.
+twice as fast as on NCHW and the kernel was not faster in isolation, the pair runs as its modules.
+
+Only timm's `GhostBottleneck` (whose forward is the one above) is wrapped whole; other bottlenecks keep per-module
+fusion, and the conversion report says which each one got.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .backends import _compiled_registrations, check_backend_name, default_backend
-from .nn import (StructureError, _FusedGhostBase, _REGISTRATIONS, _adopt, _eval_bn, _is_batchnorm, _recording_for_deployment,
-    subtree_ids)
+from .nn import (_REGISTRATIONS, StructureError, _adopt, _eval_bn, _FusedGhostBase, _is_batchnorm,
+                 _recording_for_deployment, subtree_ids)
 
 # The forward hooks nn.Module runs for every module (torch.nn.modules.module.register_module_forward_hook ...): any
 # of them makes a skipped submodule's call observable, so the direct path is off while one is registered.
@@ -103,8 +105,9 @@ def _analyse(b: nn.Module) -> _Plan:
         skipped += dw
     sc = b._modules.get("shortcut")
     if type(sc) is not nn.Sequential or len(sc) not in (0, 4):
-        raise StructureError(f"shortcut is a {type(sc).__name__} of {len(sc) if isinstance(sc, nn.Sequential) else '?'} "
-                             "layers (the direct path knows an empty Sequential, or depthwise, BN, 1x1, BN)")
+        layers = len(sc) if isinstance(sc, nn.Sequential) else "?"
+        raise StructureError(f"shortcut is a {type(sc).__name__} of {layers} layers (the direct path knows an empty "
+                             "Sequential, or depthwise, BN, 1x1, BN)")
     if len(sc) == 4:
         short = (_depthwise(sc[0], "shortcut[0]"), _bn(sc[1], "shortcut[1]"))
         skipped += short
@@ -181,7 +184,8 @@ class GhostBottleneck(nn.Module):
         return tuple(subtree_ids(self))
 
     def _quick_key(self) -> tuple:
-        return (_REGISTRATIONS[0], len(self._modules), *[len(c._modules) for c in self._modules.values() if c is not None])
+        children = self._modules.values()
+        return (_REGISTRATIONS[0], len(self._modules), *[len(c._modules) for c in children if c is not None])
 
     def _replan(self) -> None:
         try:
@@ -212,7 +216,7 @@ class GhostBottleneck(nn.Module):
         if any(m.training for m in plan.bns):
             return None
         module = torch.nn.modules.module
-        if any(getattr(module, h) for h in _GLOBAL_HOOKS):
+        if any(getattr(module, h, None) for h in _GLOBAL_HOOKS):
             return None
         if any(getattr(m, h) for m in plan.skipped for h in _MODULE_HOOKS):
             return None

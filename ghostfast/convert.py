@@ -122,10 +122,10 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: Optional[str] =
     are left as they are and listed in the report, with a one-time warning (strict: raise).
 
     `bottlenecks`: also wrap each timm GhostBottleneck whose Ghost modules were converted in
-    `ghostfast.nn.GhostBottleneck` (ghostfast/bottleneck.py: on inference calls the BatchNorms between the Ghost
-    modules fold into their convs); other bottlenecks (modules holding ghost1, ghost2 and a shortcut) are fused
-    per module and listed in the report's `per_module` with the reason. The report is attached as `model.ghostfast_report` and
-    logged to the `ghostfast` logger."""
+    `ghostfast.nn.GhostBottleneck` (ghostfast/bottleneck.py: on inference calls each depthwise conv -> BatchNorm
+    pair runs as one kernel); other bottlenecks (modules holding ghost1, ghost2 and a shortcut) are fused per
+    module and listed in the report's `per_module` with the reason. The report is attached as
+    `model.ghostfast_report` and logged to the `ghostfast` logger."""
     if backend is not None:
         check_backend_name(backend)
     strict = default_strict() if strict is None else strict

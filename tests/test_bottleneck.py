@@ -309,3 +309,55 @@ def test_depthwise_bn_kernel_rejects_bad_arguments_clearly():
         kernel(x, w, None, None, torch.zeros(3), None, 0.0, 2, 1, out)
     with pytest.raises(RuntimeError, match="expected stride >= 1"):
         kernel(x, w, None, None, None, None, 0.0, 0, 1, out)
+
+
+# ---- the workflows around a converted bottleneck ------------------------------------------------------------
+
+def test_torch_compile_fullgraph_and_export_record_the_bottleneck():
+    torch._dynamo.reset()
+    block, fast = _pair("v2-s2-se-conv-shortcut")
+    x = _input(block, hw=(9, 7))
+    with torch.no_grad():
+        ref = block(x)
+        assert_close_rel(torch.compile(fast, fullgraph=True)(x), ref, torch.float32, factor=10)
+        exported = torch.export.export(fast, (x,))
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        assert "ghostfast.ghost_module.default" in targets
+        assert_close_rel(exported.module()(x), ref, torch.float32, factor=10)
+
+
+def test_inference_then_fine_tuning_then_inference(monkeypatch):
+    """inference_mode (direct path), SGD steps in training mode (per-module path, gradients equal to eager's),
+    then eval inference again reading the updated tensors."""
+    block, fast = _pair("s2-conv-shortcut", torch.float64)
+    x = _input(block, torch.float64)
+    spy = _PathSpy(monkeypatch)
+    with torch.inference_mode():
+        assert_close_rel(fast(x), block(x), torch.float64)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (fast, block)]
+    for m in (fast, block):
+        m.train()
+    for _ in range(2):
+        for m, opt in zip((fast, block), opts):
+            opt.zero_grad()
+            (m(x) ** 2).mean().backward()
+            opt.step()
+    for a, b in zip(fast.parameters(), block.parameters()):
+        assert_close_rel(a, b, torch.float64, factor=100)
+    for m in (fast, block):
+        m.eval()
+    with torch.inference_mode():
+        assert_close_rel(fast(x), block(x), torch.float64, factor=100)
+    assert spy.direct == 2 * D
+
+
+def test_state_dict_round_trip_and_deepcopy():
+    block, fast = _pair("v2-s2-se-conv-shortcut")
+    other, _ = _pair("v2-s2-se-conv-shortcut", seed=5)
+    fast.load_state_dict(other.state_dict(), strict=True)  # the eager block's keys load into the wrapper
+    x = _input(block)
+    with torch.inference_mode():
+        assert_close_rel(fast(x), other(x), torch.float32, factor=10)
+        twin = copy.deepcopy(fast)
+        assert_close_rel(twin(x), other(x), torch.float32, factor=10)
+    block.load_state_dict(fast.state_dict(), strict=True)  # and back

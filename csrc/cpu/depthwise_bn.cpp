@@ -13,11 +13,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "batch_norm.h"
 #include "common.h"
 #include "cpu/vec.h"
+#include "kernel_signatures.h"
 
 namespace ghostfast {
 namespace {
@@ -189,6 +191,8 @@ void depthwise_bn_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
     }
   });
 }
+
+static_assert(std::is_same_v<decltype(depthwise_bn_cpu), DepthwiseBnKernel>);
 
 }  // namespace
 }  // namespace ghostfast
