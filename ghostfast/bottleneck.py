@@ -12,12 +12,13 @@ timm's `GhostBottleneck` computes, for input x,
 `ghostfast.nn.GhostModule` / `GhostModuleV2`). The wrapper shares the original's submodules, parameters,
 buffers, attributes and hooks (state_dict keys unchanged) and has two paths:
 
-- the direct path, for inference calls on the CPU (nothing to differentiate, the two BatchNorms after depthwise
-  convs in eval mode, no hook on a submodule it skips, no tracer / compiler / dispatch mode recording, float32 or
-  float64, `ghostfast._C` built): the Ghost modules run fused as usual, and each depthwise conv -> BatchNorm pair
+- the direct path, for inference calls on the CPU (an input that needs no gradient, the two BatchNorms after
+  depthwise convs in eval mode, no hook on a submodule it skips, no tracer / compiler / dispatch mode recording,
+  float32 or float64, `ghostfast._C` built): the Ghost modules run fused as usual, and each depthwise conv -> BatchNorm pair
   (conv_dw -> bn_dw, shortcut[0] -> shortcut[1]) runs as one kernel with the BatchNorm folded per channel inside
   it (`_depthwise_bn_kernel`, csrc/cpu/depthwise_bn.cpp: no separate BatchNorm pass over the tensor, no fold in
-  Python); SE and the shortcut's 1x1 conv and BatchNorm run as their modules (their hooks fire);
+  Python) where nothing of the pair needs a gradient (else the pair runs as its modules, recorded by autograd);
+  SE and the shortcut's 1x1 conv and BatchNorm run as their modules (their hooks fire);
 - the per-module path, every other call: the bottleneck's own forward above over the live submodules (each Ghost
   module fused, everything else eager), so training, hooks, swapped submodules, `torch.compile`, `torch.export`,
   TorchScript, fx and ONNX export see exactly the original's module calls.
@@ -63,7 +64,6 @@ class _Plan(NamedTuple):
     short: Optional[Tuple[nn.Conv2d, nn.Module]]           # shortcut[0], shortcut[1]; None: identity shortcut
     skipped: Tuple[nn.Module, ...]                        # the submodules the direct path does not call
     bns: Tuple[nn.Module, ...]                            # the BatchNorms the kernel folds
-    params: Tuple[Tensor, ...]                            # the tensors it reads (for the no-grad check)
 
 
 _KERNEL_MAX_SIZE = 7  # the kernel's largest K
@@ -113,8 +113,7 @@ def _analyse(b: nn.Module) -> _Plan:
         skipped += short
     skipped.append(sc)
     bns = tuple(m for m in skipped if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    params = tuple(t for m in skipped for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
-    return _Plan(dw, short, tuple(skipped), bns, params)
+    return _Plan(dw, short, tuple(skipped), bns)
 
 
 def _kernel_registered() -> bool:
@@ -123,8 +122,12 @@ def _kernel_registered() -> bool:
 
 def _dw_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
     """bn(conv(x)) for an eval-mode BatchNorm: one kernel on NCHW input, the modules on channels_last (module
-    docstring)."""
+    docstring) and wherever autograd must record the pair: the kernel has no backward, and x can need a gradient
+    inside an inference call (ghost1's parameters trainable, the pair's frozen), so the tensors are read per call."""
     if not x.is_contiguous():
+        return bn(conv(x))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)):
         return bn(conv(x))
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     h, w = (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1
@@ -211,7 +214,7 @@ class GhostBottleneck(nn.Module):
             return None
         if (default_backend() if self.backend is None else self.backend) == "reference":
             return None  # the eager spec, computed as the original computes it
-        if not ops._direct(x, *plan.params) or torch.is_autocast_enabled(x.device.type):
+        if not ops._direct(x) or torch.is_autocast_enabled(x.device.type):
             return None
         if any(m.training for m in plan.bns):
             return None

@@ -106,6 +106,28 @@ def test_direct_path_under_no_grad_and_grad_enabled_without_trainable_tensors(mo
     assert spy.direct == 2 * D
 
 
+def test_partly_frozen_fine_tuning_gets_every_gradient(monkeypatch):
+    """Eval-mode fine-tuning with the depthwise pairs frozen and the Ghost modules trainable, on an input that
+    needs no gradient: the direct path runs, and each pair whose input needs a gradient runs as its modules."""
+    block, fast = _pair("v2-s2-se-conv-shortcut", torch.float64)
+    for m in (fast, block):
+        for sub in (m.conv_dw, m.bn_dw, m.shortcut[0], m.shortcut[1]):
+            sub.requires_grad_(False)
+    x = _input(block, torch.float64)
+    spy = _PathSpy(monkeypatch)
+    out, ref = fast(x), block(x)
+    g = torch.randn_like(out)
+    trainable = [p for p in fast.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, trainable, g)
+    ref_grads = torch.autograd.grad(ref, [p for p in block.parameters() if p.requires_grad], g)
+    assert spy.direct == 1 * D
+    assert spy.kernel == 1 * D  # the shortcut pair (its input x needs no gradient); conv_dw's input does
+    assert_close_rel(out, ref, torch.float64)
+    assert len(grads) == len(ref_grads) > 0
+    for a, b in zip(grads, ref_grads):
+        assert_close_rel(a, b, torch.float64, factor=10)
+
+
 def test_gradients_take_the_per_module_path(monkeypatch):
     block, fast = _pair("v2-s2-se-conv-shortcut", torch.float64)
     x = _input(block, torch.float64).requires_grad_(True)
