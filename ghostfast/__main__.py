@@ -93,7 +93,9 @@ def cmd_demo(args) -> int:
     model = timm_ghostnet(args.model, seed=args.seed).to(device)
     fast = ghostfast.convert(model, backend=args.backend)
     report = fast.ghostfast_report
-    print(f"converted {len(report.converted)} Ghost modules, skipped {len(report.skipped)}")
+    whole = sum("whole bottleneck" in kind for _, kind in report.converted)
+    print(f"converted {len(report.converted) - whole} Ghost modules, skipped {len(report.skipped)}; "
+          f"{whole} bottlenecks whole, {len(report.per_module)} per module")
     x = torch.randn(args.batch, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(1))
     with torch.inference_mode():
         ref = model(x)
