@@ -13,15 +13,17 @@ timm's `GhostBottleneck` computes, for input x,
 buffers, attributes and hooks (state_dict keys unchanged) and has two paths:
 
 - the direct path, for inference calls on the CPU (an input that needs no gradient, the two BatchNorms after
-  depthwise convs in eval mode, no hook on a submodule it skips, no tracer / compiler / dispatch mode recording,
-  float32 or float64, `ghostfast._C` built): the Ghost modules run fused as usual, and each depthwise conv -> BatchNorm pair
-  (conv_dw -> bn_dw, shortcut[0] -> shortcut[1]) runs as one kernel with the BatchNorm folded per channel inside
-  it (`_depthwise_bn_kernel`, csrc/cpu/depthwise_bn.cpp: no separate BatchNorm pass over the tensor, no fold in
-  Python) where nothing of the pair needs a gradient (else the pair runs as its modules, recorded by autograd);
-  SE and the shortcut's 1x1 conv and BatchNorm run as their modules (their hooks fire);
+  depthwise convs in eval mode, no hook on a submodule it skips, no tracer / exporter / dispatch mode recording,
+  float32 or float64, `ghostfast._C` built): the Ghost modules run fused as usual, and each depthwise conv ->
+  BatchNorm pair (conv_dw -> bn_dw, shortcut[0] -> shortcut[1]) runs as one kernel with the BatchNorm folded per
+  channel inside it (`_depthwise_bn_kernel`, csrc/cpu/depthwise_bn.cpp: no separate BatchNorm pass over the tensor,
+  no fold in Python) where nothing of the pair needs a gradient (else the pair runs as its modules, recorded by
+  autograd); SE and the shortcut's 1x1 conv and BatchNorm run as their modules (their hooks fire). Under
+  `torch.compile` the same path is traced (dynamo guards on its conditions), the kernel as the functional op
+  `ghostfast::depthwise_bn`, so a compiled converted model keeps it;
 - the per-module path, every other call: the bottleneck's own forward above over the live submodules (each Ghost
-  module fused, everything else eager), so training, hooks, swapped submodules, `torch.compile`, `torch.export`,
-  TorchScript, fx and ONNX export see exactly the original's module calls.
+  module fused, everything else eager), so training, hooks, swapped submodules, `torch.export`, TorchScript, fx
+  and ONNX export see exactly the original's module calls.
 
 The kernel folds the live BatchNorm tensors per call (no cache to go stale after optimizer steps or `.data`
 edits). It runs on NCHW input, where it measured faster than oneDNN's depthwise conv + BatchNorm inside the
@@ -123,17 +125,20 @@ def _kernel_registered() -> bool:
 def _dw_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
     """bn(conv(x)) for an eval-mode BatchNorm: one kernel on NCHW input, the modules on channels_last (module
     docstring) and wherever autograd must record the pair: the kernel has no backward, and x can need a gradient
-    inside an inference call (ghost1's parameters trainable, the pair's frozen), so the tensors are read per call."""
+    inside an inference call (ghost1's parameters trainable, the pair's frozen), so the tensors are read per call.
+    Under torch.compile the kernel is the functional op `ghostfast::depthwise_bn` (a node of the graph)."""
     if not x.is_contiguous():
         return bn(conv(x))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
             x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)):
         return bn(conv(x))
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    h, w = (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1
-    if h < 1 or w < 1:
+    shape = ops.depthwise_output_shape(x, k, s, p)
+    if shape[2] < 1 or shape[3] < 1:
         return bn(conv(x))  # eager's own error
-    out = torch.empty((x.shape[0], x.shape[1], h, w), dtype=x.dtype, device=x.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.ghostfast.depthwise_bn(x, conv.weight, *_eval_bn(conv, bn), s, p)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
     _run_kernel(x, conv.weight, *_eval_bn(conv, bn), s, p, out)
     return out
 
@@ -207,14 +212,20 @@ class GhostBottleneck(nn.Module):
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def _direct_plan(self, x: Tensor) -> Optional[_Plan]:
-        """The plan when this call may take the direct path, else None (module docstring)."""
+        """The plan when this call may take the direct path, else None (module docstring). Under torch.compile
+        (not export) the same conditions, read by dynamo (it guards on them), with the graph's own tensors."""
         plan = self._current_plan()
         if plan is None or not isinstance(x, Tensor) or x.dtype not in _DIRECT_DTYPES or x.dim() != 4 \
                 or x.device.type != "cpu" or not _kernel_registered():
             return None
         if (default_backend() if self.backend is None else self.backend) == "reference":
             return None  # the eager spec, computed as the original computes it
-        if not ops._direct(x) or torch.is_autocast_enabled(x.device.type):
+        if torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and x.requires_grad:
+                return None
+        elif not ops._direct(x):
+            return None
+        if torch.is_autocast_enabled(x.device.type):
             return None
         if any(m.training for m in plan.bns):
             return None
@@ -227,8 +238,8 @@ class GhostBottleneck(nn.Module):
 
     @torch.jit.unused
     def _dispatch(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() or _recording_for_deployment(x):
-            return self._eager_forward(x)  # first: dynamo and the tracers record the submodule calls
+        if _recording_for_deployment(x) or torch.compiler.is_exporting():
+            return self._eager_forward(x)  # first: the tracers and torch.export record the submodule calls
         plan = self._direct_plan(x)
         if plan is None:
             return self._eager_forward(x)

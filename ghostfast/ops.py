@@ -461,6 +461,71 @@ def _(grad, x, conv_weight, conv_scale, conv_bias, h_weight, h_scale, h_bias, v_
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The depthwise conv + BatchNorm kernel of ghostfast.nn.GhostBottleneck (csrc/depthwise_bn.cpp, CPU) as a
+# functional op, for graphs: torch.compile of the bottleneck's direct path records this op. Eager calls run the
+# out-variant `_depthwise_bn_kernel` directly (no custom-op dispatch per call). Its autograd (ATen's conv backward
+# and the fold's chain rule) makes it a complete op; the bottleneck itself calls it only with nothing to
+# differentiate.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def depthwise_output_shape(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tuple[int, int, int, int]:
+    """[N, C, H_out, W_out] of a K x K depthwise conv with `stride` and zero `padding` on x [N, C, H, W]."""
+    return (x.shape[0], x.shape[1], (x.shape[2] + 2 * padding - kernel_size) // stride + 1,
+            (x.shape[3] + 2 * padding - kernel_size) // stride + 1)
+
+
+@torch.library.custom_op("ghostfast::depthwise_bn", mutates_args=())
+def _depthwise_bn_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                     bn_mean: Optional[Tensor], bn_var: Optional[Tensor], bn_eps: float, stride: int,
+                     padding: int) -> Tensor:
+    out = _empty_output(x, depthwise_output_shape(x, weight.shape[-1], stride, padding))
+    torch.ops.ghostfast._depthwise_bn_kernel(x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding,
+                                             out)
+    return out
+
+
+@_depthwise_bn_op.register_fake
+def _(x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding):
+    # the kernel checks every argument (and names it) when it runs; here only what the output's shape needs
+    if x.dim() != 4 or weight.dim() != 4 or stride < 1 or padding < 0:
+        raise ValueError(f"ghostfast::depthwise_bn: expected x [N, C, H, W], weight [C, 1, K, K], stride >= 1, "
+                         f"padding >= 0; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, stride {stride}, "
+                         f"padding {padding}")
+    return _empty_output(x, depthwise_output_shape(x, weight.shape[-1], stride, padding))
+
+
+def _depthwise_bn_setup(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding = inputs
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, bn_mean, bn_var)
+    ctx.geometry = (bn_eps, stride, padding)
+
+
+def _depthwise_bn_backward(ctx, grad):
+    """y = conv(x, w) * scale + shift per channel: the conv's backward on grad * scale (ATen's), the folded
+    vectors' gradients from grad and the recomputed conv, carried to the BatchNorm tensors (fold_bn_backward)."""
+    x, weight, *vectors = ctx.saved_tensors
+    eps, stride, padding = ctx.geometry
+    needs = ctx.needs_input_grad
+    bn = BatchNormParams(*vectors, eps)
+    scale, _, std = reference.fold_bn_vectors(bn, x.shape[1], grad.dtype, grad.device, keep_std=True)
+    grad_x = grad_w = None
+    if needs[0] or needs[1]:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad * scale.view(1, -1, 1, 1), x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0],
+            x.shape[1], [needs[0], needs[1], False])
+    grad_bn = [None] * 4
+    if any(needs[2:6]):
+        z = F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+        grad_bn = reference.fold_bn_backward((grad * z).sum((0, 2, 3)), grad.sum((0, 2, 3)), bn, needs[2:6], scale,
+                                             std)
+    return (grad_x, grad_w, *grad_bn, None, None, None)
+
+
+_depthwise_bn_op.register_autograd(_depthwise_bn_backward, setup_context=_depthwise_bn_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Autograd of the forward ops: fold each BatchNorm (per-channel vectors), run the backend's backward kernel, carry
 # the folded vectors' gradients to the BatchNorm tensors.
 # ----------------------------------------------------------------------------------------------------------

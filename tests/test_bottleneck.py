@@ -335,17 +335,92 @@ def test_depthwise_bn_kernel_rejects_bad_arguments_clearly():
 
 # ---- the workflows around a converted bottleneck ------------------------------------------------------------
 
-def test_torch_compile_fullgraph_and_export_record_the_bottleneck():
+class _GraphRecorder:
+    """A torch.compile backend that records the call targets of each graph dynamo hands it (a list per graph, one
+    entry per node) and runs the graph as is."""
+
+    def __init__(self):
+        self.targets = []
+
+    def __call__(self, gm, example_inputs):
+        self.targets.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+
+def test_torch_compile_keeps_the_direct_path_and_export_records_the_modules():
+    """torch.compile (fullgraph, inductor) traces the direct path: the depthwise pairs are `ghostfast::depthwise_bn`
+    nodes; torch.export records the per-module path (standard ops beside the Ghost ops)."""
     torch._dynamo.reset()
     block, fast = _pair("v2-s2-se-conv-shortcut")
     x = _input(block, hw=(9, 7))
+    rec = _GraphRecorder()
     with torch.no_grad():
         ref = block(x)
+        assert_close_rel(torch.compile(fast, backend=rec, fullgraph=True)(x), ref, torch.float32, factor=10)
+        [targets] = rec.targets
+        assert sum("ghostfast.depthwise_bn" in t for t in targets) == 2 * D  # conv_dw and the shortcut pair
         assert_close_rel(torch.compile(fast, fullgraph=True)(x), ref, torch.float32, factor=10)
         exported = torch.export.export(fast, (x,))
         targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-        assert "ghostfast.ghost_module.default" in targets
+        assert "ghostfast.ghost_module.default" in targets and "aten.conv2d.default" in targets
+        assert not any("depthwise_bn" in t for t in targets)
         assert_close_rel(exported.module()(x), ref, torch.float32, factor=10)
+
+
+def test_torch_compile_recompiles_for_hooks_training_and_gradients():
+    """What switches the eager direct path off switches the compiled one off too (dynamo guards on it): a hook
+    on a skipped submodule (it fires), a training-mode BatchNorm, an input that needs a gradient."""
+    torch._dynamo.reset()
+    block, fast = _pair("s2-conv-shortcut", torch.float64)
+    x = _input(block, torch.float64, hw=(8, 8))
+    rec = _GraphRecorder()
+    compiled = torch.compile(fast, backend=rec)
+    kernel_nodes = lambda: sum("ghostfast.depthwise_bn" in t for t in rec.targets[-1])  # noqa: E731
+    with torch.no_grad():
+        assert_close_rel(compiled(x), block(x), torch.float64)
+        assert kernel_nodes() == 2 * D
+        seen = []
+        handle = fast.conv_dw.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        assert_close_rel(compiled(x), block(x), torch.float64)
+        assert len(seen) == 1 and kernel_nodes() == 0  # recompiled: the per-module path, as in eager
+        handle.remove()
+    xg = x.clone().requires_grad_(True)
+    out = compiled(xg)
+    assert kernel_nodes() == 0
+    ref = block(xg)
+    g = torch.randn_like(out)
+    assert_close_rel(torch.autograd.grad(out, xg, g)[0], torch.autograd.grad(ref, xg, g)[0], torch.float64)
+    fast.bn_dw.train()
+    block.bn_dw.train()
+    with torch.no_grad():
+        assert_close_rel(compiled(x), block(x), torch.float64)
+        assert kernel_nodes() == 0  # bn_dw uses batch statistics: the per-module path, as in eager
+    assert_close_rel(fast.bn_dw.running_mean, block.bn_dw.running_mean, torch.float64)  # updated once by each
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not ghostfast.bottleneck._kernel_registered(),
+                    reason="the depthwise + BatchNorm kernel is compiled for CPU (ghostfast._C)")
+@pytest.mark.parametrize("case", KERNEL_CASES[:4], ids=[f"n{c[0]}c{c[1]}h{c[2]}w{c[3]}k{c[4]}s{c[5]}p{c[6]}"
+                                                        for c in KERNEL_CASES[:4]])
+def test_depthwise_bn_op_opcheck_and_gradcheck(case):
+    """The functional op torch.compile records: torch.library.opcheck (schema, fake kernel, autograd registration,
+    AOT dispatch), its result against the reference, and float64 gradcheck of its autograd (every input, and the
+    optional BatchNorm vectors absent)."""
+    from ghostfast.reference import BatchNormParams, depthwise_bn_forward
+    n, c, h, w, k, s, p = case
+    g = torch.Generator().manual_seed(sum(case))
+    x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(c, 1, k, k, generator=g)
+    bn = nn.BatchNorm2d(c)
+    randomize_batchnorm_(bn, g)
+    bnp = BatchNormParams.of(bn.eval())
+    op = torch.ops.ghostfast.depthwise_bn
+    torch.library.opcheck(op.default, (x, weight, *bnp, s, p))
+    assert_close_rel(op(x, weight, *bnp, s, p), depthwise_bn_forward(x, weight, bnp, s, p), torch.float32)
+    x64, w64 = x.double().requires_grad_(True), weight.double().requires_grad_(True)
+    vec = [t.detach().double().requires_grad_(True) for t in bnp[:4]]
+    vec[3] = vec[3].detach().abs().add(0.5).requires_grad_(True)  # a variance away from 0
+    assert torch.autograd.gradcheck(lambda *t: op(t[0], t[1], *t[2:6], bnp.eps, s, p), (x64, w64, *vec))
+    assert torch.autograd.gradcheck(lambda a, b: op(a, b, None, vec[1], None, None, 0.0, s, p), (x64, w64))
 
 
 def test_inference_then_fine_tuning_then_inference(monkeypatch):
