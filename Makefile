@@ -21,7 +21,7 @@ test: venv
 
 # The GPU image's versions (torch 2.11.0, its CUDA 13.0 build; triton 3.6.0), scripts/test_torch211.sh: a second venv
 # .venv-torch211, ghostfast._C built against it (CPU kernels; the tests run on the CPU), about a fifth of the tests
-# (every file and backend); the whole leg capped at 15 min. test-torch211-all: ghostfast._C with the CUDA kernels
+# (every file and backend); the whole leg capped at 20 min. test-torch211-all: ghostfast._C with the CUDA kernels
 # too (nvcc against torch 2.11's headers, as on the GPU image), the whole suite, benchmarks/results/torch211/.
 # The whole-model Triton training tests that make test skips under the interpreter (~45-60 min here).
 test-slow-interpreter: venv

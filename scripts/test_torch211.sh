@@ -8,7 +8,8 @@
 #   ci   (default; `make test-torch211`, part of `make test`): a stated subset (scripts/pytest_subset.py: every test
 #        file, every backend, about one test in TORCH211_EVERY (default 5), without the whole-model tests of the
 #        Triton interpreter, ~1 min each), the whole leg (venv, build, tests) capped at TORCH211_BUDGET seconds
-#        (default 900)
+#        (default 1200: on this 2-core machine, cold caches, the venv took 63 s, the build 325 s and the tests 330 s,
+#        2026-12-07; the slowest is the sm_90 AOT subset under triton 3.6, 174 s)
 #   all  the whole suite (`make test-torch211-all`); the summary goes to benchmarks/results/torch211/whole_suite.txt
 #
 # TORCH211_CUDA=0 builds ghostfast._C without the CUDA kernels (the tests run on the CPU; nvcc adds ~a fifth to the
@@ -64,17 +65,23 @@ if [ "$MODE" = ci ]; then
   # The whole leg (venv, build, tests) gets TORCH211_BUDGET seconds: the tests get what the venv and build left.
   # Past the deadline, tests not yet started are skipped with that reason (tests/_time_cap.py), so a slow machine
   # gets a report, counted below, rather than a kill; `timeout` stays as the backstop.
-  left=$(( ${TORCH211_BUDGET:-900} - (T2 - T0) ))
+  left=$(( ${TORCH211_BUDGET:-1200} - (T2 - T0) ))
   [ "$left" -ge 180 ] || { echo "torch211: venv + build took $((T2 - T0)) s, under 180 s of the budget left" >&2; exit 1; }
   echo "torch211: tests get $left s: about one test in ${TORCH211_EVERY:-5}, at least one per file and backend"
   set +e
   PYTHONPATH="$SRC/scripts${PYTHONPATH:+:$PYTHONPATH}" GHOSTFAST_TEST_DEADLINE=$(( $(date +%s) + left - 60 )) \
     nice -n 5 timeout --kill-after=30 "$left" \
-    "$VPY" -m pytest -q -ra -p pytest_subset --subset-every "${TORCH211_EVERY:-5}" --subset-no-slow-interpreter tests "$@" 2>&1 | tee "$VENV/ci.log"
+    "$VPY" -m pytest -q -ra --durations=10 -p pytest_subset --subset-every "${TORCH211_EVERY:-5}" --subset-no-slow-interpreter tests "$@" 2>&1 | tee "$VENV/ci.log"
   rc=${PIPESTATUS[0]}
   set -e
   late=$(grep "global test budget" "$VENV/ci.log" | sed -nE 's/^SKIPPED \[([0-9]+)\].*/\1/p' | awk "{n += \$1} END {print n + 0}" || true)
+  ran=$(grep -oE '[0-9]+ passed' "$VENV/ci.log" | tail -1 | cut -d' ' -f1 || true)
   echo "torch211: pytest exit code $rc; tests skipped when the time budget ran out: $late; $(( $(date +%s) - T0 )) s in all"
+  if [ "$rc" -eq 0 ] && [ "$late" -gt 0 ]; then
+    # a leg that skipped most of its subset proved little: more than half skipped for time fails it
+    echo "torch211: WARNING: $late tests did not run within TORCH211_BUDGET (passed: ${ran:-?})" >&2
+    [ "$late" -le "${ran:-0}" ] || { echo "torch211: more tests skipped for time than passed: failing" >&2; exit 1; }
+  fi
   exit "$rc"
 else
   OUTDIR="$ROOT/benchmarks/results/torch211"
