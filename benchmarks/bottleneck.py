@@ -1,8 +1,8 @@
 """Issue 13 item 1: whole-bottleneck conversion (ghostfast.nn.GhostBottleneck) against per-module fusion.
 
-    python -m benchmarks.bottleneck [--threads 1 2] [--reps 150] [--compile] [--out DIR] [--tag TAG]
+    python -m benchmarks.bottleneck [--threads 1 2] [--reps 150] [--models M ...] [--compile] [--out DIR] [--tag TAG]
 
-Per model (timm ghostnet_100 / ghostnetv2_100, seeded weights and BatchNorm statistics, eval mode, float32,
+Per model (timm ghostnet_100 / ghostnetv2_100 / ghostnetv3_100 (reparameterized), seeded weights and BatchNorm statistics, eval mode, float32,
 224x224, batch 1 and 8, `backend="cpu"`) it builds both conversions of the same model in one process,
 `ghostfast.convert(model, bottlenecks=False)` (every Ghost module fused, the rest eager: what v0.4 ran) and
 `ghostfast.convert(model)` (timm's bottlenecks wrapped whole: the depthwise conv + BatchNorm pairs as one kernel
@@ -33,7 +33,8 @@ from ghostfast.models import timm_ghostnet
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["tag", "commit", "model", "batch", "threads", "clock", "compiled", "reps", "eager_ms", "per_module_ms", "bottleneck_ms",
           "paired_ratio", "per_module_rel_err", "bottleneck_rel_err"]
-CASES = [("ghostnet_100", 1, 1.0), ("ghostnetv2_100", 1, 1.0), ("ghostnet_100", 8, 0.2), ("ghostnetv2_100", 8, 0.2)]
+CASES = [("ghostnet_100", 1, 1.0), ("ghostnetv2_100", 1, 1.0), ("ghostnetv3_100", 1, 1.0), ("ghostnet_100", 8, 0.2),
+         ("ghostnetv2_100", 8, 0.2), ("ghostnetv3_100", 8, 0.2)]
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,13 +86,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=150, help="alternated pairs at batch 1 (a fifth of them at batch 8)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu-2core")
+    p.add_argument("--models", nargs="+", default=sorted({c[0] for c in CASES}))
     p.add_argument("--compile", action="store_true", help="every side through torch.compile")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     rows = []
     for threads in args.threads:
-        for name, batch, share in CASES:
+        for name, batch, share in [c for c in CASES if c[0] in args.models]:
             row = dict(measure(name, batch, threads, max(10, int(args.reps * share)), args.compile), tag=args.tag, commit=_git_sha())
             rows.append(row)
             print(f"{name} b{batch} {threads} thread(s): eager {row['eager_ms']} ms, per-module {row['per_module_ms']} "

@@ -54,11 +54,16 @@ _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_ba
 _DIRECT_DTYPES = (torch.float32, torch.float64)
 
 
+def _timm_class(name: str) -> Optional[type]:
+    mod = sys.modules.get("timm.models.ghostnet")  # never imports timm
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) else None
+
+
 def timm_bottleneck_types() -> tuple:
-    """timm's GhostBottleneck class when timm's ghostnet module is loaded (never imports timm), else ()."""
-    mod = sys.modules.get("timm.models.ghostnet")
-    cls = getattr(mod, "GhostBottleneck", None) if mod is not None else None
-    return (cls,) if isinstance(cls, type) else ()
+    """timm's GhostBottleneck and GhostBottleneckV3 classes where timm's ghostnet module is loaded (never imports
+    timm), else ()."""
+    return tuple(c for c in (_timm_class("GhostBottleneck"), _timm_class("GhostBottleneckV3")) if c is not None)
 
 
 class _Plan(NamedTuple):
@@ -97,6 +102,8 @@ def _analyse(b: nn.Module) -> _Plan:
         g = b._modules.get(name)
         if not isinstance(g, _FusedGhostBase):
             raise StructureError(f"{name} is a {type(g).__name__}, not a fused ghostfast Ghost module")
+    if isinstance(b, GhostBottleneckV3):
+        return _analyse_v3(b)
     skipped: List[nn.Module] = []
     dw = short = None
     conv_dw, bn_dw = b._modules.get("conv_dw"), b._modules.get("bn_dw")
@@ -118,6 +125,34 @@ def _analyse(b: nn.Module) -> _Plan:
     return _Plan(dw, short, tuple(skipped), bns)
 
 
+def _analyse_v3(b: nn.Module) -> _Plan:
+    """timm's GhostBottleneckV3 after reparameterization: with stride > 1 one depthwise conv with a bias
+    (`conv_dw`, `bn_dw` an Identity; or a BatchNorm) in place of the training-time branches; the shortcut an
+    Identity or depthwise, BN, 1x1, BN; `se` an Identity or SE."""
+    skipped: List[nn.Module] = []
+    dw = short = None
+    stride = b.__dict__.get("stride")
+    if not isinstance(stride, int) or stride < 1:
+        raise StructureError(f"stride is {stride!r}, not a positive int")
+    if stride > 1:
+        if b.__dict__.get("infer_mode") is not True:
+            raise StructureError("not reparameterized (infer_mode False: the depthwise stage is a sum of branches); "
+                                 "timm's reparameterize_model(model) first")
+        conv_dw, bn_dw = b._modules.get("conv_dw"), b._modules.get("bn_dw")
+        dw = (_depthwise(conv_dw, "conv_dw"), bn_dw if type(bn_dw) is nn.Identity else _bn(bn_dw, "bn_dw"))
+        skipped += dw
+    sc = b._modules.get("shortcut")
+    if type(sc) is nn.Sequential and len(sc) == 4:
+        short = (_depthwise(sc[0], "shortcut[0]"), _bn(sc[1], "shortcut[1]"))
+        skipped += short
+    elif type(sc) is not nn.Identity:
+        raise StructureError(f"shortcut is a {type(sc).__name__} (the direct path knows an Identity, or depthwise, "
+                             "BN, 1x1, BN)")
+    skipped.append(sc)
+    bns = tuple(m for m in skipped if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return _Plan(dw, short, tuple(skipped), bns)
+
+
 def _kernel_registered() -> bool:
     return _compiled_registrations().get("depthwise_bn", False)
 
@@ -129,17 +164,18 @@ def _dw_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
     Under torch.compile the kernel is the functional op `ghostfast::depthwise_bn` (a node of the graph)."""
     if not x.is_contiguous():
         return bn(conv(x))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-            x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)):
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in (
+            *conv._parameters.values(), *bn._parameters.values(), *bn._buffers.values()))):
         return bn(conv(x))
+    folded = _eval_bn(conv, None if type(bn) is nn.Identity else bn)  # Identity: timm V3's reparameterized conv_dw
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     shape = ops.depthwise_output_shape(x, k, s, p)
     if shape[2] < 1 or shape[3] < 1:
         return bn(conv(x))  # eager's own error
     if torch.compiler.is_compiling():
-        return torch.ops.ghostfast.depthwise_bn(x, conv.weight, *_eval_bn(conv, bn), s, p)
+        return torch.ops.ghostfast.depthwise_bn(x, conv.weight, *folded, s, p)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    _run_kernel(x, conv.weight, *_eval_bn(conv, bn), s, p, out)
+    _run_kernel(x, conv.weight, *folded, s, p, out)
     return out
 
 
@@ -173,10 +209,14 @@ class GhostBottleneck(nn.Module):
     @classmethod
     def from_module(cls, m: nn.Module, *, backend: Optional[str] = None) -> "GhostBottleneck":
         """Wrap timm's GhostBottleneck `m` (its Ghost modules converted first); StructureError otherwise."""
-        if not timm_bottleneck_types() or not isinstance(m, timm_bottleneck_types()) \
-                or type(m).forward is not timm_bottleneck_types()[0].forward:
-            raise StructureError(f"{type(m).__name__} is not timm's GhostBottleneck (whose forward the whole-"
-                                 "bottleneck path reproduces)")
+        v12, v3 = _timm_class("GhostBottleneck"), _timm_class("GhostBottleneckV3")
+        if v12 is not None and isinstance(m, v12) and type(m).forward is v12.forward:
+            cls = GhostBottleneck
+        elif v3 is not None and isinstance(m, v3) and type(m).forward is v3.forward:
+            cls = GhostBottleneckV3
+        else:
+            raise StructureError(f"{type(m).__name__} is not timm's GhostBottleneck or GhostBottleneckV3 (whose "
+                                 "forward the whole-bottleneck path reproduces)")
         if backend is not None:
             check_backend_name(backend)
         self = cls.__new__(cls)
@@ -266,4 +306,29 @@ class GhostBottleneck(nn.Module):
         return f"backend={self.backend or 'default'}, {how}"
 
 
-__all__ = ["GhostBottleneck", "timm_bottleneck_types"]
+class GhostBottleneckV3(GhostBottleneck):
+    """timm's GhostNetV3 bottleneck (`GhostBottleneckV3`) after reparameterization, wrapped whole: its depthwise
+    stage is one conv with a bias (run by the kernel, the bias as its shift), its shortcut an Identity or the
+    depthwise, BN, 1x1, BN of V1. `GhostBottleneck.from_module` builds it for a GhostBottleneckV3; before
+    `reparameterize_model` the plan is off (`unsupported_reason`) and the bottleneck's own forward runs."""
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        """timm's GhostBottleneckV3.forward over the live submodules, reparameterized (infer_mode) or stride 1."""
+        shortcut = x
+        x = self.ghost1(x)
+        if self.stride > 1:
+            if self.infer_mode:
+                x = self.conv_dw(x)
+                x = self.bn_dw(x)
+            else:
+                x1 = self.dw_rpr_scale(x)
+                for dw_rpr_conv in self.dw_rpr_conv:
+                    x1 += dw_rpr_conv(x)
+                x = x1
+        x = self.se(x)
+        x = self.ghost2(x)
+        x += self.shortcut(shortcut)
+        return x
+
+
+__all__ = ["GhostBottleneck", "GhostBottleneckV3", "timm_bottleneck_types"]

@@ -182,7 +182,7 @@ def _convert_bottlenecks(model: nn.Module, backend: Optional[str], report: Conve
             _set_submodule(model, name, new)
         else:
             model = new
-        report.converted.append((name, f"{type(m).__name__} -> ghostfast.nn.GhostBottleneck (whole bottleneck)"))
+        report.converted.append((name, f"{type(m).__name__} -> ghostfast.nn.{type(new).__name__} (whole bottleneck)"))
     return model
 
 

@@ -802,6 +802,6 @@ class GhostConv2d(_GhostOnly):
 
 __all__: List[str] = ["GhostConv", "GhostConv2d", "GhostModule", "GhostModuleV2", "StructureError"]
 
-from .bottleneck import GhostBottleneck  # noqa: E402  (it builds on the modules above)
+from .bottleneck import GhostBottleneck, GhostBottleneckV3  # noqa: E402  (it builds on the modules above)
 
-__all__.append("GhostBottleneck")
+__all__ += ["GhostBottleneck", "GhostBottleneckV3"]

@@ -282,6 +282,84 @@ def test_state_dict_and_report_of_converted_models():
     assert where == "0" and "not timm's GhostBottleneck" in why
 
 
+# ---- timm's GhostNetV3 bottleneck (reparameterized) --------------------------------------------------------
+
+V3_CONFIGS = {  # (in, mid, out, dw kernel, stride, se_ratio, ghost1 mode)
+    "v3-s2-se-conv-shortcut": (24, 72, 40, 5, 2, 0.25, "shortcut"),
+    "v3-s2-conv-shortcut": (16, 48, 24, 3, 2, 0.0, "original"),
+    "v3-s1-identity": (24, 72, 24, 3, 1, 0.0, "original"),
+    "v3-s1-se-conv-shortcut": (80, 184, 112, 3, 1, 0.25, "shortcut"),
+}
+
+
+def _v3_block(config, dtype=torch.float32, seed=0, reparameterize=True):
+    from timm.models import reparameterize_model
+    in_chs, mid, out, k, stride, se, mode = V3_CONFIGS[config]
+    torch.manual_seed(seed)
+    block = timm_ghost.GhostBottleneckV3(in_chs, mid, out, k, stride, se_ratio=se, mode=mode)
+    randomize_batchnorm_(block, torch.Generator().manual_seed(seed))
+    block = block.to(DEVICE, dtype).eval()
+    return reparameterize_model(nn.Sequential(block))[0] if reparameterize else block  # it walks the children
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(V3_CONFIGS))
+def test_v3_direct_path_matches_eager_bottleneck(config, dtype, channels_last, monkeypatch):
+    block = _v3_block(config, dtype)
+    fast = ghostfast.convert(nn.Sequential(block), backend=BACKEND, strict=True)
+    assert type(fast[0]) is ghostfast.nn.GhostBottleneckV3 and fast[0].unsupported_reason is None
+    assert not fast.ghostfast_report.per_module
+    x = _input(block, dtype, channels_last=channels_last)
+    spy = _PathSpy(monkeypatch)
+    with torch.inference_mode():
+        ref = block(x.clone())
+        out = fast(x.clone())
+    pairs = (block.stride > 1) + isinstance(block.shortcut, nn.Sequential)  # conv_dw (with its bias), shortcut
+    assert spy.direct == D and spy.kernel == (0 if channels_last else pairs * D)
+    assert_close_rel(out, ref, dtype, factor=10)
+    with torch.no_grad():  # training mode: the per-module path (timm's forward), batch statistics as eager's
+        fast.train(), block.train()
+        assert_close_rel(fast(x.clone()), block(x.clone()), dtype, factor=10)
+    assert spy.direct == D * (1 + (pairs == 0))  # without a BatchNorm to skip, training mode is the same path
+
+
+def test_v3_before_reparameterization_is_fused_per_module_with_the_reason():
+    block = _v3_block("v3-s2-se-conv-shortcut", reparameterize=False)
+    fast = ghostfast.convert(nn.Sequential(block), backend=BACKEND)  # its Ghost modules cannot convert either
+    assert not isinstance(fast[0], GhostBottleneck)
+    [(where, why)] = fast.ghostfast_report.per_module
+    assert where == "0" and "ghost1" in why
+    # Ghost modules reparameterized, the bottleneck's depthwise branches not: the wrapper says so, runs timm's forward
+    for m in (block.ghost1, block.ghost2):
+        m.reparameterize()
+    fast = ghostfast.convert(nn.Sequential(block), backend=BACKEND)
+    [(where, why)] = fast.ghostfast_report.per_module
+    assert "not reparameterized" in why and "reparameterize_model" in why
+    x = _input(block)
+    with torch.inference_mode():
+        assert_close_rel(fast(x), block(x), torch.float32, factor=10)
+
+
+def test_v3_converted_model_state_dict_compile_and_script():
+    model = timm_ghostnet("ghostnetv3_100", seed=0)
+    fast = ghostfast.convert(model, backend=BACKEND, strict=True)
+    whole = [n for n, kind in fast.ghostfast_report.converted if "GhostBottleneckV3 (whole bottleneck)" in kind]
+    assert len(whole) == 16 and not fast.ghostfast_report.per_module
+    assert list(fast.state_dict()) == list(model.state_dict())
+    block = fast.blocks[3][0]  # stride 2, conv shortcut
+    x = torch.randn(1, block.ghost1.primary_conv[0].in_channels, 11, 9, generator=torch.Generator().manual_seed(2))
+    x = x.to(DEVICE)
+    torch._dynamo.reset()
+    rec = _GraphRecorder()
+    with torch.no_grad():
+        ref = model.blocks[3][0](x)
+        assert_close_rel(torch.compile(block, backend=rec, fullgraph=True)(x), ref, torch.float32, factor=10)
+        assert sum("ghostfast.depthwise_bn" in t for t in rec.targets[-1]) == 2 * D
+        scripted = torch.jit.script(fast.blocks[0][0])  # stride 1 (where timm's forward scripts: no deleted branch)
+        assert_close_rel(scripted(x[:, :16]), model.blocks[0][0](x[:, :16]), torch.float32, factor=10)
+
+
 # ---- the depthwise conv + BatchNorm kernel ------------------------------------------------------------------
 
 KERNEL_CASES = [(2, 5, 9, 13, 3, 2, 1), (1, 17, 8, 7, 5, 2, 2), (3, 9, 6, 11, 3, 1, 1), (1, 3, 5, 5, 7, 3, 3),
