@@ -1,4 +1,4 @@
-"""`GhostBottleneck`: the GhostNet V1 / V2 bottleneck as one drop-in module (issue 13 item 1, first step).
+"""`GhostBottleneck`: the GhostNet V1 / V2 / V3 bottleneck as one drop-in module (issue 13 item 1, first steps).
 
 timm's `GhostBottleneck` computes, for input x,
 
@@ -30,8 +30,10 @@ edits). It runs on NCHW input, where it measured faster than oneDNN's depthwise 
 models (benchmarks/results/cpu-2core/NOTES.md); on channels_last input, where oneDNN's depthwise conv is about
 twice as fast as on NCHW and the kernel was not faster in isolation, the pair runs as its modules.
 
-Only timm's `GhostBottleneck` (whose forward is the one above) is wrapped whole; other bottlenecks keep per-module
-fusion, and the conversion report says which each one got.
+Only timm's `GhostBottleneck` (whose forward is the one above) and timm's `GhostBottleneckV3` after
+`reparameterize_model` (`GhostBottleneckV3` below: the same stages, its depthwise stage one conv with a bias, its
+shortcut an Identity or V1's, `se` an Identity or SE) are wrapped whole; other bottlenecks keep per-module fusion,
+and the conversion report says which each one got.
 """
 from __future__ import annotations
 
