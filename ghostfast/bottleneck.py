@@ -181,6 +181,14 @@ def _dw_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
     return out
 
 
+def _exporting() -> bool:
+    """True inside torch.export's trace, False under torch.compile and in eager. torch 2.11's dynamo folds
+    `torch.compiler.is_exporting()` to True under torch.compile too (torch 2.14's reads the flag); torch.export sets
+    `torch.compiler._is_exporting_flag` around its trace in both (strict and non-strict), so the flag is read."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def _run_kernel(*args) -> None:
     torch.ops.ghostfast._depthwise_bn_kernel(*args)
 
@@ -280,7 +288,7 @@ class GhostBottleneck(nn.Module):
 
     @torch.jit.unused
     def _dispatch(self, x: Tensor) -> Tensor:
-        if _recording_for_deployment(x) or torch.compiler.is_exporting():
+        if _recording_for_deployment(x) or _exporting():
             return self._eager_forward(x)  # first: the tracers and torch.export record the submodule calls
         plan = self._direct_plan(x)
         if plan is None:
