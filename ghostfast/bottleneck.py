@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .backends import _compiled_registrations, check_backend_name, default_backend
-from .nn import (_REGISTRATIONS, StructureError, _adopt, _eval_bn, _FusedGhostBase, _is_batchnorm,
+from .nn import (_REGISTRATIONS, StructureError, module_class, _adopt, _eval_bn, _FusedGhostBase, _is_batchnorm,
                  _recording_for_deployment, subtree_ids)
 
 # The forward hooks nn.Module runs for every module (torch.nn.modules.module.register_module_forward_hook ...): any
@@ -79,8 +79,8 @@ _KERNEL_MAX_SIZE = 7  # the kernel's largest K
 
 
 def _depthwise(conv: nn.Module, what: str) -> nn.Conv2d:
-    if type(conv) is not nn.Conv2d:
-        raise StructureError(f"{what} is a {type(conv).__name__}, not an nn.Conv2d")
+    if module_class(conv) is not nn.Conv2d:
+        raise StructureError(f"{what} is a {module_class(conv).__name__}, not an nn.Conv2d")
     k, st, pad, dil = (tuple(conv.kernel_size), tuple(conv.stride), conv.padding, tuple(conv.dilation))
     if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels:
         raise StructureError(f"{what} is not a depthwise conv (groups {conv.groups}, {conv.in_channels} -> "
@@ -115,10 +115,10 @@ def _analyse(b: nn.Module) -> _Plan:
         dw = (_depthwise(conv_dw, "conv_dw"), _bn(bn_dw, "bn_dw"))
         skipped += dw
     sc = b._modules.get("shortcut")
-    if type(sc) is not nn.Sequential or len(sc) not in (0, 4):
+    if module_class(sc) is not nn.Sequential or len(sc) not in (0, 4):
         layers = len(sc) if isinstance(sc, nn.Sequential) else "?"
-        raise StructureError(f"shortcut is a {type(sc).__name__} of {layers} layers (the direct path knows an empty "
-                             "Sequential, or depthwise, BN, 1x1, BN)")
+        raise StructureError(f"shortcut is a {module_class(sc).__name__} of {layers} layers (the direct path knows an "
+                             "empty Sequential, or depthwise, BN, 1x1, BN)")
     if len(sc) == 4:
         short = (_depthwise(sc[0], "shortcut[0]"), _bn(sc[1], "shortcut[1]"))
         skipped += short
@@ -141,15 +141,15 @@ def _analyse_v3(b: nn.Module) -> _Plan:
             raise StructureError("not reparameterized (infer_mode False: the depthwise stage is a sum of branches); "
                                  "timm's reparameterize_model(model) first")
         conv_dw, bn_dw = b._modules.get("conv_dw"), b._modules.get("bn_dw")
-        dw = (_depthwise(conv_dw, "conv_dw"), bn_dw if type(bn_dw) is nn.Identity else _bn(bn_dw, "bn_dw"))
+        dw = (_depthwise(conv_dw, "conv_dw"), bn_dw if module_class(bn_dw) is nn.Identity else _bn(bn_dw, "bn_dw"))
         skipped += dw
     sc = b._modules.get("shortcut")
-    if type(sc) is nn.Sequential and len(sc) == 4:
+    if module_class(sc) is nn.Sequential and len(sc) == 4:
         short = (_depthwise(sc[0], "shortcut[0]"), _bn(sc[1], "shortcut[1]"))
         skipped += short
-    elif type(sc) is not nn.Identity:
-        raise StructureError(f"shortcut is a {type(sc).__name__} (the direct path knows an Identity, or depthwise, "
-                             "BN, 1x1, BN)")
+    elif module_class(sc) is not nn.Identity:
+        raise StructureError(f"shortcut is a {module_class(sc).__name__} (the direct path knows an Identity, or "
+                             "depthwise, BN, 1x1, BN)")
     skipped.append(sc)
     bns = tuple(m for m in skipped if isinstance(m, nn.modules.batchnorm._BatchNorm))
     return _Plan(dw, short, tuple(skipped), bns)
@@ -169,7 +169,7 @@ def _dw_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in (
             *conv._parameters.values(), *bn._parameters.values(), *bn._buffers.values()))):
         return bn(conv(x))
-    folded = _eval_bn(conv, None if type(bn) is nn.Identity else bn)  # Identity: timm V3's reparameterized conv_dw
+    folded = _eval_bn(conv, None if module_class(bn) is nn.Identity else bn)  # Identity: timm V3's conv_dw
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     shape = ops.depthwise_output_shape(x, k, s, p)
     if shape[2] < 1 or shape[3] < 1:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import List, Optional, Tuple, Type
 
 import torch
@@ -42,6 +43,18 @@ class StructureError(ValueError):
     """A module does not have the structure of a fusable Ghost module; the message says why."""
 
 
+def module_class(m: nn.Module) -> type:
+    """The class of `m` for the exact-type checks below. Non-strict `torch.export` hands a module's attributes
+    out wrapped in a proxy whose class subclasses both torch's `_AttrProxy` and the module's class (when the
+    model shares a submodule, as timm's reparameterized GhostNetV3 shares its ReLUs); a plan re-analysed during
+    that trace must see the module's own class."""
+    cls = type(m)
+    proxy = getattr(sys.modules.get("torch.fx.experimental.proxy_tensor"), "_AttrProxy", None)
+    if proxy is not None and issubclass(cls, proxy):
+        return next(c for c in cls.__mro__ if not issubclass(c, proxy))
+    return cls
+
+
 # Activation modules with a fused kernel, by exact type (a subclass may compute something else).
 _ACT_TYPES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
 
@@ -49,10 +62,10 @@ _ACT_TYPES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.
 def _act_kind(m: Optional[nn.Module]) -> str:
     if m is None or isinstance(m, nn.Identity) or (isinstance(m, nn.Sequential) and len(m) == 0):
         return "none"
-    kind = _ACT_TYPES.get(type(m))
+    kind = _ACT_TYPES.get(module_class(m))
     if kind is None:
-        raise StructureError(f"activation {type(m).__name__} has no fused kernel (ReLU, ReLU6, Hardswish, SiLU or "
-                             "none)")
+        raise StructureError(f"activation {module_class(m).__name__} has no fused kernel (ReLU, ReLU6, Hardswish, "
+                             "SiLU or none)")
     return kind
 
 
@@ -65,8 +78,8 @@ def _is_batchnorm(m: nn.Module, what: str) -> bool:
     BatchNorm layers (1d/3d, or norm+act layers such as timm's BatchNormAct2d, whose forward does more)."""
     if not isinstance(m, nn.modules.batchnorm._BatchNorm):
         return False
-    if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(m).forward not in _BN_FORWARDS:
-        raise StructureError(f"{what} has a {type(m).__name__}, not a plain BatchNorm2d or SyncBatchNorm "
+    if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or module_class(m).forward not in _BN_FORWARDS:
+        raise StructureError(f"{what} has a {module_class(m).__name__}, not a plain BatchNorm2d or SyncBatchNorm "
                              "(no fused kernel)")
     if m.running_mean is None or m.running_var is None:
         raise StructureError(f"{what} has a {type(m).__name__} without running statistics "
@@ -636,7 +649,7 @@ class GhostModuleV2(_FusedGhostBase):
                 return f"gate scale {scale!r} is not a non-zero number"
         self._gate_scale = float(scale)
         gate_fn = self._modules.get("gate_fn")
-        if gate_fn is not None and type(gate_fn) is not nn.Sigmoid:
+        if gate_fn is not None and module_class(gate_fn) is not nn.Sigmoid:
             return f"gate_fn {type(gate_fn).__name__} (fused needs Sigmoid)"
         if interp not in GATE_MODES:
             return f"inter_mode {interp!r} (fused needs one of {GATE_MODES})"
