@@ -44,4 +44,12 @@ TORCH_LIBRARY_FRAGMENT(ghostfast, m) {
       "_ghost_module_stats_backward_kernel(Tensor x, Tensor primary_weight, Tensor primary_scale, "
       "Tensor primary_bias, Tensor cheap_weight, int act, int stage, Tensor coef_a, Tensor coef_c, Tensor mean, "
       "Tensor(a!)[] grads) -> ()");
+  // The backward of the fused op whose bn2 normalises with the batch statistics of z2 (CPU only): the gradients of
+  // _ghost_module_backward_kernel with the statistics' gradient dz2 += coef_a + coef_c * (z2 - mean) added per
+  // cheap channel, so the stage-2 statistics need no backward pass of their own (grads as there; the cheap
+  // scale's and bias's slots are the main path's, the coefficients come from them).
+  m.def(
+      "_ghost_module_backward_bnstats_kernel(Tensor grad_out, Tensor x, Tensor primary_weight, Tensor primary_scale, "
+      "Tensor primary_bias, Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, "
+      "int act, Tensor? gate, str gate_mode, Tensor coef_a, Tensor coef_c, Tensor mean, Tensor(a!)[] grads) -> ()");
 }

@@ -215,6 +215,20 @@ class CompiledBackend(Backend):
             _act_code(act), None if gate is None else gate.contiguous(), gate_mode, bufs)
         return _returned(bufs, inputs, needs)
 
+    def ghost_module_backward_bnstats(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                                      cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, coef_a, coef_c,
+                                      mean, needs):
+        """ghost_module_backward plus bn2's batch statistics' gradient (CPU kernel only)."""
+        x = _dense(x)
+        inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
+        bufs = _grad_buffers(inputs, needs, x, _GHOST_VECTORS)
+        _ops()._ghost_module_backward_bnstats_kernel(
+            grad_out.contiguous(memory_format=_fmt(x)), x, primary_weight.contiguous(), _vec(primary_scale, x),
+            _vec(primary_bias, x), cheap_weight.contiguous(), _vec(cheap_scale, x), _vec(cheap_bias, x), out_channels,
+            _act_code(act), None if gate is None else gate.contiguous(), gate_mode, _vec(coef_a, x),
+            _vec(coef_c, x), _vec(mean, x), bufs)
+        return _returned(bufs, inputs, needs)
+
     def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, act, stage):
         if self.name == "cuda":
             from .backends import BACKENDS

@@ -151,6 +151,11 @@ def _eval_bn(conv: nn.Conv2d, bn: Optional[nn.Module]) -> BatchNormParams:
     return BatchNormParams(params.get("weight"), params.get("bias"), mean, buffers["running_var"], float(bn.eps))
 
 
+# Training on the `cpu` backend with bn2 on batch statistics: the joint op (ops.run_ghost_module_bn2_batch: one
+# backward pass carries the statistics' gradient); False: a statistics op and its own backward pass (A/B runs).
+JOINT_BN2_STATS = True
+
+
 def _batch_stats(bn: Optional[nn.Module]) -> bool:
     """True when this BatchNorm normalises with batch statistics in its current mode (training mode)."""
     return bn is not None and bn.training
@@ -493,7 +498,7 @@ class _FusedGhostBase(nn.Module):
         _, bn1, _, bn2 = self._ghost_layers
         return _batch_stats(bn1) or _batch_stats(bn2)
 
-    def _ghost_args(self, x: Tensor, dtype: Optional[torch.dtype], backend: str) -> tuple:
+    def _ghost_args(self, x: Tensor, dtype: Optional[torch.dtype], backend: str, bn2_stats: bool = True) -> tuple:
         """(primary_weight, bn1, cheap_weight, bn2) for this call, from the live submodules; `x` is the fused
         op's input (the primary conv's columns, `ops.primary_columns`). A BatchNorm in training mode normalises
         with the batch statistics of its input, computed by the statistics kernels (differentiable), and has its
@@ -510,13 +515,22 @@ class _FusedGhostBase(nn.Module):
             if p1 is None:
                 mean, var = ops.run_ghost_module_stats(x, w1, BatchNormParams(), w2, self.act, 1, stats)
                 p1 = _train_bn(bn1, conv1, mean, var, count)
-            if p2 is None:
+            if p2 is None and bn2_stats:
                 mean, var = ops.run_ghost_module_stats(x, w1, p1, w2, self.act, 2, stats)
                 p2 = _train_bn(bn2, conv2, mean, var, count)
         return w1, p1, w2, p2
 
     def _run_ghost(self, x: Tensor, dtype: Optional[torch.dtype], backend: str, gate: Optional[Tensor]) -> Tensor:
         x, _ = ops.primary_columns(x, self._ghost_layers[0].weight, self._primary)
+        _, _, conv2, bn2m = self._ghost_layers
+        if backend == "cpu" and JOINT_BN2_STATS and _batch_stats(bn2m) and conv2.bias is None:
+            # bn2 on batch statistics: one op computes them and the module, its backward both (ops.py)
+            w1, bn1, w2, _ = self._ghost_args(x, dtype, backend, bn2_stats=False)
+            out, mean, var = ops.run_ghost_module_bn2_batch(x, w1, bn1, w2, bn2m.weight, bn2m.bias, float(bn2m.eps),
+                                                            self.out_chs, self.act, gate, self._gate_mode_now(),
+                                                            backend)
+            _update_running_stats(bn2m, mean, var, x.shape[0] * x.shape[2] * x.shape[3], None)
+            return out
         w1, bn1, w2, bn2 = self._ghost_args(x, dtype, backend)
         return ops.run_ghost_module(x, w1, bn1, w2, bn2, self.out_chs, self.act, gate, self._gate_mode_now(), backend)
 

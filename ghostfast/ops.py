@@ -531,12 +531,13 @@ _depthwise_bn_op.register_autograd(_depthwise_bn_backward, setup_context=_depthw
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _setup(ctx, inputs, output):
+def _setup(ctx, inputs, output, extra: Optional[tuple] = None):
     tensors = [t if isinstance(t, Tensor) else None for t in inputs]
     ctx.tensor_slots = [i for i, t in enumerate(tensors) if t is not None]
     ctx.non_tensors = {i: v for i, v in enumerate(inputs) if not isinstance(v, Tensor)}
     ctx.num_inputs = len(inputs)
-    extra = (output[0],) if isinstance(output, (tuple, list)) else ()  # the statistics op keeps its mean
+    if extra is None:
+        extra = (output[0],) if isinstance(output, (tuple, list)) else ()  # the statistics op keeps its mean
     ctx.save_for_backward(*[tensors[i] for i in ctx.tensor_slots], *extra)
 
 
@@ -631,6 +632,113 @@ def _dfc_backward(ctx, grad):
 _ghost_module_op.register_autograd(_ghost_module_backward, setup_context=_setup)
 _ghost_module_stats_op.register_autograd(_ghost_module_stats_backward, setup_context=_setup)
 _dfc_op.register_autograd(_dfc_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training with bn2 on batch statistics, `cpu` backend (issue 13 item 4): one op computes z2's statistics and the
+# fused forward; its backward folds the statistics' gradient into the main backward (one reduction pass for bn2's
+# (scale, shift) gradients, which give the statistics' gradient coefficients, then one full pass with
+# dz2 += a + c (z2 - mean)), instead of a main backward and a separate statistics backward.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ghostfast::ghost_module_bn2_batch_stats", mutates_args=())
+def _ghost_module_bn2_batch_op(
+    x: Tensor, primary_weight: Tensor,
+    bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor], bn1_var: Optional[Tensor],
+    bn1_eps: float, cheap_weight: Tensor, bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_eps: float,
+    out_channels: int, act: str, gate: Optional[Tensor], gate_mode: str, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, mean2, var2): the fused Ghost module whose bn2 normalises with the batch mean and biased variance of
+    z2 (returned for the running statistics; not differentiable: their gradient is the op's own)."""
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    b = BACKENDS[backend]
+    mean, var = b.ghost_module_stats(x, primary_weight, bn1, cheap_weight, act, 2)
+    bn2 = BatchNormParams(bn2_weight, bn2_bias, mean, var, bn2_eps)
+    check_ghost_module_args("ghostfast::ghost_module_bn2_batch_stats", x, primary_weight, bn1, cheap_weight, bn2,
+                            out_channels, act, gate, gate_mode, backend)
+    return b.ghost_module(x, primary_weight, bn1, cheap_weight, bn2, out_channels, act, gate, gate_mode), mean, var
+
+
+@_ghost_module_bn2_batch_op.register_fake
+def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight, bn2_weight, bn2_bias,
+      bn2_eps, out_channels, act, gate, gate_mode, backend):
+    n = cheap_weight.shape[0]
+    vec = torch.empty((n,), dtype=compute_dtype(x), device=x.device)
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    check_ghost_module_args("ghostfast::ghost_module_bn2_batch_stats", x, primary_weight, bn1, cheap_weight,
+                            BatchNormParams(bn2_weight, bn2_bias, vec, vec, bn2_eps), out_channels, act, gate,
+                            gate_mode, backend)
+    return _empty_output(x, (x.shape[0], out_channels, x.shape[2], x.shape[3])), vec, torch.empty_like(vec)
+
+
+@torch.library.custom_op("ghostfast::ghost_module_backward_bnstats", mutates_args=())
+def _ghost_module_backward_bnstats_op(
+    grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
+    cheap_weight: Tensor, cheap_scale: Tensor, cheap_bias: Tensor, out_channels: int, act: str,
+    gate: Optional[Tensor], gate_mode: str, coef_a: Tensor, coef_c: Tensor, mean: Tensor, needs: List[bool],
+    backend: str,
+) -> List[Tensor]:
+    """ghost_module_backward's gradients with the statistics' gradient dz2 += coef_a + coef_c * (z2 - mean)."""
+    args = (grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
+            out_channels, act, gate, gate_mode)
+    _check_ghost_backward("ghostfast::ghost_module_backward_bnstats", *args, needs, backend)
+    for name, t in (("coef_a", coef_a), ("coef_c", coef_c), ("mean", mean)):
+        _check_vector("ghostfast::ghost_module_backward_bnstats", name, t, cheap_weight.shape[0], x)
+    return _grads_or_placeholders(BACKENDS[backend].ghost_module_backward_bnstats(*args, coef_a, coef_c, mean,
+                                                                                  list(needs)), x)
+
+
+@_ghost_module_backward_bnstats_op.register_fake
+def _(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
+      out_channels, act, gate, gate_mode, coef_a, coef_c, mean, needs, backend):
+    _check_ghost_backward("ghostfast::ghost_module_backward_bnstats", grad_out, x, primary_weight, primary_scale,
+                          primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, act, gate, gate_mode,
+                          needs, backend)
+    inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
+    return _fake_grads(inputs, needs, x)
+
+
+def _bn2_batch_setup(ctx, inputs, output):
+    _setup(ctx, inputs, output, extra=(output[1], output[2]))  # z2's batch mean and var
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _ghost_module_bn2_batch_backward(ctx, grad_out, _grad_mean, _grad_var):
+    a = _saved_args(ctx)
+    x, w1, w2, out_channels, act, gate, gate_mode, backend = a[0], a[1], a[7], a[11], a[12], a[13], a[14], a[15]
+    bn1 = BatchNormParams(*a[2:7])
+    mean2, var2 = ctx.saved_tensors[len(ctx.tensor_slots):]
+    bn2 = BatchNormParams(a[8], a[9], mean2, var2, a[10])
+    f1 = _fold_for_backward(bn1, w1.shape[0], x)
+    f2 = _fold_for_backward(bn2, w2.shape[0], x)
+    need = ctx.needs_input_grad
+    n1 = _bn_needed(ctx, 2)
+    grad_out = grad_out.contiguous(memory_format=output_memory_format(x))
+    args = (x, w1, f1.scale, f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode)
+    # 1. bn2's (scale, shift) gradients: a pass without the primary chain and its GEMMs
+    _, _, _, _, _, g_s2, g_b2, _ = _ghost_module_backward_op(grad_out, *args, [False] * 5 + [True, True, False],
+                                                             backend)
+    g_w, g_b, g_mean, g_var = reference.fold_bn_backward(g_s2, g_b2, bn2, [need[8], need[9], True, True],
+                                                         f2.scale, f2.std)
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    # 2. every other gradient, through the statistics too
+    needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), False, False, bool(need[13])]
+    g = _ghost_module_backward_bnstats_op(grad_out, *args, g_mean / m, g_var * (2.0 / m), mean2, needs,
+                                          backend)
+    g = [t if need_t else None for t, need_t in zip(g, needs)]
+    return (g[0], g[1], *_bn_grads(ctx, 2, bn1, f1, g[2], g[3]), g[4], g_w if need[8] else None,
+            g_b if need[9] else None, None, None, None, g[7], None, None)
+
+
+_ghost_module_bn2_batch_op.register_autograd(_ghost_module_bn2_batch_backward, setup_context=_bn2_batch_setup)
+
+
+def run_ghost_module_bn2_batch(x, primary_weight, bn1: BatchNormParams, cheap_weight, bn2_weight, bn2_bias,
+                               bn2_eps: float, out_channels: int, act: str, gate, gate_mode: str,
+                               backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _ghost_module_bn2_batch_op(x, primary_weight, *bn1, cheap_weight, bn2_weight, bn2_bias, bn2_eps,
+                                      out_channels, act, gate, gate_mode, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------

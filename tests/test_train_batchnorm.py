@@ -182,3 +182,57 @@ def test_auto_on_cpu_trains_through_the_original_submodules():
         with torch.no_grad(), record_fused_runs("cpu", "cpu") as runs:
             fast(x)
         assert not runs.convs and runs.counts == {"ghost_fwd": 1}  # eval mode: fused
+
+
+def _trains(m) -> bool:
+    return isinstance(m, nn.BatchNorm2d) and m.training
+
+
+def _kernel_calls(prof, name):
+    return sum(1 for e in prof.events() if e.name == f"ghostfast::{name}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name,factory,shape,frozen", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_cpu_joint_bn2_statistics_backward(name, factory, shape, frozen, dtype, layout, monkeypatch):
+    """The `cpu` backend trains bn2 through one op (ghostfast::ghost_module_bn2_batch_stats) whose backward carries
+    the batch statistics' gradient inside the main backward (a reduction pass, then one full pass): the same
+    gradients, outputs and running statistics as the separate statistics op and its own backward pass, and as
+    eager; the joint kernel ran once per call and the stage-2 statistics' backward kernel not at all."""
+    if "cpu" not in FUSED:
+        pytest.skip("ghostfast._C has no CPU kernels in this build")
+    from torch.profiler import profile
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    eager, joint = _pair(factory, "cpu", dtype, "cpu", frozen)
+    separate = copy.deepcopy(joint)
+    bn2_trains = _trains(joint.cheap_operation[1])
+    gen = torch.Generator().manual_seed(2)
+    for call in range(CALLS):
+        x = (torch.randn(shape, generator=gen) + 0.5).to(dtype).to(memory_format=fmt)
+        g = torch.randn((shape[0], joint.out_chs) + tuple(shape[2:]), generator=gen).to(dtype)
+        with profile() as prof:
+            out, grads = _step(joint, x, g)
+        monkeypatch.setattr(ghostfast.nn, "JOINT_BN2_STATS", False)
+        out_s, grads_s = _step(separate, x, g)
+        monkeypatch.setattr(ghostfast.nn, "JOINT_BN2_STATS", True)
+        ref, ref_grads = _step(eager, x, g)
+        assert _kernel_calls(prof, "_ghost_module_backward_bnstats_kernel") == int(bn2_trains)
+        n_stats_bwd = _kernel_calls(prof, "_ghost_module_stats_backward_kernel") + \
+            _kernel_calls(prof, "_ghost_module_stats_backward_library")
+        assert n_stats_bwd == int(_trains(joint.primary_conv[1])), n_stats_bwd  # stage 1's only
+        _assert_close(f"call {call}: output vs separate", out, out_s, TOL[dtype])
+        _assert_close(f"call {call}: output vs eager", out, ref, TOL[dtype])
+        names = ["x"] + [n for n, _ in eager.named_parameters()]
+        for n, a, b, r in zip(names, grads, grads_s, ref_grads):
+            if n == "primary_conv.0.bias":
+                assert torch.equal(a, torch.zeros_like(a)), a
+                continue
+            _assert_close(f"call {call}: grad {n} vs separate", a, b, TOL[dtype])
+            _assert_close(f"call {call}: grad {n} vs eager", a, r, TOL[dtype])
+        for (k, a), (_, b) in zip(joint.state_dict().items(), eager.state_dict().items()):
+            if k.endswith("num_batches_tracked"):
+                assert a.item() == b.item(), k
+            else:
+                _assert_close(f"call {call}: {k}", a, b, TOL[dtype])

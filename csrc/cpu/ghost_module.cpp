@@ -1,5 +1,6 @@
 // The Ghost module's CPU kernels: argument checks, BatchNorm arguments and the registration of _ghost_module_kernel,
-// _ghost_module_backward_kernel, _ghost_module_stats_kernel and _ghost_module_stats_backward_kernel (schemas:
+// _ghost_module_backward_kernel (and its _bnstats twin), _ghost_module_stats_kernel and
+// _ghost_module_stats_backward_kernel (schemas:
 // csrc/ghost_module.cpp; the math: ghostfast/reference.py). The kernels: ghost_module_{forward,backward,stats}.cpp,
 // sharing cpu/ghost_module.h; accumulation in acc_t (float for float / half / bfloat16, double for double).
 #include <ATen/ATen.h>
@@ -31,6 +32,7 @@ using cpu::ghost_module::StatsGradient;
 constexpr const char* kFwdOp = "ghostfast::_ghost_module_kernel (CPU)";
 constexpr const char* kBwdOp = "ghostfast::_ghost_module_backward_kernel (CPU)";
 constexpr const char* kStatsOp = "ghostfast::_ghost_module_stats_kernel (CPU)";
+constexpr const char* kBnStatsBwdOp = "ghostfast::_ghost_module_backward_bnstats_kernel (CPU)";
 constexpr const char* kStatsBwdOp = "ghostfast::_ghost_module_stats_backward_kernel (CPU)";
 
 // x, primary_weight and cheap_weight (every kernel); sets every field of the geometry but oc and what depends on it
@@ -155,19 +157,30 @@ void ghost_module_forward_cpu(const at::Tensor& x, const at::Tensor& primary_wei
   cpu::ghost_module::forward(g, x, primary_weight, bn1, cheap_weight, bn2, gate, out);
 }
 
-void ghost_module_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight,
-                               const at::Tensor& primary_scale, const at::Tensor& primary_bias,
-                               const at::Tensor& cheap_weight, const at::Tensor& cheap_scale,
-                               const at::Tensor& cheap_bias, int64_t out_channels, int64_t act,
-                               const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
-                               at::TensorList grads) {
-  Geometry g = check_module_args(kBwdOp, x, primary_weight, cheap_weight, out_channels, act, gate, gate_mode);
+void backward_checked(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                      const at::Tensor& primary_weight, const at::Tensor& primary_scale,
+                      const at::Tensor& primary_bias, const at::Tensor& cheap_weight, const at::Tensor& cheap_scale,
+                      const at::Tensor& cheap_bias, int64_t out_channels, int64_t act,
+                      const std::optional<at::Tensor>& gate, c10::string_view gate_mode, at::TensorList grads,
+                      const at::Tensor* coef_a, const at::Tensor* coef_c, const at::Tensor* mean) {
+  Geometry g = check_module_args(op, x, primary_weight, cheap_weight, out_channels, act, gate, gate_mode);
+  StatsGradient sg;
+  if (coef_a != nullptr) {
+    const at::ScalarType acc = acc_type(x.scalar_type());
+    check_param(*coef_a, x, acc, op, "coef_a", {g.init * g.rm1});
+    check_param(*coef_c, x, acc, op, "coef_c", {g.init * g.rm1});
+    check_param(*mean, x, acc, op, "mean", {g.init * g.rm1});
+    sg.stage = 3;
+    sg.coef_a = coef_a;
+    sg.coef_c = coef_c;
+    sg.mean = mean;
+  }
   const at::ScalarType acc = acc_type(x.scalar_type());
-  check_param(primary_scale, x, acc, kBwdOp, "primary_scale", {g.init});
-  check_param(primary_bias, x, acc, kBwdOp, "primary_bias", {g.init});
-  check_param(cheap_scale, x, acc, kBwdOp, "cheap_scale", {g.init * g.rm1});
-  check_param(cheap_bias, x, acc, kBwdOp, "cheap_bias", {g.init * g.rm1});
-  check_output(grad_out, x, kBwdOp, "grad_out", {g.N, g.oc, g.H, g.W});
+  check_param(primary_scale, x, acc, op, "primary_scale", {g.init});
+  check_param(primary_bias, x, acc, op, "primary_bias", {g.init});
+  check_param(cheap_scale, x, acc, op, "cheap_scale", {g.init * g.rm1});
+  check_param(cheap_bias, x, acc, op, "cheap_bias", {g.init * g.rm1});
+  check_output(grad_out, x, op, "grad_out", {g.N, g.oc, g.H, g.W});
   static const char* const names[8] = {
       "grads[0] (x)",           "grads[1] (primary_weight)", "grads[2] (primary_scale)", "grads[3] (primary_bias)",
       "grads[4] (cheap_weight)", "grads[5] (cheap_scale)",   "grads[6] (cheap_bias)",    "grads[7] (gate)"};
@@ -175,18 +188,39 @@ void ghost_module_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
   const at::Tensor* inputs[8] = {&x, &primary_weight, &primary_scale, &primary_bias,
                                  &cheap_weight, &cheap_scale, &cheap_bias, g.gated ? &*gate : nullptr};
   bool need[8];
-  const Needs nd = check_grads(kBwdOp, grads, inputs, names, vector_slot, 8, x, need);
+  const Needs nd = check_grads(op, grads, inputs, names, vector_slot, 8, x, need);
   std::vector<std::pair<const char*, at::Tensor>> dense;  // empty tensors have no layout to check
   if (grad_out.numel() > 0) dense.emplace_back("grad_out", grad_out);
   if (nd.x) dense.emplace_back(names[0], grads[0]);
-  g.cl = pick_channels_last(kBwdOp, x, dense);
+  g.cl = pick_channels_last(op, x, dense);
   if (g.N == 0 || g.HW == 0) {
     for (int i = 1; i < 8; ++i)
       if (need[i]) grads[i].zero_();
     return;
   }
   cpu::ghost_module::backward(g, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
-                              cheap_bias, gate, grads, nd, StatsGradient());
+                              cheap_bias, gate, grads, nd, sg);
+}
+
+void ghost_module_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight,
+                               const at::Tensor& primary_scale, const at::Tensor& primary_bias,
+                               const at::Tensor& cheap_weight, const at::Tensor& cheap_scale,
+                               const at::Tensor& cheap_bias, int64_t out_channels, int64_t act,
+                               const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
+                               at::TensorList grads) {
+  backward_checked(kBwdOp, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
+                   cheap_bias, out_channels, act, gate, gate_mode, grads, nullptr, nullptr, nullptr);
+}
+
+void ghost_module_backward_bnstats_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                       const at::Tensor& primary_weight, const at::Tensor& primary_scale,
+                                       const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
+                                       const at::Tensor& cheap_scale, const at::Tensor& cheap_bias,
+                                       int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
+                                       c10::string_view gate_mode, const at::Tensor& coef_a,
+                                       const at::Tensor& coef_c, const at::Tensor& mean, at::TensorList grads) {
+  backward_checked(kBnStatsBwdOp, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                   cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, grads, &coef_a, &coef_c, &mean);
 }
 
 void ghost_module_stats_cpu(const at::Tensor& x, const at::Tensor& primary_weight,
@@ -267,6 +301,7 @@ static_assert(std::is_same_v<decltype(ghostfast::ghost_module_stats_backward_cpu
 TORCH_LIBRARY_IMPL(ghostfast, CPU, m) {
   m.impl("_ghost_module_kernel", &ghostfast::ghost_module_forward_cpu);
   m.impl("_ghost_module_backward_kernel", &ghostfast::ghost_module_backward_cpu);
+  m.impl("_ghost_module_backward_bnstats_kernel", &ghostfast::ghost_module_backward_bnstats_cpu);
   m.impl("_ghost_module_stats_kernel", &ghostfast::ghost_module_stats_cpu);
   m.impl("_ghost_module_stats_backward_kernel", &ghostfast::ghost_module_stats_backward_cpu);
 }

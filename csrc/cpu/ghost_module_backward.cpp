@@ -118,8 +118,9 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
   const bool primary = nd.primary();
   const bool gate_grad = ug != nullptr;
   const scalar_t* xn = cx.x + n * C * HW;
-  const int st = cx.stats;  // statistics backward: no grad_out, dz from the coefficients
-  const scalar_t* gon = st == 0 ? go + n * d.oc * HW : nullptr;
+  const int st = cx.stats;  // statistics backward (1, 2): no grad_out, dz from the coefficients
+  const bool go_in = st == 0 || st == 3;  // 3: grad_out plus the stage-2 statistics' gradient
+  const scalar_t* gon = go_in ? go + n * d.oc * HW : nullptr;
   scalar_t* gxn = nd.x ? gx_out + n * C * HW : nullptr;
   const int64_t gplane = d.Hg * d.Wg;
   const scalar_t* gn = d.gated ? cx.gate + n * d.oc * gplane : nullptr;
@@ -175,8 +176,8 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
         const acc_t* plane = ds + (o / d.rm1) * ws.ds_ps;
         acc_t* qp = q + o * ws.q_ps;
         const int64_t oci = d.init + o;
-        const scalar_t* gop = st == 0 ? gon + oci * HW : nullptr;
-        if (st == 0) {
+        const scalar_t* gop = go_in ? gon + oci * HW : nullptr;
+        if (go_in) {
           if (o + 1 < d.n_cheap) prefetch_range(gop + HW + qhi * W, (qnhi - qhi) * W);
           else prefetch_range(gon + s * W, (e - s) * W);  // the primary chain's first channel
         }
@@ -198,14 +199,14 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
           dw_row_planar(rows, K, cx.w2.data() + o * KK, W, t, false);
           const acc_t* gtr = gt + (h - qhi) * W;
           const bool owned = h >= r0 && h < r1;
-          const scalar_t* gor = st == 0 ? gop + h * W : nullptr;
+          const scalar_t* gor = go_in ? gop + h * W : nullptr;
           acc_t* qrow = qp + (h - qlo) * Wp + R;
           if (st == 2) {
             // dz2 = a + c (z2 - mean): the upstream gradient of the depthwise output itself
             for (int64_t w = 0; w < W; w += V)
               keep_first(at::vec::fmadd(cv, Vec::loadu(t + w) - mv, av), W - w).store(qrow + w);
           }
-          for (int64_t w = 0; w < W && st == 0; w += V) {
+          for (int64_t w = 0; w < W && go_in; w += V) {
             const int64_t m = std::min<int64_t>(V, W - w);
             const Vec c2 = Vec::loadu(t + w);
             const Vec y2 = at::vec::fmadd(c2, sv, bv);
@@ -213,7 +214,10 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
             Vec g2 = gn != nullptr ? gov * Vec::loadu(gtr + w) : gov;
             g2 = act_grad_v<A>(g2, y2);  // the activation's backward from the pre-activation y2
             g2 = keep_first(g2, m);
-            (g2 * sv).store(qrow + w);
+            if (st == 3)  // dz2 = g2 s2 + a + c (z2 - mean)
+              keep_first(at::vec::fmadd(cv, c2 - mv, at::vec::fmadd(g2, sv, av)), m).store(qrow + w);
+            else
+              (g2 * sv).store(qrow + w);
             if (owned) {
               rs = at::vec::fmadd(g2, keep_first(c2, m), rs);  // c2 past W: the next row's values (maybe Inf)
               rb = rb + g2;
@@ -239,19 +243,19 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
     // ---- owned rows [s, e): grad of x1, the BN1 / act chain, g1 * s1 ----
     if (primary || gate_grad) {
       for (int64_t c = 0; c < d.n_x1; ++c) {
-        const scalar_t* gop = st == 0 ? gon + c * HW : nullptr;
-        if (st == 0 && c + 1 < d.n_x1) prefetch_range(gop + HW + s * W, (e - s) * W);
+        const scalar_t* gop = go_in ? gon + c * HW : nullptr;
+        if (go_in && c + 1 < d.n_x1) prefetch_range(gop + HW + s * W, (e - s) * W);
         const acc_t* zc = z + c * ws.z_ps;
         const Vec sv(cx.s1[c]), bv(cx.b1[c]);
         // statistics backward (stage 1): the coefficients of dz (the vectors are empty otherwise)
-        const Vec av(st ? cx.ca[c] : acc_t(0)), cv(st ? cx.cc[c] : acc_t(0));
-        const Vec mv(st ? cx.cm[c] : acc_t(0));
+        const Vec av(st == 1 ? cx.ca[c] : acc_t(0)), cv(st == 1 ? cx.cc[c] : acc_t(0));
+        const Vec mv(st == 1 ? cx.cm[c] : acc_t(0));
         Vec rs(acc_t(0)), rb(acc_t(0));
         if (gn != nullptr)
           gate_rows(gt, ws.hr.data(), ws.hr_rows, gn + c * gplane, s, e, W, d.Wg, cx.gt, d.bilinear);
         if (gate_grad) ws.adj.begin(ug + gs.offset + c * gs.ghn * d.Wg, 0, gs.gh_lo, 0, 1);
         for (int64_t h = s; h < e; ++h) {
-          const scalar_t* gor = st == 0 ? gop + h * W : nullptr;
+          const scalar_t* gor = go_in ? gop + h * W : nullptr;
           const acc_t* gtr = gt + (h - s) * W;
           if (st == 1) {
             // dz1 = a + c (z1 - mean) is grad_out of the primary conv itself: no BN1 / act chain
@@ -346,9 +350,10 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
   const int64_t n = sg.n, r0 = sg.r0, r1 = sg.r1;
   const bool primary = nd.primary();
   const bool gate_grad = ug != nullptr;
-  const int st = cx.stats;  // statistics backward: no grad_out, dz from the coefficients
+  const int st = cx.stats;  // statistics backward (1, 2): no grad_out, dz from the coefficients
+  const bool go_in = st == 0 || st == 3;  // 3: grad_out plus the stage-2 statistics' gradient
   const scalar_t* xn = cx.x + n * HW * C;
-  const scalar_t* gon = st == 0 ? go + n * HW * oc : nullptr;
+  const scalar_t* gon = go_in ? go + n * HW * oc : nullptr;
   scalar_t* gxn = nd.x ? gx_out + n * HW * C : nullptr;
   const scalar_t* gn = d.gated ? cx.gate + n * oc * d.Hg * d.Wg : nullptr;
   const acc_t* s1p = cx.s1.data();  // zero-padded to whole vectors
@@ -425,8 +430,8 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
         dw_row_pm(rows, K, cx.w2.data(), Cq, Cds, Cq / V, W, t, Cq, false);
         const acc_t* gt = gn != nullptr ? ws.gcB.row(h, gn, oc, W, d.Hg, d.Wg, cx.gt, d.bilinear) : nullptr;
         const bool owned = h >= r0 && h < r1;
-        const scalar_t* gor = st == 0 ? gon + h * W * oc : nullptr;
-        if (st == 0 && h + 1 < H) prefetch_range(gor + W * oc, W * oc);
+        const scalar_t* gor = go_in ? gon + h * W * oc : nullptr;
+        if (go_in && h + 1 < H) prefetch_range(gor + W * oc, W * oc);
         acc_t* qrow = q + (h - qlo) * qrs;
         if (st == 2) {
           // dz2 = a + c (z2 - mean): the upstream gradient of the depthwise output itself
@@ -441,7 +446,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
               keep_first(dz, m).store(qrow + (w + R) * Cq + c);
             }
         }
-        for (int64_t w = 0; w < W && st == 0; ++w) {
+        for (int64_t w = 0; w < W && go_in; ++w) {
           for (int64_t c = 0; c < d.n_cheap; c += V) {
             const int64_t m = std::min<int64_t>(V, d.n_cheap - c);
             const Vec c2 = Vec::loadu(t + w * Cq + c);
@@ -450,7 +455,12 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
             Vec g2 = gn != nullptr ? gov * Vec::loadu(gt + w * oc + d.init + c) : gov;
             g2 = act_grad_v<A>(g2, y2);  // the activation's backward from the pre-activation y2
             g2 = keep_first(g2, m);
-            (g2 * Vec::loadu(s2p + c)).store(qrow + (w + R) * Cq + c);
+            if (st == 3)  // dz2 = g2 s2 + a + c (z2 - mean)
+              keep_first(at::vec::fmadd(Vec::loadu(cx.cc.data() + c), c2 - Vec::loadu(cx.cm.data() + c),
+                                        at::vec::fmadd(g2, Vec::loadu(s2p + c), Vec::loadu(cx.ca.data() + c))),
+                         m).store(qrow + (w + R) * Cq + c);
+            else
+              (g2 * Vec::loadu(s2p + c)).store(qrow + (w + R) * Cq + c);
             if (owned) {
               at::vec::fmadd(g2, c2, Vec::loadu(pt.s2.data() + c)).store(pt.s2.data() + c);
               (Vec::loadu(pt.b2.data() + c) + g2).store(pt.b2.data() + c);
@@ -469,7 +479,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
     if (primary || gate_grad) {
       for (int64_t h = s; h < e; ++h) {
         const acc_t* gt = gn != nullptr ? ws.gcC.row(h, gn, oc, W, d.Hg, d.Wg, cx.gt, d.bilinear) : nullptr;
-        const scalar_t* gor = st == 0 ? gon + h * W * oc : nullptr;
+        const scalar_t* gor = go_in ? gon + h * W * oc : nullptr;
         const bool cheap = primary && d.n_cheap > 0;
         if (cheap) {
           for (int64_t ky = 0; ky < K; ++ky) {
@@ -505,7 +515,7 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
           }
           for (int64_t c = 0; c < d.n_x1; c += V) {
             const int64_t m = std::min<int64_t>(V, d.n_x1 - c);
-            const Vec gov = st == 0 ? vload<acc_t>(gor + w * oc + c, m) : Vec(acc_t(0));
+            const Vec gov = go_in ? vload<acc_t>(gor + w * oc + c, m) : Vec(acc_t(0));
             const Vec zv = Vec::loadu(zp + c);
             const Vec y1 = at::vec::fmadd(zv, Vec::loadu(s1p + c), Vec::loadu(b1p + c));
             if (gate_grad) vstore<acc_t>(vr + w * oc + c, gov * act_v<A>(y1), m);
@@ -581,7 +591,7 @@ void backward_impl(const Geometry& geo, const at::Tensor& grad_out, const at::Te
 
   const int64_t w1_ld = d.cl ? cx.Cpad : d.C;
   std::vector<Partials<acc_t>> parts(static_cast<size_t>(ng));
-  const scalar_t* go = stats_stage == 0 ? grad_out.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* go = stats_stage == 0 || stats_stage == 3 ? grad_out.data_ptr<scalar_t>() : nullptr;
   scalar_t* gx = nd.x ? grads[0].data_ptr<scalar_t>() : nullptr;
 
   const bool stream = nd.x && grads[0].numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
