@@ -531,6 +531,22 @@ _depthwise_bn_op.register_autograd(_depthwise_bn_backward, setup_context=_depthw
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _run_backward(op, method: str, probe: Tensor, *args) -> List[Optional[Tensor]]:
+    """A backward op's gradients: on the compiled backends, outside any trace or mode and without create_graph,
+    their kernel directly (the registered op's checks repeat the forward's, and the kernels check again: ~100 us a
+    call saved); otherwise the registered op (traced by torch.compile; double backward raises there)."""
+    *rest, needs, backend = args
+    if backend in SELF_CHECKING and _direct(probe, args[0]):
+        grads, seen = list(getattr(BACKENDS[backend], method)(*rest, list(needs))), set()
+        for i, g in enumerate(grads):  # gradients must not share storage (views of one workspace: cloned apart)
+            if g is not None:
+                ptr = g.untyped_storage().data_ptr()
+                grads[i] = g.clone() if ptr in seen else g
+                seen.add(ptr)
+        return grads
+    return op(*args)
+
+
 def _setup(ctx, inputs, output, extra: Optional[tuple] = None):
     tensors = [t if isinstance(t, Tensor) else None for t in inputs]
     ctx.tensor_slots = [i for i, t in enumerate(tensors) if t is not None]
@@ -583,9 +599,9 @@ def _ghost_module_backward(ctx, grad_out):
     need = ctx.needs_input_grad
     n1, n2 = _bn_needed(ctx, 2), _bn_needed(ctx, 8)
     needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), n2, n2, bool(need[15])]
-    g = _ghost_module_backward_op(grad_out.contiguous(memory_format=output_memory_format(x)), x, w1, f1.scale,
-                                  f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode, needs,
-                                  backend)
+    g = _run_backward(_ghost_module_backward_op, "ghost_module_backward", x,
+                      grad_out.contiguous(memory_format=output_memory_format(x)), x, w1, f1.scale, f1.shift, w2,
+                      f2.scale, f2.shift, out_channels, act, gate, gate_mode, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
     return (g[0], g[1], *_bn_grads(ctx, 2, bn1, f1, g[2], g[3]), g[4], *_bn_grads(ctx, 8, bn2, f2, g[5], g[6]),
             None, None, g[7], None, None)
@@ -606,8 +622,9 @@ def _ghost_module_stats_backward(ctx, grad_mean, grad_var):
     need = ctx.needs_input_grad
     n1 = stage == 2 and _bn_needed(ctx, 2)
     needs = [bool(need[0]), bool(need[1]), n1, n1, stage == 2 and bool(need[7])]
-    g = _ghost_module_stats_backward_op(x, w1, f1.scale, f1.shift, w2, act, stage, grad_mean / m,
-                                        grad_var * (2.0 / m), mean, needs, backend)
+    g = _run_backward(_ghost_module_stats_backward_op, "ghost_module_stats_backward", x,
+                      x, w1, f1.scale, f1.shift, w2, act, stage, grad_mean / m, grad_var * (2.0 / m), mean, needs,
+                      backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
     bn_grads = _bn_grads(ctx, 2, bn1, f1, g[2], g[3]) if n1 else [None] * 5
     return (g[0], g[1], *bn_grads, g[4], None, None, None)
@@ -622,8 +639,9 @@ def _dfc_backward(ctx, grad):
     need = ctx.needs_input_grad
     n3, n4, n5 = _bn_needed(ctx, 2), _bn_needed(ctx, 8), _bn_needed(ctx, 14)
     needs = [bool(need[0]), bool(need[1]), n3, n3, bool(need[7]), n4, n4, bool(need[13]), n5, n5]
-    g = _dfc_backward_op(grad.contiguous(memory_format=output_memory_format(x)), x, cw, f3.scale, f3.shift, hw,
-                         f4.scale, f4.shift, vw, f5.scale, f5.shift, mode, needs, backend)
+    g = _run_backward(_dfc_backward_op, "dfc_backward", x,
+                      grad.contiguous(memory_format=output_memory_format(x)), x, cw, f3.scale, f3.shift, hw,
+                      f4.scale, f4.shift, vw, f5.scale, f5.shift, mode, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
     return (g[0], g[1], *_bn_grads(ctx, 2, bns[0], f3, g[2], g[3]), g[4],
             *_bn_grads(ctx, 8, bns[1], f4, g[5], g[6]), g[7], *_bn_grads(ctx, 14, bns[2], f5, g[8], g[9]), None, None)
@@ -717,15 +735,15 @@ def _ghost_module_bn2_batch_backward(ctx, grad_out, _grad_mean, _grad_var):
     grad_out = grad_out.contiguous(memory_format=output_memory_format(x))
     args = (x, w1, f1.scale, f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode)
     # 1. bn2's (scale, shift) gradients: a pass without the primary chain and its GEMMs
-    _, _, _, _, _, g_s2, g_b2, _ = _ghost_module_backward_op(grad_out, *args, [False] * 5 + [True, True, False],
-                                                             backend)
+    _, _, _, _, _, g_s2, g_b2, _ = _run_backward(_ghost_module_backward_op, "ghost_module_backward", x, grad_out,
+                                                 *args, [False] * 5 + [True, True, False], backend)
     g_w, g_b, g_mean, g_var = reference.fold_bn_backward(g_s2, g_b2, bn2, [need[8], need[9], True, True],
                                                          f2.scale, f2.std)
     m = x.shape[0] * x.shape[2] * x.shape[3]
     # 2. every other gradient, through the statistics too
     needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), False, False, bool(need[13])]
-    g = _ghost_module_backward_bnstats_op(grad_out, *args, g_mean / m, g_var * (2.0 / m), mean2, needs,
-                                          backend)
+    g = _run_backward(_ghost_module_backward_bnstats_op, "ghost_module_backward_bnstats", x, grad_out, *args,
+                      g_mean / m, g_var * (2.0 / m), mean2, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
     return (g[0], g[1], *_bn_grads(ctx, 2, bn1, f1, g[2], g[3]), g[4], g_w if need[8] else None,
             g_b if need[9] else None, None, None, None, g[7], None, None)
