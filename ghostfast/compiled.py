@@ -206,27 +206,28 @@ class CompiledBackend(Backend):
 
     def ghost_module_backward(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
                               cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, needs):
-        x = _dense(x)
-        inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
-        bufs = _grad_buffers(inputs, needs, x, _GHOST_VECTORS)
-        _ops()._ghost_module_backward_kernel(
-            grad_out.contiguous(memory_format=_fmt(x)), x, primary_weight.contiguous(), _vec(primary_scale, x),
-            _vec(primary_bias, x), cheap_weight.contiguous(), _vec(cheap_scale, x), _vec(cheap_bias, x), out_channels,
-            _act_code(act), None if gate is None else gate.contiguous(), gate_mode, bufs)
-        return _returned(bufs, inputs, needs)
+        return self._ghost_backward(_ops()._ghost_module_backward_kernel, (), grad_out, x, primary_weight,
+                                    primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels,
+                                    act, gate, gate_mode, needs)
 
     def ghost_module_backward_bnstats(self, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
                                       cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, coef_a, coef_c,
                                       mean, needs):
         """ghost_module_backward plus bn2's batch statistics' gradient (CPU kernel only)."""
+        return self._ghost_backward(_ops()._ghost_module_backward_bnstats_kernel,
+                                    tuple(_vec(v, x) for v in (coef_a, coef_c, mean)), grad_out, x, primary_weight,
+                                    primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels,
+                                    act, gate, gate_mode, needs)
+
+    @staticmethod
+    def _ghost_backward(kernel, extra, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
+                        cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, needs):
         x = _dense(x)
         inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
         bufs = _grad_buffers(inputs, needs, x, _GHOST_VECTORS)
-        _ops()._ghost_module_backward_bnstats_kernel(
-            grad_out.contiguous(memory_format=_fmt(x)), x, primary_weight.contiguous(), _vec(primary_scale, x),
-            _vec(primary_bias, x), cheap_weight.contiguous(), _vec(cheap_scale, x), _vec(cheap_bias, x), out_channels,
-            _act_code(act), None if gate is None else gate.contiguous(), gate_mode, _vec(coef_a, x),
-            _vec(coef_c, x), _vec(mean, x), bufs)
+        kernel(grad_out.contiguous(memory_format=_fmt(x)), x, primary_weight.contiguous(), _vec(primary_scale, x),
+               _vec(primary_bias, x), cheap_weight.contiguous(), _vec(cheap_scale, x), _vec(cheap_bias, x),
+               out_channels, _act_code(act), None if gate is None else gate.contiguous(), gate_mode, *extra, bufs)
         return _returned(bufs, inputs, needs)
 
     def ghost_module_stats(self, x, primary_weight, bn1, cheap_weight, act, stage):
