@@ -350,14 +350,18 @@ def _(x, conv_weight, bn3_weight, bn3_bias, bn3_mean, bn3_var, bn3_eps, h_weight
 def _grads_or_placeholders(grads, x: Tensor) -> List[Tensor]:
     """Custom-op outputs may not alias each other: kernels that reduce into views of one workspace get their
     gradients cloned apart here (they are per-channel vectors and weights, small)."""
+    return [x.new_empty(0) if g is None else g for g in _unaliased(grads)]
+
+
+def _unaliased(grads) -> List[Optional[Tensor]]:
+    """The gradients with any sharing a storage with an earlier one cloned apart (None kept)."""
     seen, out = set(), []
     for g in grads:
-        if g is None:
-            out.append(x.new_empty(0))
-            continue
-        ptr = g.untyped_storage().data_ptr()
-        out.append(g.clone() if ptr in seen else g)
-        seen.add(ptr)
+        if g is not None:
+            ptr = g.untyped_storage().data_ptr()
+            g = g.clone() if ptr in seen else g
+            seen.add(ptr)
+        out.append(g)
     return out
 
 
@@ -531,19 +535,13 @@ _depthwise_bn_op.register_autograd(_depthwise_bn_backward, setup_context=_depthw
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _run_backward(op, method: str, probe: Tensor, *args) -> List[Optional[Tensor]]:
+def _run_backward(op, method: str, *args) -> List[Optional[Tensor]]:
     """A backward op's gradients: on the compiled backends, outside any trace or mode and without create_graph,
     their kernel directly (the registered op's checks repeat the forward's, and the kernels check again: ~100 us a
     call saved); otherwise the registered op (traced by torch.compile; double backward raises there)."""
     *rest, needs, backend = args
-    if backend in SELF_CHECKING and _direct(probe, args[0]):
-        grads, seen = list(getattr(BACKENDS[backend], method)(*rest, list(needs))), set()
-        for i, g in enumerate(grads):  # gradients must not share storage (views of one workspace: cloned apart)
-            if g is not None:
-                ptr = g.untyped_storage().data_ptr()
-                grads[i] = g.clone() if ptr in seen else g
-                seen.add(ptr)
-        return grads
+    if backend in SELF_CHECKING and _direct(args[0], args[1]):
+        return _unaliased(getattr(BACKENDS[backend], method)(*rest, list(needs)))
     return op(*args)
 
 
@@ -599,7 +597,7 @@ def _ghost_module_backward(ctx, grad_out):
     need = ctx.needs_input_grad
     n1, n2 = _bn_needed(ctx, 2), _bn_needed(ctx, 8)
     needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), n2, n2, bool(need[15])]
-    g = _run_backward(_ghost_module_backward_op, "ghost_module_backward", x,
+    g = _run_backward(_ghost_module_backward_op, "ghost_module_backward",
                       grad_out.contiguous(memory_format=output_memory_format(x)), x, w1, f1.scale, f1.shift, w2,
                       f2.scale, f2.shift, out_channels, act, gate, gate_mode, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
@@ -622,7 +620,7 @@ def _ghost_module_stats_backward(ctx, grad_mean, grad_var):
     need = ctx.needs_input_grad
     n1 = stage == 2 and _bn_needed(ctx, 2)
     needs = [bool(need[0]), bool(need[1]), n1, n1, stage == 2 and bool(need[7])]
-    g = _run_backward(_ghost_module_stats_backward_op, "ghost_module_stats_backward", x,
+    g = _run_backward(_ghost_module_stats_backward_op, "ghost_module_stats_backward",
                       x, w1, f1.scale, f1.shift, w2, act, stage, grad_mean / m, grad_var * (2.0 / m), mean, needs,
                       backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
@@ -639,7 +637,7 @@ def _dfc_backward(ctx, grad):
     need = ctx.needs_input_grad
     n3, n4, n5 = _bn_needed(ctx, 2), _bn_needed(ctx, 8), _bn_needed(ctx, 14)
     needs = [bool(need[0]), bool(need[1]), n3, n3, bool(need[7]), n4, n4, bool(need[13]), n5, n5]
-    g = _run_backward(_dfc_backward_op, "dfc_backward", x,
+    g = _run_backward(_dfc_backward_op, "dfc_backward",
                       grad.contiguous(memory_format=output_memory_format(x)), x, cw, f3.scale, f3.shift, hw,
                       f4.scale, f4.shift, vw, f5.scale, f5.shift, mode, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
@@ -690,6 +688,14 @@ def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap
     return _empty_output(x, (x.shape[0], out_channels, x.shape[2], x.shape[3])), vec, torch.empty_like(vec)
 
 
+def _check_bnstats_backward(*args):
+    *ghost, coef_a, coef_c, mean, needs, backend = args
+    op = "ghostfast::ghost_module_backward_bnstats"
+    _check_ghost_backward(op, *ghost, needs, backend)
+    for name, t in (("coef_a", coef_a), ("coef_c", coef_c), ("mean", mean)):
+        _check_vector(op, name, t, ghost[5].shape[0], ghost[1])  # cheap_weight's channels, x
+
+
 @torch.library.custom_op("ghostfast::ghost_module_backward_bnstats", mutates_args=())
 def _ghost_module_backward_bnstats_op(
     grad_out: Tensor, x: Tensor, primary_weight: Tensor, primary_scale: Tensor, primary_bias: Tensor,
@@ -700,9 +706,7 @@ def _ghost_module_backward_bnstats_op(
     """ghost_module_backward's gradients with the statistics' gradient dz2 += coef_a + coef_c * (z2 - mean)."""
     args = (grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
             out_channels, act, gate, gate_mode)
-    _check_ghost_backward("ghostfast::ghost_module_backward_bnstats", *args, needs, backend)
-    for name, t in (("coef_a", coef_a), ("coef_c", coef_c), ("mean", mean)):
-        _check_vector("ghostfast::ghost_module_backward_bnstats", name, t, cheap_weight.shape[0], x)
+    _check_bnstats_backward(*args, coef_a, coef_c, mean, needs, backend)
     return _grads_or_placeholders(BACKENDS[backend].ghost_module_backward_bnstats(*args, coef_a, coef_c, mean,
                                                                                   list(needs)), x)
 
@@ -710,9 +714,8 @@ def _ghost_module_backward_bnstats_op(
 @_ghost_module_backward_bnstats_op.register_fake
 def _(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias,
       out_channels, act, gate, gate_mode, coef_a, coef_c, mean, needs, backend):
-    _check_ghost_backward("ghostfast::ghost_module_backward_bnstats", grad_out, x, primary_weight, primary_scale,
-                          primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, act, gate, gate_mode,
-                          needs, backend)
+    _check_bnstats_backward(grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale,
+                            cheap_bias, out_channels, act, gate, gate_mode, coef_a, coef_c, mean, needs, backend)
     inputs = (x, primary_weight, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
     return _fake_grads(inputs, needs, x)
 
@@ -735,14 +738,14 @@ def _ghost_module_bn2_batch_backward(ctx, grad_out, _grad_mean, _grad_var):
     grad_out = grad_out.contiguous(memory_format=output_memory_format(x))
     args = (x, w1, f1.scale, f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode)
     # 1. bn2's (scale, shift) gradients: a pass without the primary chain and its GEMMs
-    _, _, _, _, _, g_s2, g_b2, _ = _run_backward(_ghost_module_backward_op, "ghost_module_backward", x, grad_out,
-                                                 *args, [False] * 5 + [True, True, False], backend)
+    _, _, _, _, _, g_s2, g_b2, _ = _run_backward(_ghost_module_backward_op, "ghost_module_backward", grad_out, *args,
+                                                 [False] * 5 + [True, True, False], backend)
     g_w, g_b, g_mean, g_var = reference.fold_bn_backward(g_s2, g_b2, bn2, [need[8], need[9], True, True],
                                                          f2.scale, f2.std)
     m = x.shape[0] * x.shape[2] * x.shape[3]
     # 2. every other gradient, through the statistics too
     needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), False, False, bool(need[13])]
-    g = _run_backward(_ghost_module_backward_bnstats_op, "ghost_module_backward_bnstats", x, grad_out, *args,
+    g = _run_backward(_ghost_module_backward_bnstats_op, "ghost_module_backward_bnstats", grad_out, *args,
                       g_mean / m, g_var * (2.0 / m), mean2, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
     return (g[0], g[1], *_bn_grads(ctx, 2, bn1, f1, g[2], g[3]), g[4], g_w if need[8] else None,
