@@ -1,15 +1,17 @@
 """Issue 13 item 4: an SGD training step (batch statistics) of converted GhostNets on the `cpu` backend against
-eager, and the A/B of a training-path change beside them in the same process.
+eager, and the A/B of the training path's forms beside them in the same process.
 
     python -m benchmarks.train_step [--models ghostnet_100 ghostnetv2_100] [--batch 8] [--threads 2] [--steps 10]
-                                    [--tag TAG] [--out DIR]
+                                    [--forms eager z1 joint separate] [--tag TAG] [--out DIR]
 
-Per model: eager timm, converted (`backend="cpu"`, training mode) with bn2's statistics in the joint op
-(`ghostfast.nn.JOINT_BN2_STATS`, the default) and the same with the separate statistics op and its own backward
-pass. One step = zero_grad, forward at 224x224, cross-entropy, backward, SGD(momentum) step. The three are
-alternated step by step after a warm-up step each (what the machine does to one it does to all); reported: the
-median step per form and the median of the paired per-round ratios. Rows are appended to train_step.csv with the
-tag (a change's before/after runs side by side).
+Forms: `eager` (timm's model), and converted (`backend="cpu"`, training mode) with the flags of ghostfast.nn:
+`z1` (the default: z1 = W1 x by the library convolution, kept, bn1's statistics from it, the rest of each module
+from z1 by one op), `joint` (KEEP_Z1 off: the kernels recompute z1; bn2's statistics inside the joint op's
+backward) and `separate` (JOINT_BN2_STATS off too: a statistics op with its own backward pass). One step =
+zero_grad, forward at 224x224, cross-entropy, backward, SGD(momentum) step. The forms are alternated step by step
+after a warm-up step each (what the machine does to one it does to all); reported per form: the median step, eager's
+median over it, and the median of the paired per-round ratios of the form's step to the default form's (`z1`).
+Rows are appended to train_step.csv with the tag (a change's before/after runs side by side).
 """
 from __future__ import annotations
 
@@ -26,44 +28,54 @@ import ghostfast.nn as gnn
 from ghostfast.models import timm_ghostnet
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["tag", "model", "batch", "threads", "steps", "eager_ms", "joint_ms", "separate_ms",
-          "eager_over_joint", "separate_over_joint_paired"]
+FIELDS = ["tag", "model", "batch", "threads", "steps", "form", "median_ms", "eager_over_form",
+          "form_over_default_paired"]
+# the ghostfast.nn flags of each converted form (eager: None)
+FORMS = {"eager": None,
+         "z1": {"JOINT_BN2_STATS": True, "KEEP_Z1": True},
+         "joint": {"JOINT_BN2_STATS": True, "KEEP_Z1": False},
+         "separate": {"JOINT_BN2_STATS": False, "KEEP_Z1": False}}
+DEFAULT = "z1"
 
 
-def _run(name: str, batch: int, steps: int) -> dict:
-    eager = timm_ghostnet(name, seed=0).train()
-    joint = ghostfast.convert(timm_ghostnet(name, seed=0), backend="cpu").train()
-    separate = ghostfast.convert(timm_ghostnet(name, seed=0), backend="cpu").train()
+def _run(name: str, batch: int, steps: int, forms) -> list:
+    models = {k: (timm_ghostnet(name, seed=0) if FORMS[k] is None else
+                  ghostfast.convert(timm_ghostnet(name, seed=0), backend="cpu")).train() for k in forms}
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     target = torch.arange(batch) % 1000
-    forms = {"eager": (eager, True), "joint": (joint, True), "separate": (separate, False)}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, (m, _) in forms.items()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
+    defaults = {flag: getattr(gnn, flag) for flag in FORMS[DEFAULT]}
 
     def step(k: str) -> float:
-        model, flag = forms[k]
-        gnn.JOINT_BN2_STATS = flag
+        for flag, value in (FORMS[k] or {}).items():
+            setattr(gnn, flag, value)
         try:
             opts[k].zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            torch.nn.functional.cross_entropy(model(x), target).backward()
+            torch.nn.functional.cross_entropy(models[k](x), target).backward()
             opts[k].step()
             return (time.perf_counter() - t0) * 1e3
         finally:
-            gnn.JOINT_BN2_STATS = True
+            for flag, value in defaults.items():
+                setattr(gnn, flag, value)
 
     for k in forms:
         step(k)
     times = {k: [] for k in forms}
-    paired = []
     for _ in range(steps):
         for k in forms:
             times[k].append(step(k))
-        paired.append(times["separate"][-1] / times["joint"][-1])
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "batch": batch, "steps": steps, "eager_ms": f"{med['eager']:.1f}",
-            "joint_ms": f"{med['joint']:.1f}", "separate_ms": f"{med['separate']:.1f}",
-            "eager_over_joint": f"{med['eager'] / med['joint']:.3f}",
-            "separate_over_joint_paired": f"{statistics.median(paired):.3f}"}
+    rows = []
+    for k in forms:
+        row = {"model": name, "batch": batch, "steps": steps, "form": k, "median_ms": f"{med[k]:.1f}",
+               "eager_over_form": f"{med['eager'] / med[k]:.3f}" if "eager" in med else "",
+               "form_over_default_paired": ""}
+        if DEFAULT in times:
+            row["form_over_default_paired"] = \
+                f"{statistics.median(a / b for a, b in zip(times[k], times[DEFAULT])):.3f}"
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -72,10 +84,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-2core"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "train_step.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -83,9 +97,10 @@ def main() -> None:
         if new:
             writer.writeheader()
         for name in args.models:
-            row = {"tag": args.tag, "threads": args.threads, **_run(name, args.batch, args.steps)}
-            print(row, flush=True)
-            writer.writerow(row)
+            for row in _run(name, args.batch, args.steps, args.forms):
+                row = {"tag": args.tag, "threads": args.threads, **row}
+                print(row, flush=True)
+                writer.writerow(row)
             f.flush()
 
 

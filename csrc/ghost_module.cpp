@@ -52,4 +52,18 @@ TORCH_LIBRARY_FRAGMENT(ghostfast, m) {
       "_ghost_module_backward_bnstats_kernel(Tensor grad_out, Tensor x, Tensor primary_weight, Tensor primary_scale, "
       "Tensor primary_bias, Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, "
       "int act, Tensor? gate, str gate_mode, Tensor coef_a, Tensor coef_c, Tensor mean, Tensor(a!)[] grads) -> ()");
+  // Training with z1 = W1 x computed (and kept) by the caller (CPU only, float32 / float64): the module from z1
+  // [N, init, H, W] itself, no primary weight, out_channels >= init, bn2 normalising with the batch statistics of
+  // z2 (mean and biased var over every cheap channel, written to `mean` / `var`, z1's dtype); and its backward,
+  // as _ghost_module_backward_bnstats_kernel's with grads[0] the gradient of z1 (grads[1] empty).
+  m.def(
+      "_ghost_module_z1_kernel(Tensor z1, Tensor? bn1_weight, Tensor? bn1_bias, Tensor? bn1_mean, Tensor? bn1_var, "
+      "float bn1_eps, Tensor cheap_weight, Tensor? bn2_weight, Tensor? bn2_bias, float bn2_eps, int out_channels, "
+      "int act, Tensor? gate, str gate_mode, Tensor(a!) out, Tensor(b!) mean, Tensor(c!) var) -> ()");
+  m.def(
+      "_ghost_module_z1_backward_kernel(Tensor grad_out, Tensor z1, Tensor primary_scale, Tensor primary_bias, "
+      "Tensor cheap_weight, Tensor cheap_scale, Tensor cheap_bias, int out_channels, int act, Tensor? gate, "
+      "str gate_mode, Tensor coef_a, Tensor coef_c, Tensor mean, Tensor(a!)[] grads) -> ()");
+  // bn1's batch statistics from z1: per channel, the mean and biased variance (z1's dtype)
+  m.def("_ghost_module_z1_stats_kernel(Tensor z1, Tensor(a!) mean, Tensor(b!) var) -> ()");
 }

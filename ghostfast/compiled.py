@@ -219,6 +219,41 @@ class CompiledBackend(Backend):
                                     primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels,
                                     act, gate, gate_mode, needs)
 
+    def ghost_module_z1(self, z1, bn1, cheap_weight, bn2_weight, bn2_bias, bn2_eps, out_channels, act, gate,
+                        gate_mode):
+        """(out, mean2, var2): the module from z1 = W1 x (the caller's), bn2 on z2's batch statistics (CPU kernel
+        only, float32 / float64)."""
+        z1 = _dense(z1)
+        n = cheap_weight.shape[0]
+        out = _empty((z1.shape[0], out_channels, z1.shape[2], z1.shape[3]), z1.dtype, z1.device, _fmt(z1))
+        mean, var = _empty((n,), z1.dtype, z1.device), _empty((n,), z1.dtype, z1.device)
+        _ops()._ghost_module_z1_kernel(z1, *_bn(bn1), cheap_weight.contiguous(),
+                                       *[None if t is None else t.contiguous() for t in (bn2_weight, bn2_bias)],
+                                       float(bn2_eps), out_channels, _act_code(act),
+                                       None if gate is None else gate.contiguous(), gate_mode, out, mean, var)
+        return out, mean, var
+
+    def ghost_module_z1_stats(self, z1):
+        """(mean, biased var) of z1's channels (CPU kernel only, float32 / float64)."""
+        z1 = _dense(z1)
+        mean, var = _empty((z1.shape[1],), z1.dtype, z1.device), _empty((z1.shape[1],), z1.dtype, z1.device)
+        _ops()._ghost_module_z1_stats_kernel(z1, mean, var)
+        return mean, var
+
+    def ghost_module_z1_backward(self, grad_out, z1, primary_scale, primary_bias, cheap_weight, cheap_scale,
+                                 cheap_bias, out_channels, act, gate, gate_mode, coef_a, coef_c, mean, needs):
+        """ghost_module_backward_bnstats with z1 as the input -> [z1, None, primary_scale, primary_bias,
+        cheap_weight, cheap_scale, cheap_bias, gate] (needs[1] must be False)."""
+        z1 = _dense(z1)
+        inputs = (z1, None, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
+        bufs = _grad_buffers(inputs, needs, z1, _GHOST_VECTORS)
+        _ops()._ghost_module_z1_backward_kernel(
+            grad_out.contiguous(memory_format=_fmt(z1)), z1, _vec(primary_scale, z1), _vec(primary_bias, z1),
+            cheap_weight.contiguous(), _vec(cheap_scale, z1), _vec(cheap_bias, z1), out_channels, _act_code(act),
+            None if gate is None else gate.contiguous(), gate_mode, *(_vec(v, z1) for v in (coef_a, coef_c, mean)),
+            bufs)
+        return _returned(bufs, inputs, needs)
+
     @staticmethod
     def _ghost_backward(kernel, extra, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
                         cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, needs):

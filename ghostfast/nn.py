@@ -154,6 +154,10 @@ def _eval_bn(conv: nn.Conv2d, bn: Optional[nn.Module]) -> BatchNormParams:
 # Training on the `cpu` backend with bn2 on batch statistics: the joint op (ops.run_ghost_module_bn2_batch: one
 # backward pass carries the statistics' gradient); False: a statistics op and its own backward pass (A/B runs).
 JOINT_BN2_STATS = True
+# ... and with z1 = W1 x kept (float32 / float64): the library convolution computes it once, bn1's statistics come
+# from it by autograd, and the kernels read it instead of recomputing it in each pass (ops.run_ghost_module_z1);
+# False: the joint op above (A/B runs).
+KEEP_Z1 = True
 
 
 def _batch_stats(bn: Optional[nn.Module]) -> bool:
@@ -524,6 +528,8 @@ class _FusedGhostBase(nn.Module):
         x, _ = ops.primary_columns(x, self._ghost_layers[0].weight, self._primary)
         _, _, conv2, bn2m = self._ghost_layers
         if backend == "cpu" and JOINT_BN2_STATS and _batch_stats(bn2m) and conv2.bias is None:
+            if KEEP_Z1 and x.dtype in (torch.float32, torch.float64) and self.out_chs >= conv2.in_channels:
+                return self._run_ghost_z1(x, dtype, backend, gate)
             # bn2 on batch statistics: one op computes them and the module, its backward both (ops.py)
             w1, bn1, w2, _ = self._ghost_args(x, dtype, backend, bn2_stats=False)
             out, mean, var = ops.run_ghost_module_bn2_batch(x, w1, bn1, w2, bn2m.weight, bn2m.bias, float(bn2m.eps),
@@ -533,6 +539,27 @@ class _FusedGhostBase(nn.Module):
             return out
         w1, bn1, w2, bn2 = self._ghost_args(x, dtype, backend)
         return ops.run_ghost_module(x, w1, bn1, w2, bn2, self.out_chs, self.act, gate, self._gate_mode_now(), backend)
+
+    def _run_ghost_z1(self, x: Tensor, dtype: Optional[torch.dtype], backend: str, gate: Optional[Tensor]) -> Tensor:
+        """Training on the `cpu` backend with z1 kept: z1 = W1 x by the library convolution (differentiable, as
+        eager computes it), bn1's batch statistics from it (ops.run_ghost_module_z1_stats; its running statistics in
+        eval mode), and the rest of the module, bn2 on batch statistics, by one op from z1
+        (ops.run_ghost_module_z1)."""
+        conv1, bn1m, conv2, bn2m = self._ghost_layers
+        w1, w2 = _cast_weight(conv1.weight, dtype), _cast_weight(conv2.weight, dtype)
+        if w1.shape[-2:] != (1, 1):  # a k x k primary conv: its weight over primary_columns' patch channels
+            w1 = w1.reshape(w1.shape[0], -1, 1, 1)
+        z1 = F.conv2d(x, w1)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if _batch_stats(bn1m):
+            mean, var = ops.run_ghost_module_z1_stats(z1, backend)
+            p1 = _train_bn(bn1m, conv1, mean, var, count)
+        else:
+            p1 = _eval_bn(conv1, bn1m)
+        out, mean2, var2 = ops.run_ghost_module_z1(z1, p1, w2, bn2m.weight, bn2m.bias, float(bn2m.eps), self.out_chs,
+                                                   self.act, gate, self._gate_mode_now(), backend)
+        _update_running_stats(bn2m, mean2, var2, count, None)
+        return out
 
     def _gate_mode_now(self) -> str:
         return self.gate_mode

@@ -151,6 +151,11 @@ def _check_ghost_weights(op: str, x: Tensor, primary_weight: Tensor, cheap_weigh
     init, c_in = primary_weight.shape[:2]
     _check_input(op, x, c_in)
     _check_weight(op, "primary_weight", primary_weight, x)
+    return init, _check_cheap_weight(op, x, init, cheap_weight)
+
+
+def _check_cheap_weight(op: str, x: Tensor, init: int, cheap_weight: Tensor) -> int:
+    """cheap (its channels) after checking the depthwise cheap weight against init."""
     if not isinstance(cheap_weight, Tensor) or cheap_weight.dim() != 4 or cheap_weight.shape[1] != 1 or \
             cheap_weight.shape[2] != cheap_weight.shape[3]:
         raise ValueError(f"{op}: expected a square depthwise cheap_weight [init*(ratio-1), 1, k, k], got "
@@ -162,7 +167,7 @@ def _check_ghost_weights(op: str, x: Tensor, primary_weight: Tensor, cheap_weigh
     if cheap_weight.shape[-1] not in SUPPORTED_DW_SIZES:
         raise ValueError(f"{op}: depthwise size must be one of {SUPPORTED_DW_SIZES}, got {cheap_weight.shape[-1]}")
     _check_weight(op, "cheap_weight", cheap_weight, x)
-    return init, cheap
+    return cheap
 
 
 def _check_gate(op: str, gate: Optional[Tensor], gate_mode: str, x: Tensor, out_channels: int) -> None:
@@ -753,6 +758,195 @@ def _ghost_module_bn2_batch_backward(ctx, grad_out, _grad_mean, _grad_var):
 
 
 _ghost_module_bn2_batch_op.register_autograd(_ghost_module_bn2_batch_backward, setup_context=_bn2_batch_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training with z1 kept (`cpu` backend, float32 / float64): the caller computes z1 = W1 x once by the library
+# convolution (as eager does) and bn1's statistics from it by autograd; this op runs the rest of the module from z1
+# (bn2 on z2's batch statistics, as above), and its backward returns dz1, the gradient of z1, so autograd finishes
+# with the library's convolution backward and var_mean's. The kernels read z1 instead of recomputing it by GEMM in
+# each of their passes (two in the forward, two in the backward).
+# ----------------------------------------------------------------------------------------------------------
+
+_Z1_OP = "ghostfast::ghost_module_z1"
+
+
+def check_ghost_module_z1_args(op: str, z1, bn1, cheap_weight, bn2_weight, bn2_bias, out_channels, act, gate,
+                               gate_mode, backend: Optional[str] = None, labels=None) -> int:
+    if not isinstance(z1, Tensor) or z1.dim() != 4:
+        raise ValueError(f"{op}: expected z1 as a 4-D tensor [N, init, H, W], got "
+                         f"{tuple(z1.shape) if isinstance(z1, Tensor) else type(z1).__name__}")
+    if z1.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: expected z1 of dtype float32 or float64, got {z1.dtype}")
+    init = z1.shape[1]
+    _check_input(op, z1, init)
+    cheap = _check_cheap_weight(op, z1, init, cheap_weight)
+    _check_bn(op, "bn1", bn1, init, z1, labels)
+    _check_bn(op, "bn2", BatchNormParams(bn2_weight, bn2_bias, None, None, 0.0), cheap, z1, labels)
+    out_channels = _check_out_channels(op, out_channels, init + cheap)
+    if out_channels < init:
+        raise ValueError(f"{op}: expected out_channels >= {init} (z1's channels: every one is kept), got "
+                         f"{out_channels}")
+    _check_act(op, act)
+    _check_gate(op, gate, gate_mode, z1, out_channels)
+    if z1.numel() // max(init, 1) < 2:
+        raise ValueError(f"{op}: batch statistics need more than 1 value per channel, got z1 of shape "
+                         f"{tuple(z1.shape)}")
+    if backend is not None and backend != "cpu":
+        raise ValueError(f"{op}: runs on the cpu backend only, got backend {backend!r}")
+    return out_channels
+
+
+@torch.library.custom_op(_Z1_OP, mutates_args=())
+def _ghost_module_z1_op(
+    z1: Tensor, bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor],
+    bn1_var: Optional[Tensor], bn1_eps: float, cheap_weight: Tensor, bn2_weight: Optional[Tensor],
+    bn2_bias: Optional[Tensor], bn2_eps: float, out_channels: int, act: str, gate: Optional[Tensor], gate_mode: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, mean2, var2): the Ghost module from z1 = W1 x, bn2 normalising with z2's batch mean and biased
+    variance (returned for the running statistics; not differentiable: their gradient is the op's own)."""
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    check_ghost_module_z1_args(_Z1_OP, z1, bn1, cheap_weight, bn2_weight, bn2_bias, out_channels, act, gate,
+                               gate_mode, backend)
+    return BACKENDS[backend].ghost_module_z1(z1, bn1, cheap_weight, bn2_weight, bn2_bias, bn2_eps, out_channels, act,
+                                             gate, gate_mode)
+
+
+@_ghost_module_z1_op.register_fake
+def _(z1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight, bn2_weight, bn2_bias, bn2_eps,
+      out_channels, act, gate, gate_mode, backend):
+    bn1 = BatchNormParams(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    check_ghost_module_z1_args(_Z1_OP, z1, bn1, cheap_weight, bn2_weight, bn2_bias, out_channels, act, gate,
+                               gate_mode, backend)
+    vec = z1.new_empty((cheap_weight.shape[0],))
+    return _empty_output(z1, (z1.shape[0], out_channels, z1.shape[2], z1.shape[3])), vec, torch.empty_like(vec)
+
+
+@torch.library.custom_op("ghostfast::ghost_module_z1_stats", mutates_args=())
+def _ghost_module_z1_stats_op(z1: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) of each channel of z1: bn1's batch statistics (torch.var_mean over N, H, W in one
+    pass of the kernel, a mean then the squared deviations per chunk)."""
+    _check_z1_stats(z1, backend)
+    return BACKENDS[backend].ghost_module_z1_stats(z1)
+
+
+def _check_z1_stats(z1, backend):
+    op = "ghostfast::ghost_module_z1_stats"
+    if not isinstance(z1, Tensor) or z1.dim() != 4 or z1.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: expected z1 as a 4-D float32 / float64 tensor, got "
+                         f"{(tuple(z1.shape), z1.dtype) if isinstance(z1, Tensor) else type(z1).__name__}")
+    if z1.numel() // max(z1.shape[1], 1) < 2:
+        raise ValueError(f"{op}: batch statistics need more than 1 value per channel, got z1 of shape "
+                         f"{tuple(z1.shape)}")
+    if backend != "cpu":
+        raise ValueError(f"{op}: runs on the cpu backend only, got backend {backend!r}")
+
+
+@_ghost_module_z1_stats_op.register_fake
+def _(z1, backend):
+    _check_z1_stats(z1, backend)
+    return z1.new_empty((z1.shape[1],)), z1.new_empty((z1.shape[1],))
+
+
+def _z1_stats_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _z1_stats_backward(ctx, grad_mean, grad_var):
+    """dz1 = grad_mean / M + 2 grad_var (z1 - mean) / M per channel (M = N*H*W), in one pass."""
+    z1, mean = ctx.saved_tensors
+    m = z1.shape[0] * z1.shape[2] * z1.shape[3]
+    if grad_mean is None:
+        grad_mean = torch.zeros_like(mean)
+    if grad_var is None:
+        grad_var = torch.zeros_like(mean)
+    c = grad_var * (2.0 / m)
+    d = grad_mean / m - c * mean
+    return torch.addcmul(d.view(1, -1, 1, 1), z1, c.view(1, -1, 1, 1)), None
+
+
+_ghost_module_z1_stats_op.register_autograd(_z1_stats_backward, setup_context=_z1_stats_setup)
+
+
+def _check_z1_backward(grad_out, z1, s1, b1, w2, s2, b2, out_channels, act, gate, gate_mode, coef_a, coef_c, mean,
+                       needs, backend):
+    op = "ghostfast::ghost_module_z1_backward"
+    bn1 = _affine_bn(op, ("primary_scale", "primary_bias"), s1, b1)
+    bn2 = _affine_bn(op, ("cheap_scale", "cheap_bias"), s2, b2)
+    out_channels = check_ghost_module_z1_args(op, z1, bn1, w2, bn2.weight, bn2.bias, out_channels, act, gate,
+                                              gate_mode, backend, labels=_GHOST_LABELS)
+    _check_grad(op, "grad_out", grad_out, (z1.shape[0], out_channels, z1.shape[2], z1.shape[3]))
+    _check_needs(op, needs, 8)
+    if needs[1]:
+        raise ValueError(f"{op}: there is no primary weight (z1 is the input); expected needs[1] False")
+    for name, t in (("coef_a", coef_a), ("coef_c", coef_c), ("mean", mean)):
+        _check_vector(op, name, t, w2.shape[0], z1)
+
+
+@torch.library.custom_op("ghostfast::ghost_module_z1_backward", mutates_args=())
+def _ghost_module_z1_backward_op(
+    grad_out: Tensor, z1: Tensor, primary_scale: Tensor, primary_bias: Tensor, cheap_weight: Tensor,
+    cheap_scale: Tensor, cheap_bias: Tensor, out_channels: int, act: str, gate: Optional[Tensor], gate_mode: str,
+    coef_a: Tensor, coef_c: Tensor, mean: Tensor, needs: List[bool], backend: str,
+) -> List[Tensor]:
+    """ghost_module_backward_bnstats's gradients with z1 as the input: [z1 (dz1), -, primary_scale, primary_bias,
+    cheap_weight, cheap_scale, cheap_bias, gate]."""
+    args = (grad_out, z1, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, act,
+            gate, gate_mode, coef_a, coef_c, mean)
+    _check_z1_backward(*args, needs, backend)
+    return _grads_or_placeholders(BACKENDS[backend].ghost_module_z1_backward(*args, list(needs)), z1)
+
+
+@_ghost_module_z1_backward_op.register_fake
+def _(grad_out, z1, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels, act, gate,
+      gate_mode, coef_a, coef_c, mean, needs, backend):
+    _check_z1_backward(grad_out, z1, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, out_channels,
+                       act, gate, gate_mode, coef_a, coef_c, mean, needs, backend)
+    inputs = (z1, None, primary_scale, primary_bias, cheap_weight, cheap_scale, cheap_bias, gate)
+    return _fake_grads(inputs, needs, z1)
+
+
+def _ghost_module_z1_backward(ctx, grad_out, _grad_mean, _grad_var):
+    a = _saved_args(ctx)
+    z1, w2, out_channels, act, gate, gate_mode, backend = a[0], a[6], a[10], a[11], a[12], a[13], a[14]
+    bn1 = BatchNormParams(*a[1:6])
+    mean2, var2 = ctx.saved_tensors[len(ctx.tensor_slots):]
+    bn2 = BatchNormParams(a[7], a[8], mean2, var2, a[9])
+    f1 = _fold_for_backward(bn1, z1.shape[1], z1)
+    f2 = _fold_for_backward(bn2, w2.shape[0], z1)
+    need = ctx.needs_input_grad
+    n1 = _bn_needed(ctx, 1)
+    grad_out = grad_out.contiguous(memory_format=output_memory_format(z1))
+    args = (z1, f1.scale, f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode)
+    # 1. bn2's (scale, shift) gradients: a pass without the primary chain (the coefficients do not reach them)
+    zero = torch.zeros_like(mean2)
+    g = _run_backward(_ghost_module_z1_backward_op, "ghost_module_z1_backward", grad_out, *args, zero, zero, mean2,
+                      [False] * 5 + [True, True, False], backend)
+    g_w, g_b, g_mean, g_var = reference.fold_bn_backward(g[5], g[6], bn2, [need[7], need[8], True, True], f2.scale,
+                                                         f2.std)
+    m = z1.shape[0] * z1.shape[2] * z1.shape[3]
+    # 2. dz1 and the other gradients, through z2's statistics too
+    needs = [bool(need[0]), False, n1, n1, bool(need[6]), False, False, bool(need[12])]
+    g = _run_backward(_ghost_module_z1_backward_op, "ghost_module_z1_backward", grad_out, *args, g_mean / m,
+                      g_var * (2.0 / m), mean2, needs, backend)
+    g = [t if need_t else None for t, need_t in zip(g, needs)]
+    return (g[0], *_bn_grads(ctx, 1, bn1, f1, g[2], g[3]), g[4], g_w if need[7] else None,
+            g_b if need[8] else None, None, None, None, g[7], None, None)
+
+
+_ghost_module_z1_op.register_autograd(_ghost_module_z1_backward, setup_context=_bn2_batch_setup)
+
+
+def run_ghost_module_z1_stats(z1: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    return _ghost_module_z1_stats_op(z1, backend)
+
+
+def run_ghost_module_z1(z1, bn1: BatchNormParams, cheap_weight, bn2_weight, bn2_bias, bn2_eps: float,
+                        out_channels: int, act: str, gate, gate_mode: str,
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _ghost_module_z1_op(z1, *bn1, cheap_weight, bn2_weight, bn2_bias, bn2_eps, out_channels, act, gate,
+                               gate_mode, backend)
 
 
 def run_ghost_module_bn2_batch(x, primary_weight, bn1: BatchNormParams, cheap_weight, bn2_weight, bn2_bias,

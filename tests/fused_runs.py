@@ -85,3 +85,21 @@ def record_fused_runs(device: str, backend: str) -> Iterator[FusedRuns]:
                     runs.kernels.append(e.name)
     finally:
         nn.Conv2d.forward = conv_forward
+
+
+def train_launches(module, backend: str, dtype) -> dict:
+    """The fused launches one training-mode call of a converted Ghost module makes, forward and backward, from its
+    BatchNorms' modes (ghostfast/nn.py `_run_ghost`): the fused op plus one statistics launch per BatchNorm on batch
+    statistics each way; on the `cpu` backend with bn2 training in float32 / float64, z1 kept
+    (`ghostfast.nn.KEEP_Z1`): bn1's statistics from z1 and the module from z1 forward, two passes backward (the
+    statistics' gradients run as library ops)."""
+    import torch
+
+    import ghostfast.nn as gnn
+
+    conv1, bn1, conv2, bn2 = module._ghost_layers
+    t1, t2 = (bn is not None and bn.training for bn in (bn1, bn2))
+    if backend == "cpu" and t2 and gnn.JOINT_BN2_STATS and gnn.KEEP_Z1 and conv2.bias is None and \
+            dtype in (torch.float32, torch.float64) and module.out_chs >= conv2.in_channels:
+        return {"ghost_fwd": 1 + t1, "ghost_bwd": 2}
+    return {"ghost_fwd": 1 + t1 + t2, "ghost_bwd": 1 + t1 + t2}

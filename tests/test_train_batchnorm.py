@@ -4,8 +4,9 @@ running statistics (momentum, cumulative averaging with momentum=None, unbiased 
 num_batches_tracked, over several calls. float64 pins the math; float32 checks the kernels' own rounding.
 
 The fused path is proven taken: per module and call, one Ghost forward launch plus one statistics launch per
-BatchNorm in training mode (counted as `ghost_fwd`), as many backward launches, and no eager convolution in the
-Ghost part (GhostModuleV2's DFC branch runs eagerly while its BatchNorms are in training mode)."""
+BatchNorm in training mode (counted as `ghost_fwd`), as many backward launches (on the `cpu` backend with z1 kept:
+fused_runs.train_launches), and no eager convolution module in the Ghost part (GhostModuleV2's DFC branch runs
+eagerly while its BatchNorms are in training mode)."""
 import copy
 import warnings
 
@@ -16,7 +17,7 @@ from torch import nn
 
 import ghostfast
 import kernel_backends
-from fused_runs import record_fused_runs
+from fused_runs import record_fused_runs, train_launches
 from ghostfast.backends import GhostfastFallbackWarning
 from ghostfast.models import randomize_batchnorm_
 from ghostfast.nn import GhostModule, GhostModuleV2
@@ -105,8 +106,8 @@ def test_train_mode_batchnorm_matches_eager(name, factory, shape, frozen, backen
                 out, grads = _step(fast, x, g)
         ref, ref_grads = _step(eager, x, g)
         counts = dict(runs.counts)
-        assert counts.pop("ghost_fwd") == 1 + n_batch_stats and counts.pop("ghost_bwd") == 1 + n_batch_stats, \
-            dict(runs.counts)
+        want = train_launches(fast, backend, dtype)
+        assert {k: counts.pop(k, 0) for k in want} == want, dict(runs.counts)
         assert not counts or isinstance(fast, GhostModuleV2), counts  # the DFC gate: eager while BNs train
         assert not runs.eager_convs_in([nn.ModuleList(_ghost_convs(fast))]), "eager convs ran in the Ghost part"
         _assert_close(f"call {call}: output", out, ref, tol)
@@ -192,14 +193,18 @@ def _kernel_calls(prof, name):
     return sum(1 for e in prof.events() if e.name == f"ghostfast::{name}")
 
 
+@pytest.mark.parametrize("path", ["z1", "joint"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name,factory,shape,frozen", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_cpu_joint_bn2_statistics_backward(name, factory, shape, frozen, dtype, layout, monkeypatch):
-    """The `cpu` backend trains bn2 through one op (ghostfast::ghost_module_bn2_batch_stats) whose backward carries
-    the batch statistics' gradient inside the main backward (a reduction pass, then one full pass): the same
-    gradients, outputs and running statistics as the separate statistics op and its own backward pass, and as
-    eager; the joint kernel ran once per call and the stage-2 statistics' backward kernel not at all."""
+def test_cpu_joint_bn2_statistics_backward(name, factory, shape, frozen, dtype, layout, path, monkeypatch):
+    """The `cpu` backend trains bn2 through one op whose backward carries the batch statistics' gradient inside the
+    main backward (a reduction pass, then one full pass): `joint` (ghostfast::ghost_module_bn2_batch_stats, the
+    kernels recompute z1 = W1 x) and `z1` (the default: z1 by the library convolution, kept, bn1's statistics from
+    it by ghostfast::ghost_module_z1_stats, the rest by ghostfast::ghost_module_z1, whose backward returns dz1).
+    Both give the same gradients, outputs and running statistics as the separate statistics op with its own
+    backward pass, and as eager; the joint kernel ran once per call (z1: twice, and no statistics backward kernel),
+    the stage-2 statistics' backward kernel not at all."""
     if "cpu" not in FUSED:
         pytest.skip("ghostfast._C has no CPU kernels in this build")
     from torch.profiler import profile
@@ -208,10 +213,13 @@ def test_cpu_joint_bn2_statistics_backward(name, factory, shape, frozen, dtype, 
     eager, joint = _pair(factory, "cpu", dtype, "cpu", frozen)
     separate = copy.deepcopy(joint)
     bn2_trains = _trains(joint.cheap_operation[1])
+    conv2 = joint.cheap_operation[0]
+    z1_path = path == "z1" and bn2_trains and conv2.bias is None and joint.out_chs >= conv2.in_channels
     gen = torch.Generator().manual_seed(2)
     for call in range(CALLS):
         x = (torch.randn(shape, generator=gen) + 0.5).to(dtype).to(memory_format=fmt)
         g = torch.randn((shape[0], joint.out_chs) + tuple(shape[2:]), generator=gen).to(dtype)
+        monkeypatch.setattr(ghostfast.nn, "KEEP_Z1", path == "z1")
         with profile() as prof, kernel_backends.poisoned_buffers() as allocated:  # unwritten elements show as NaN
             out, grads = _step(joint, x, g)
         assert allocated[0] > 0
@@ -219,10 +227,15 @@ def test_cpu_joint_bn2_statistics_backward(name, factory, shape, frozen, dtype, 
         out_s, grads_s = _step(separate, x, g)
         monkeypatch.setattr(ghostfast.nn, "JOINT_BN2_STATS", True)
         ref, ref_grads = _step(eager, x, g)
-        assert _kernel_calls(prof, "_ghost_module_backward_bnstats_kernel") == int(bn2_trains)
         n_stats_bwd = _kernel_calls(prof, "_ghost_module_stats_backward_kernel") + \
             _kernel_calls(prof, "_ghost_module_stats_backward_library")
-        assert n_stats_bwd == int(_trains(joint.primary_conv[1])), n_stats_bwd  # stage 1's only
+        if z1_path:
+            assert _kernel_calls(prof, "_ghost_module_z1_backward_kernel") == 2
+            assert _kernel_calls(prof, "_ghost_module_z1_stats_kernel") == int(_trains(joint.primary_conv[1]))
+            assert _kernel_calls(prof, "_ghost_module_backward_bnstats_kernel") == 0 and n_stats_bwd == 0
+        else:
+            assert _kernel_calls(prof, "_ghost_module_backward_bnstats_kernel") == int(bn2_trains)
+            assert n_stats_bwd == int(_trains(joint.primary_conv[1])), n_stats_bwd  # stage 1's only
         _assert_close(f"call {call}: output vs separate", out, out_s, TOL[dtype])
         _assert_close(f"call {call}: output vs eager", out, ref, TOL[dtype])
         names = ["x"] + [n for n, _ in eager.named_parameters()]

@@ -34,10 +34,15 @@ constexpr const char* kBwdOp = "ghostfast::_ghost_module_backward_kernel (CPU)";
 constexpr const char* kStatsOp = "ghostfast::_ghost_module_stats_kernel (CPU)";
 constexpr const char* kBnStatsBwdOp = "ghostfast::_ghost_module_backward_bnstats_kernel (CPU)";
 constexpr const char* kStatsBwdOp = "ghostfast::_ghost_module_stats_backward_kernel (CPU)";
+constexpr const char* kZ1Op = "ghostfast::_ghost_module_z1_kernel (CPU)";
+constexpr const char* kZ1BwdOp = "ghostfast::_ghost_module_z1_backward_kernel (CPU)";
+constexpr const char* kZ1StatsOp = "ghostfast::_ghost_module_z1_stats_kernel (CPU)";
 
 // x, primary_weight and cheap_weight (every kernel); sets every field of the geometry but oc and what depends on it
-// (n_x1, n_cheap, n_src, R), the layout (set_layout) and the gate's
-Geometry check_common(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, int64_t act) {
+// (n_x1, n_cheap, n_src, R), the layout (set_layout) and the gate's. z1_in (the _z1 kernels): x is z1 = W1 x' itself,
+// [N, init, H, W] float / double, and there is no primary_weight (w1 undefined).
+Geometry check_common(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, int64_t act,
+                      bool z1_in = false) {
   check_x(x, c10::DeviceType::CPU, op);
   const at::ScalarType dt = x.scalar_type();
   Geometry g;
@@ -48,11 +53,19 @@ Geometry check_common(const char* op, const at::Tensor& x, const at::Tensor& w1,
   g.HW = g.H * g.W;
   g.act = check_act(op, act);
 
-  TORCH_CHECK(w1.defined() && w1.dim() == 4, op, ": expected primary_weight of shape [init, C_in, 1, 1], got ",
-              w1.defined() ? w1.sizes() : at::IntArrayRef{});
-  g.init = w1.size(0);
-  TORCH_CHECK(g.init >= 1, op, ": expected primary_weight with at least one output channel, got shape ", w1.sizes());
-  check_param(w1, x, dt, op, "primary_weight", {g.init, g.C, 1, 1});
+  if (z1_in) {
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": expected z1 of dtype float32 or float64, got ", dt);
+    TORCH_CHECK(g.C >= 1, op, ": expected z1 with at least one channel, got shape ", x.sizes());
+    g.init = g.C;
+    g.z1_in = true;
+  } else {
+    TORCH_CHECK(w1.defined() && w1.dim() == 4, op, ": expected primary_weight of shape [init, C_in, 1, 1], got ",
+                w1.defined() ? w1.sizes() : at::IntArrayRef{});
+    g.init = w1.size(0);
+    TORCH_CHECK(g.init >= 1, op, ": expected primary_weight with at least one output channel, got shape ",
+                w1.sizes());
+    check_param(w1, x, dt, op, "primary_weight", {g.init, g.C, 1, 1});
+  }
 
   TORCH_CHECK(w2.defined() && w2.dim() == 4, op, ": expected cheap_weight of shape [init*(ratio-1), 1, dw, dw], got ",
               w2.defined() ? w2.sizes() : at::IntArrayRef{});
@@ -80,8 +93,8 @@ void set_out_channels(Geometry& g, int64_t out_channels) {
 // the Ghost module kernels: out_channels, gate, gate_mode
 Geometry check_module_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                            int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
-                           c10::string_view gate_mode) {
-  Geometry g = check_common(op, x, w1, w2, act);
+                           c10::string_view gate_mode, bool z1_in = false) {
+  Geometry g = check_common(op, x, w1, w2, act, z1_in);
   const int64_t cheap = g.init * g.rm1;
   TORCH_CHECK(out_channels >= 1 && out_channels <= g.init + cheap, op, ": expected 1 <= out_channels <= ",
               g.init + cheap, " (init * ratio), got ", out_channels);
@@ -162,8 +175,15 @@ void backward_checked(const char* op, const at::Tensor& grad_out, const at::Tens
                       const at::Tensor& primary_bias, const at::Tensor& cheap_weight, const at::Tensor& cheap_scale,
                       const at::Tensor& cheap_bias, int64_t out_channels, int64_t act,
                       const std::optional<at::Tensor>& gate, c10::string_view gate_mode, at::TensorList grads,
-                      const at::Tensor* coef_a, const at::Tensor* coef_c, const at::Tensor* mean) {
-  Geometry g = check_module_args(op, x, primary_weight, cheap_weight, out_channels, act, gate, gate_mode);
+                      const at::Tensor* coef_a, const at::Tensor* coef_c, const at::Tensor* mean,
+                      bool z1_in = false) {
+  Geometry g = check_module_args(op, x, primary_weight, cheap_weight, out_channels, act, gate, gate_mode, z1_in);
+  if (z1_in) {
+    TORCH_CHECK(g.oc >= g.init, op, ": expected out_channels >= ", g.init, " (z1's channels: every one is kept), ",
+                "got ", g.oc);
+    TORCH_CHECK(grads.size() != 8 || !grad_requested(grads[1]), op, ": there is no primary weight (z1 is the ",
+                "input, its gradient grads[0]); expected grads[1] empty, got shape ", grads[1].sizes());
+  }
   StatsGradient sg;
   if (coef_a != nullptr) {
     const at::ScalarType acc = acc_type(x.scalar_type());
@@ -182,7 +202,7 @@ void backward_checked(const char* op, const at::Tensor& grad_out, const at::Tens
   check_param(cheap_bias, x, acc, op, "cheap_bias", {g.init * g.rm1});
   check_output(grad_out, x, op, "grad_out", {g.N, g.oc, g.H, g.W});
   static const char* const names[8] = {
-      "grads[0] (x)",           "grads[1] (primary_weight)", "grads[2] (primary_scale)", "grads[3] (primary_bias)",
+      z1_in ? "grads[0] (z1)" : "grads[0] (x)", "grads[1] (primary_weight)", "grads[2] (primary_scale)", "grads[3] (primary_bias)",
       "grads[4] (cheap_weight)", "grads[5] (cheap_scale)",   "grads[6] (cheap_bias)",    "grads[7] (gate)"};
   static const bool vector_slot[8] = {false, false, true, true, false, true, true, false};
   const at::Tensor* inputs[8] = {&x, &primary_weight, &primary_scale, &primary_bias,
@@ -221,6 +241,65 @@ void ghost_module_backward_bnstats_cpu(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& coef_c, const at::Tensor& mean, at::TensorList grads) {
   backward_checked(kBnStatsBwdOp, grad_out, x, primary_weight, primary_scale, primary_bias, cheap_weight,
                    cheap_scale, cheap_bias, out_channels, act, gate, gate_mode, grads, &coef_a, &coef_c, &mean);
+}
+
+// z1 given (the primary conv computed by the caller), bn2 on batch statistics: z2's mean and biased variance over
+// every cheap channel (into mean / var), then the module normalised with them into out
+void ghost_module_z1_cpu(const at::Tensor& z1, const std::optional<at::Tensor>& bn1_weight,
+                         const std::optional<at::Tensor>& bn1_bias, const std::optional<at::Tensor>& bn1_mean,
+                         const std::optional<at::Tensor>& bn1_var, double bn1_eps, const at::Tensor& cheap_weight,
+                         const std::optional<at::Tensor>& bn2_weight, const std::optional<at::Tensor>& bn2_bias,
+                         double bn2_eps, int64_t out_channels, int64_t act, const std::optional<at::Tensor>& gate,
+                         c10::string_view gate_mode, const at::Tensor& out, const at::Tensor& mean,
+                         const at::Tensor& var) {
+  Geometry g = check_module_args(kZ1Op, z1, at::Tensor(), cheap_weight, out_channels, act, gate, gate_mode, true);
+  TORCH_CHECK(g.oc >= g.init, kZ1Op, ": expected out_channels >= ", g.init, " (z1's channels: every one is kept), ",
+              "got ", g.oc);
+  const int64_t cheap = g.init * g.rm1;
+  const BatchNormArgs bn1 = batch_norm_args(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, g.init, z1, kZ1Op, "bn1");
+  check_param(mean, z1, z1.scalar_type(), kZ1Op, "mean", {cheap});
+  check_param(var, z1, z1.scalar_type(), kZ1Op, "var", {cheap});
+  check_output(out, z1, kZ1Op, "out", {g.N, g.oc, g.H, g.W});
+  g.cl = pick_channels_last(kZ1Op, z1, {{"out", out}});
+  if (g.N == 0 || g.HW == 0) {  // no values: NaN statistics, as torch.var_mean of an empty tensor
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  Geometry gs = g;  // the statistics: every cheap channel, no gate
+  set_out_channels(gs, g.init + cheap);
+  gs.gated = false;
+  gs.bilinear = false;
+  cpu::ghost_module::stats(gs, 2, z1, at::Tensor(), bn1, cheap_weight, mean, var);
+  const BatchNormArgs bn2 = batch_norm_args(bn2_weight, bn2_bias, mean, var, bn2_eps, cheap, z1, kZ1Op, "bn2");
+  cpu::ghost_module::forward(g, z1, at::Tensor(), bn1, cheap_weight, bn2, gate, out);
+}
+
+// bn1's batch statistics from z1: its channels' mean and biased variance
+void ghost_module_z1_stats_cpu(const at::Tensor& z1, const at::Tensor& mean, const at::Tensor& var) {
+  check_x(z1, c10::DeviceType::CPU, kZ1StatsOp);
+  const at::ScalarType dt = z1.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, kZ1StatsOp, ": expected z1 of dtype float32 or float64, got ",
+              dt);
+  check_param(mean, z1, dt, kZ1StatsOp, "mean", {z1.size(1)});
+  check_param(var, z1, dt, kZ1StatsOp, "var", {z1.size(1)});
+  if (z1.numel() == 0) {  // no values: NaN, as torch.var_mean of an empty tensor
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  cpu::ghost_module::z1_stats(z1, is_channels_last(z1), mean, var);
+}
+
+// its backward: _ghost_module_backward_bnstats_kernel's with z1 as the input, grads[0] = dz1 (grads[1] empty)
+void ghost_module_z1_backward_cpu(const at::Tensor& grad_out, const at::Tensor& z1, const at::Tensor& primary_scale,
+                                  const at::Tensor& primary_bias, const at::Tensor& cheap_weight,
+                                  const at::Tensor& cheap_scale, const at::Tensor& cheap_bias, int64_t out_channels,
+                                  int64_t act, const std::optional<at::Tensor>& gate, c10::string_view gate_mode,
+                                  const at::Tensor& coef_a, const at::Tensor& coef_c, const at::Tensor& mean,
+                                  at::TensorList grads) {
+  backward_checked(kZ1BwdOp, grad_out, z1, at::Tensor(), primary_scale, primary_bias, cheap_weight, cheap_scale,
+                   cheap_bias, out_channels, act, gate, gate_mode, grads, &coef_a, &coef_c, &mean, true);
 }
 
 void ghost_module_stats_cpu(const at::Tensor& x, const at::Tensor& primary_weight,
@@ -304,4 +383,7 @@ TORCH_LIBRARY_IMPL(ghostfast, CPU, m) {
   m.impl("_ghost_module_backward_bnstats_kernel", &ghostfast::ghost_module_backward_bnstats_cpu);
   m.impl("_ghost_module_stats_kernel", &ghostfast::ghost_module_stats_cpu);
   m.impl("_ghost_module_stats_backward_kernel", &ghostfast::ghost_module_stats_backward_cpu);
+  m.impl("_ghost_module_z1_kernel", &ghostfast::ghost_module_z1_cpu);
+  m.impl("_ghost_module_z1_backward_kernel", &ghostfast::ghost_module_z1_backward_cpu);
+  m.impl("_ghost_module_z1_stats_kernel", &ghostfast::ghost_module_z1_stats_cpu);
 }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "batch_norm.h"
@@ -37,6 +38,9 @@ struct Geometry {
   int64_t Hg = 0, Wg = 0;
   Act act = Act::None;  // both halves' activation (cpu/activation.h), dispatched once per launch
   bool cl = false, gated = false, bilinear = false;
+  // x is z1 itself (the _z1 kernels: the primary conv computed by the caller, C == init, float / double): no GEMM,
+  // the row walks read z1 (Ctx::zl); the backward's grads[0] is dz1, the gradient of z1
+  bool z1_in = false;
 };
 
 // which gradients a backward call computes (the non-empty tensors of its `grads`)
@@ -64,6 +68,9 @@ void forward(const Geometry& geo, const at::Tensor& x, const at::Tensor& primary
 // ghost_module_stats.cpp: mean and biased var of z1 (stage 1) or z2 (stage 2) per channel
 void stats(const Geometry& geo, int stage, const at::Tensor& x, const at::Tensor& primary_weight,
            const BatchNormArgs& bn1, const at::Tensor& cheap_weight, const at::Tensor& mean, const at::Tensor& var);
+
+// ghost_module_stats.cpp: mean and biased var per channel of z1 [N, C, H, W] itself (float / double, N*H*W > 0)
+void z1_stats(const at::Tensor& z1, bool channels_last, const at::Tensor& mean, const at::Tensor& var);
 
 // ghost_module_backward.cpp: the gradients `nd` asks for into `grads` (the backward kernel's order); with `stats`,
 // the statistics backward (no grad_out, gate or cheap_scale / cheap_bias: pass undefined tensors)
@@ -147,7 +154,8 @@ struct Ctx {
   int stats = 0;
   std::vector<acc_t> ca, cc, cm;
   // Library GEMM (forward, float / double): z1 = W1 x of the whole batch by ATen (MKL / oneDNN) before the row walk,
-  // which then reads it instead of running its own GEMM: NCHW [N][n_x1][HW], channels_last [N*HW][n_x1].
+  // which then reads it instead of running its own GEMM: NCHW [N][n_x1][HW], channels_last [N*HW][n_x1]. With
+  // Geometry::z1_in, the input x itself (every kernel).
   const acc_t* zl = nullptr;
 
   void prepare(const Geometry& geo, const at::Tensor& x_t, const at::Tensor& w1_t, const at::Tensor& w2_t,
@@ -156,7 +164,11 @@ struct Ctx {
     x = x_t.data_ptr<scalar_t>();
     x_end = x + x_t.numel();
     gate = d.gated ? gate_t->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pw = w1_t.data_ptr<scalar_t>();
+    if (geo.z1_in) own_gemm = false;  // no primary weight: z1 is the input
+    const scalar_t* pw = own_gemm ? w1_t.data_ptr<scalar_t>() : nullptr;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (geo.z1_in) zl = x;
+    }
     const scalar_t* cw = w2_t.data_ptr<scalar_t>();
     const int64_t C = d.C, KK = d.KK;
     Zc = round_up(std::max<int64_t>(d.n_x1, 1), V);
@@ -171,9 +183,11 @@ struct Ctx {
       w2.assign(static_cast<size_t>(d.n_cheap * KK), acc_t(0));
       for (int64_t i = 0; i < d.n_cheap * KK; ++i) w2[i] = static_cast<acc_t>(cw[i]);
       if (backward) {
-        w1r.assign(static_cast<size_t>(C * d.n_x1), acc_t(0));  // W1^T [C][n_x1] for grad_x
-        for (int64_t c = 0; c < d.n_x1; ++c)
-          for (int64_t k = 0; k < C; ++k) w1r[k * d.n_x1 + c] = w1[c * C + k];
+        if (own_gemm) {
+          w1r.assign(static_cast<size_t>(C * d.n_x1), acc_t(0));  // W1^T [C][n_x1] for grad_x
+          for (int64_t c = 0; c < d.n_x1; ++c)
+            for (int64_t k = 0; k < C; ++k) w1r[k * d.n_x1 + c] = w1[c * C + k];
+        }
         w2f.assign(w2.size(), acc_t(0));
         for (int64_t o = 0; o < d.n_cheap; ++o)
           for (int64_t t = 0; t < KK; ++t) w2f[o * KK + t] = w2[o * KK + (KK - 1 - t)];
@@ -184,7 +198,7 @@ struct Ctx {
         for (int64_t c = 0; c < d.n_x1; ++c)
           for (int64_t k = 0; k < C; ++k) w1[k * Zc + c] = static_cast<acc_t>(pw[c * C + k]);
       }
-      if (backward) {
+      if (backward && own_gemm) {
         w1r.assign(static_cast<size_t>(d.n_x1 * Cpad), acc_t(0));
         for (int64_t c = 0; c < d.n_x1; ++c)
           for (int64_t k = 0; k < C; ++k) w1r[c * Cpad + k] = static_cast<acc_t>(pw[c * C + k]);
@@ -234,6 +248,31 @@ struct Ctx {
     pad(cm, *sg.mean);
   }
 };
+
+// z1 given (Ctx::zl), NCHW: dst[0 .. cnt) = act(src * s + b), whole vectors (dst is padded; nothing read past src[cnt - 1])
+template <Act A, typename acc_t>
+inline void affine_act_row(acc_t* dst, const acc_t* src, int64_t cnt, acc_t s, acc_t b) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec sv(s), bv(b);
+  int64_t i = 0;
+  for (; i + V <= cnt; i += V) act_v<A>(at::vec::fmadd(Vec::loadu(src + i), sv, bv)).store(dst + i);
+  if (i < cnt) act_v<A>(at::vec::fmadd(vload<acc_t>(src + i, cnt - i), sv, bv)).store(dst + i);
+}
+
+// z1 given, channels_last: one pixel's x1 channels, dst[0 .. Zc) = act(src * s1 + b1) (zero-padded s1 / b1:
+// the padding lanes are act(0) = 0, as the GEMM's epilogue writes them)
+template <Act A, typename scalar_t>
+inline void affine_act_pixel(acc_of<scalar_t>* dst, const acc_of<scalar_t>* src, int64_t n, int64_t Zc,
+                             const Ctx<scalar_t>& cx) {
+  using acc_t = acc_of<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t c = 0; c < Zc; c += V) {
+    const Vec v = c + V <= n ? Vec::loadu(src + c) : vload<acc_t>(src + c, n - c);
+    act_v<A>(at::vec::fmadd(v, Vec::loadu(cx.s1.data() + c), Vec::loadu(cx.b1.data() + c))).store(dst + c);
+  }
+}
 
 // ---- library GEMM (issue 13 item 3) ----
 

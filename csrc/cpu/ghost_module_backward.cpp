@@ -150,8 +150,17 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
     if (nhi > xhi) {
       const int64_t np = (nhi - xhi) * W;
       acc_t* z0 = z + (xhi - xlo) * W;
-      Gemm<acc_t, acc_t, scalar_t, acc_t, false>::run(d.n_x1, np, C, cx.w1.data(), C, 1, xn + xhi * W, HW, cx.x_end,
-                                                      z0, ws.z_ps, true);
+      if (cx.zl != nullptr) {  // z1 given: its rows, zero-padded to whole vectors
+        const acc_t* zn = cx.zl + n * d.n_x1 * HW + xhi * W;
+        const int64_t padded = round_up(np, V);
+        for (int64_t c = 0; c < d.n_x1; ++c) {
+          std::copy_n(zn + c * HW, np, z0 + c * ws.z_ps);
+          std::fill(z0 + c * ws.z_ps + np, z0 + c * ws.z_ps + padded, acc_t(0));
+        }
+      } else {
+        Gemm<acc_t, acc_t, scalar_t, acc_t, false>::run(d.n_x1, np, C, cx.w1.data(), C, 1, xn + xhi * W, HW,
+                                                        cx.x_end, z0, ws.z_ps, true);
+      }
       for (int64_t c = 0; c < d.n_src; ++c) {
         const Vec sv(cx.s1[c]), bv(cx.b1[c]);
         for (int64_t h = xhi; h < nhi; ++h) {
@@ -311,8 +320,13 @@ void bwd_planar_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* g
         }
       }
     }
-    // ---- grad_W1 += (g1 s1) x^T, grad_x = W1^T (g1 s1) on the owned rows ----
+    // ---- grad_W1 += (g1 s1) x^T, grad_x = W1^T (g1 s1) on the owned rows; z1 given: dz1 = g1 s1 ----
     const int64_t np = (e - s) * W;
+    if (d.z1_in) {
+      if (nd.x)
+        for (int64_t c = 0; c < d.n_x1; ++c) std::copy_n(gy1 + c * ws.gy_ld, np, gxn + c * HW + s * W);
+      continue;
+    }
     if (nd.w1) {
       if (np >= kDotMinPixels) {
         DotGemm<acc_t, scalar_t>::run(d.n_x1, C, np, gy1, ws.gy_ld, xn + s * W, HW, pt.w1.data(), C);
@@ -395,8 +409,16 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
     if (nhi > xhi) {
       const int64_t np = (nhi - xhi) * W;
       acc_t* z0 = z + (xhi - xlo) * zrs;
-      Gemm<acc_t, scalar_t, acc_t, acc_t, false>::run(np, d.n_x1, C, xn + xhi * W * C, C, 1, cx.w1.data(), Zc,
-                                                      nullptr, z0, Zc, true);
+      if (cx.zl != nullptr) {  // z1 given: its pixels, zero-padded to Zc channels
+        const acc_t* zp = cx.zl + (n * HW + xhi * W) * d.n_x1;
+        for (int64_t p = 0; p < np; ++p) {
+          std::copy_n(zp + p * d.n_x1, d.n_x1, z0 + p * Zc);
+          std::fill(z0 + p * Zc + d.n_x1, z0 + (p + 1) * Zc, acc_t(0));
+        }
+      } else {
+        Gemm<acc_t, scalar_t, acc_t, acc_t, false>::run(np, d.n_x1, C, xn + xhi * W * C, C, 1, cx.w1.data(), Zc,
+                                                        nullptr, z0, Zc, true);
+      }
       if (d.n_cheap > 0) {
         for (int64_t h = xhi; h < nhi; ++h) {
           for (int64_t w = 0; w < W; ++w) {
@@ -539,8 +561,13 @@ void bwd_cl_segment(const Ctx<scalar_t>& cx, const scalar_t* go, scalar_t* gx_ou
         if (gate_grad) ws.adjC.add(h, vr);
       }
     }
-    // ---- grad_W1 += (g1 s1)^T x, grad_x = (g1 s1) W1 on the owned rows ----
+    // ---- grad_W1 += (g1 s1)^T x, grad_x = (g1 s1) W1 on the owned rows; z1 given: dz1 = g1 s1 ----
     const int64_t np = (e - s) * W;
+    if (d.z1_in) {
+      if (nd.x)
+        for (int64_t p = 0; p < np; ++p) std::copy_n(gy1 + p * Zc, d.n_x1, gxn + (s * W + p) * C);
+      continue;
+    }
     if (nd.w1)
       Gemm<acc_t, acc_t, scalar_t, acc_t, true>::run(d.n_x1, C, np, gy1, 1, Zc, xn + s * W * C, C, cx.x_end,
                                                      pt.w1.data(), Cpad, true);

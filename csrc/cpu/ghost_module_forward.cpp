@@ -65,31 +65,6 @@ inline void store_out(scalar_t* dst, const acc_t* src, int64_t cnt, const acc_t*
 // 1), and whole models measured no better with those included, so they keep the own GEMM.
 bool library_gemm_wins(const Geometry& g) { return g.HW <= 196 && g.C >= 400; }
 
-// library GEMM, NCHW: dst[0 .. cnt) = act(src * s + b), whole vectors (dst is padded; nothing read past src[cnt - 1])
-template <Act A, typename acc_t>
-inline void affine_act_row(acc_t* dst, const acc_t* src, int64_t cnt, acc_t s, acc_t b) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec sv(s), bv(b);
-  int64_t i = 0;
-  for (; i + V <= cnt; i += V) act_v<A>(at::vec::fmadd(Vec::loadu(src + i), sv, bv)).store(dst + i);
-  if (i < cnt) act_v<A>(at::vec::fmadd(vload<acc_t>(src + i, cnt - i), sv, bv)).store(dst + i);
-}
-
-// library GEMM, channels_last: one pixel's x1 channels, dst[0 .. Zc) = act(src * s1 + b1) (zero-padded s1 / b1:
-// the padding lanes are act(0) = 0, as the GEMM's epilogue writes them)
-template <Act A, typename scalar_t>
-inline void affine_act_pixel(acc_of<scalar_t>* dst, const acc_of<scalar_t>* src, int64_t n, int64_t Zc,
-                             const Ctx<scalar_t>& cx) {
-  using acc_t = acc_of<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  for (int64_t c = 0; c < Zc; c += V) {
-    const Vec v = c + V <= n ? Vec::loadu(src + c) : vload<acc_t>(src + c, n - c);
-    act_v<A>(at::vec::fmadd(v, Vec::loadu(cx.s1.data() + c), Vec::loadu(cx.b1.data() + c))).store(dst + c);
-  }
-}
-
 template <Act A, typename scalar_t>
 void fwd_planar_segment(const Ctx<scalar_t>& cx, scalar_t* out, const Segment& sg, FwdWs<acc_of<scalar_t>>& ws) {
   using acc_t = acc_of<scalar_t>;
@@ -264,7 +239,9 @@ void forward_impl(const Geometry& geo, const at::Tensor& x, const at::Tensor& w1
                   const at::Tensor& w2, const BatchNormArgs& bn2, const std::optional<at::Tensor>& gate,
                   const at::Tensor& out) {
   bool library = false;
-  if constexpr (std::is_same_v<scalar_t, acc_of<scalar_t>>) library = use_library_gemm(geo, x.scalar_type());
+  if constexpr (std::is_same_v<scalar_t, acc_of<scalar_t>>) {
+    library = !geo.z1_in && use_library_gemm(geo, x.scalar_type());  // z1_in: x is z1 (Ctx::prepare)
+  }
   Ctx<scalar_t> cx;
   cx.prepare(geo, x, w1, w2, gate, false, !library);
   cx.fold_batch_norms(bn1, &bn2);

@@ -151,8 +151,15 @@ void stats_planar_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg,
         epi.scale = cx.s1.data();
         epi.bias = cx.b1.data();
       }
-      Gemm<acc_t, acc_t, scalar_t, acc_t, false, A>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
-                                                      cx.x_end, z0, ws.z_ps, true, epi);
+      if (cx.zl != nullptr) {  // z1 given (A is Act::None for stage 1)
+        const acc_t* zn = cx.zl + n * d.n_x1 * HW + hi * W;
+        for (int64_t c = 0; c < d.n_x1; ++c)
+          affine_act_row<A>(z0 + c * ws.z_ps, zn + c * HW, np, stage == 2 ? cx.s1[c] : acc_t(1),
+                            stage == 2 ? cx.b1[c] : acc_t(0));
+      } else {
+        Gemm<acc_t, acc_t, scalar_t, acc_t, false, A>::run(d.n_x1, np, d.C, cx.w1.data(), d.C, 1, xn + hi * W, HW,
+                                                        cx.x_end, z0, ws.z_ps, true, epi);
+      }
       for (int64_t c = 0; c < d.n_src; ++c) {
         const acc_t* zc = z0 + c * ws.z_ps;
         acc_t* dsc = ds + c * ws.ds_ps;
@@ -219,8 +226,20 @@ void stats_cl_segment(const Ctx<scalar_t>& cx, int stage, const Segment& sg, Fwd
         epi.scale = cx.s1.data();
         epi.bias = cx.b1.data();
       }
-      Gemm<acc_t, scalar_t, acc_t, acc_t, false, A>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
-                                                      nullptr, z0, Zc, true, epi);
+      if (cx.zl != nullptr) {  // z1 given (A is Act::None for stage 1)
+        const acc_t* zp = cx.zl + (n * HW + hi * W) * d.n_x1;
+        for (int64_t p = 0; p < np; ++p) {
+          if (stage == 2) {
+            affine_act_pixel<A>(z0 + p * Zc, zp + p * d.n_x1, d.n_x1, Zc, cx);
+          } else {
+            std::fill_n(z0 + p * Zc, Zc, acc_t(0));
+            std::copy_n(zp + p * d.n_x1, d.n_x1, z0 + p * Zc);
+          }
+        }
+      } else {
+        Gemm<acc_t, scalar_t, acc_t, acc_t, false, A>::run(np, d.n_x1, C, xn + hi * W * C, C, 1, cx.w1.data(), Zc,
+                                                        nullptr, z0, Zc, true, epi);
+      }
       if (d.n_cheap > 0) {
         for (int64_t h = hi; h < nhi; ++h) {
           for (int64_t w = 0; w < W; ++w) {
@@ -290,7 +309,59 @@ void stats_impl(const Geometry& geo, int stage, const at::Tensor& x, const at::T
   }
 }
 
+// z1 given (the _z1 kernels): the mean and biased variance of each channel of z1 itself. NCHW: a chunk per (image,
+// channel) plane, the channels split among the threads; channels_last: a fixed number of pixel groups (so the result
+// does not depend on the thread count), each in chunks of kPixels pixels copied to a padded block, merged in order.
+template <typename acc_t>
+void z1_stats_impl(const at::Tensor& z1, bool cl, const at::Tensor& mean, const at::Tensor& var) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  constexpr int64_t kPixels = 64;
+  const int64_t N = z1.size(0), C = z1.size(1), HW = z1.size(2) * z1.size(3);
+  const acc_t* p = z1.data_ptr<acc_t>();
+  StatParts<acc_t> tot;
+  tot.init(C);
+  if (!cl) {
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c)
+        for (int64_t n = 0; n < N; ++n) {
+          acc_t m, q;
+          chunk_stats(p + (n * C + c) * HW, HW, m, q);
+          tot.merge(c, HW, m, q);  // channel c is this thread's only
+        }
+    });
+  } else {
+    const int64_t rows = N * HW, Cpad = round_up(C, V);
+    const int64_t ng = std::max<int64_t>(1, std::min<int64_t>(64, rows / (4 * kPixels)));
+    std::vector<StatParts<acc_t>> parts(static_cast<size_t>(ng));
+    at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
+      std::vector<acc_t> blk(static_cast<size_t>(kPixels * Cpad), acc_t(0));
+      for (int64_t g = gb; g < ge; ++g) {
+        parts[g].init(C);
+        const int64_t r0 = rows * g / ng, r1 = rows * (g + 1) / ng;
+        for (int64_t r = r0; r < r1; r += kPixels) {
+          const int64_t np = std::min(kPixels, r1 - r);
+          for (int64_t i = 0; i < np; ++i) std::copy_n(p + (r + i) * C, C, blk.data() + i * Cpad);
+          chunk_stats_pm(blk.data(), np, Cpad, C, parts[g]);
+        }
+      }
+    });
+    for (int64_t g = 0; g < ng; ++g)
+      for (int64_t c = 0; c < C; ++c) tot.merge(c, parts[g].n[c], parts[g].mean[c], parts[g].m2[c]);
+  }
+  acc_t* mp = mean.data_ptr<acc_t>();
+  acc_t* vp = var.data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    mp[c] = tot.mean[c];
+    vp[c] = tot.m2[c] / static_cast<acc_t>(tot.n[c]);
+  }
+}
+
 }  // namespace
+
+void z1_stats(const at::Tensor& z1, bool cl, const at::Tensor& mean, const at::Tensor& var) {
+  AT_DISPATCH_FLOATING_TYPES(z1.scalar_type(), "ghost_module_z1_stats_cpu",
+                             [&] { z1_stats_impl<scalar_t>(z1, cl, mean, var); });
+}
 
 void stats(const Geometry& geo, int stage, const at::Tensor& x, const at::Tensor& primary_weight,
            const BatchNormArgs& bn1, const at::Tensor& cheap_weight, const at::Tensor& mean, const at::Tensor& var) {
