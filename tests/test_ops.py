@@ -784,3 +784,87 @@ def test_ops_ghost_module_stats_match_reference(backend, stage, device):
     want_mean, want_var = stats_ref(args, True, stage)
     assert_close_rel(mean, want_mean, torch.float32)
     assert_close_rel(var, want_var, torch.float32)
+
+
+# ---- the cpu backend's training ops (bn2 on batch statistics; z1 kept) ------------------------------------------
+
+CPU_ONLY = pytest.mark.skipif("cpu" not in COMPILED, reason="ghostfast._C has no CPU kernels in this build")
+GM_Z1 = "ghostfast::ghost_module_z1"
+
+
+def _z1_args(dtype=torch.float32, n=2, init=4, ratio=3, h=6, w=5, layout=torch.contiguous_format):
+    """[z1, bn1, cheap_weight, bn2_weight, bn2_bias, bn2_eps] (bn1 with batch-statistics-like mean / var)."""
+    cheap = init * (ratio - 1)
+    z1 = (torch.randn(n, init, h, w, dtype=dtype) + 0.3).contiguous(memory_format=layout)
+    bn1 = make_bn(init, "cpu", dtype)
+    return [z1, bn1, torch.randn(cheap, 1, 3, 3, dtype=dtype), torch.rand(cheap, dtype=dtype) + 0.5,
+            torch.randn(cheap, dtype=dtype), 1e-3]
+
+
+@CPU_ONLY
+def test_ops_opcheck_cpu_training_ops():
+    """The joint and z1 ops and their backward ops: schema, fake kernel, autograd registration, AOT dispatch."""
+    opcheck = torch.library.opcheck
+    z1, bn1, w2, a2, b2, eps2 = grad_leaves(_z1_args())
+    gate = torch.rand(2, 11, 3, 2, requires_grad=True)
+    opcheck(torch.ops.ghostfast.ghost_module_z1.default,
+            (z1, *bn1, w2, a2, b2, eps2, 11, "relu", gate, "bilinear", "cpu"))
+    opcheck(torch.ops.ghostfast.ghost_module_z1.default, (z1, *bn1, w2, None, b2, eps2, 12, "none", None, "nearest",
+                                                           "cpu"))
+    opcheck(torch.ops.ghostfast.ghost_module_z1_stats.default, (z1, "cpu"))
+    x, w1, bn1x, w2x, _ = grad_leaves(ghost_args("cpu"))
+    opcheck(torch.ops.ghostfast.ghost_module_bn2_batch_stats.default,
+            (x, w1, *bn1x, w2x, a2.detach().requires_grad_(), b2, eps2, 11, "relu", gate, "bilinear", "cpu"))
+    s1, sh1 = reference.fold_bn_vectors(bn1, 4, torch.float32, "cpu")
+    s2, sh2 = torch.rand(8) + 0.5, torch.randn(8)
+    coef = [torch.randn(8), torch.randn(8), torch.randn(8)]
+    go = torch.randn(2, 11, 6, 5)
+    needs = [True, False, True, True, True, True, True, True]
+    opcheck(torch.ops.ghostfast.ghost_module_z1_backward.default,
+            (go, z1.detach(), s1, sh1, w2.detach(), s2, sh2, 11, "relu", gate.detach(), "bilinear", *coef, needs,
+             "cpu"))
+    opcheck(torch.ops.ghostfast.ghost_module_backward_bnstats.default,
+            (go, x.detach(), w1.detach(), s1, sh1, w2x.detach(), s2, sh2, 11, "relu", None, "nearest", *coef,
+             [True] * 7 + [False], "cpu"))
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_ops_z1_ops_gradcheck_float64(layout):
+    """ghost_module_z1 (z1, bn1's four tensors, the cheap weight, bn2's weight and bias, the gate: z2's batch
+    statistics inside) and ghost_module_z1_stats, float64 gradcheck; outputs poisoned (unwritten elements NaN)."""
+    import kernel_backends
+
+    z1, bn1, w2, a2, b2, eps2 = grad_leaves(_z1_args(torch.float64, n=2, init=2, ratio=2, h=4, w=3, layout=layout))
+    gate = torch.rand(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(z1, a1, b1, m1, v1, w2, a2, b2, gate):
+        return ops.run_ghost_module_z1(z1, BatchNormParams(a1, b1, m1, v1, bn1.eps), w2, a2, b2, eps2, 3, "relu",
+                                       gate, "bilinear", "cpu")[0]
+
+    with kernel_backends.poisoned_buffers():
+        assert torch.autograd.gradcheck(fn, (z1, *bn1.tensors(), w2, a2, b2, gate))
+        assert torch.autograd.gradcheck(lambda z: ops.run_ghost_module_z1_stats(z, "cpu"), (z1,))
+    mean, var = ops.run_ghost_module_z1_stats(z1.detach(), "cpu")
+    want_var, want_mean = torch.var_mean(z1.detach(), dim=(0, 2, 3), correction=0)
+    assert_close_rel(mean, want_mean, torch.float64) and assert_close_rel(var, want_var, torch.float64)
+
+
+@CPU_ONLY
+def test_ops_z1_ops_check_arguments():
+    z1, bn1, w2, a2, b2, eps2 = _z1_args()
+    run = ops.run_ghost_module_z1
+    with pytest.raises(TypeError, match="float32 or float64, got torch.bfloat16"):
+        run(z1.bfloat16(), bn1, w2.bfloat16(), a2, b2, eps2, 12, "relu", None, "nearest", "cpu")
+    with pytest.raises(ValueError, match=r"out_channels >= 4 \(z1's channels"):
+        run(z1, bn1, w2, a2, b2, eps2, 3, "relu", None, "nearest", "cpu")
+    with pytest.raises(ValueError, match="cpu backend only, got backend 'triton'"):
+        run(z1, bn1, w2, a2, b2, eps2, 12, "relu", None, "nearest", "triton")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        run(z1[:1, :, :1, :1], bn1, w2, a2, b2, eps2, 12, "relu", None, "nearest", "cpu")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.run_ghost_module_z1_stats(z1[:1, :, :1, :1], "cpu")
+    with pytest.raises(ValueError, match="multiple of init=4"):
+        run(z1, bn1, w2[:6], a2[:6], b2[:6], eps2, 10, "relu", None, "nearest", "cpu")
+    with pytest.raises(ValueError, match=r"bn2_weight of shape \(8,\)"):
+        run(z1, bn1, w2, a2[:3], b2, eps2, 12, "relu", None, "nearest", "cpu")

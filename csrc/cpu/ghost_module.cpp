@@ -256,7 +256,8 @@ void ghost_module_z1_cpu(const at::Tensor& z1, const std::optional<at::Tensor>& 
   TORCH_CHECK(g.oc >= g.init, kZ1Op, ": expected out_channels >= ", g.init, " (z1's channels: every one is kept), ",
               "got ", g.oc);
   const int64_t cheap = g.init * g.rm1;
-  const BatchNormArgs bn1 = batch_norm_args(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, g.init, z1, kZ1Op, "bn1");
+  const BatchNormArgs bn1 =
+      batch_norm_args(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, g.init, z1, kZ1Op, "bn1");
   check_param(mean, z1, z1.scalar_type(), kZ1Op, "mean", {cheap});
   check_param(var, z1, z1.scalar_type(), kZ1Op, "var", {cheap});
   check_output(out, z1, kZ1Op, "out", {g.N, g.oc, g.H, g.W});

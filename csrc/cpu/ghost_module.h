@@ -249,7 +249,8 @@ struct Ctx {
   }
 };
 
-// z1 given (Ctx::zl), NCHW: dst[0 .. cnt) = act(src * s + b), whole vectors (dst is padded; nothing read past src[cnt - 1])
+// z1 given (Ctx::zl), NCHW: dst[0 .. cnt) = act(src * s + b), whole vectors (dst is padded; nothing read past
+// src[cnt - 1])
 template <Act A, typename acc_t>
 inline void affine_act_row(acc_t* dst, const acc_t* src, int64_t cnt, acc_t s, acc_t b) {
   using Vec = Vectorized<acc_t>;
