@@ -158,6 +158,9 @@ JOINT_BN2_STATS = True
 # from it by autograd, and the kernels read it instead of recomputing it in each pass (ops.run_ghost_module_z1);
 # False: the joint op above (A/B runs).
 KEEP_Z1 = True
+# A whole bottleneck (ghostfast.bottleneck) whose call autograd records on the CPU runs inside in channels_last from
+# NCHW input (one copy in, one out; oneDNN's depthwise conv backward is 4-10x slower on NCHW); False: NCHW (A/B).
+TRAIN_CHANNELS_LAST = True
 
 
 def _batch_stats(bn: Optional[nn.Module]) -> bool:

@@ -731,30 +731,7 @@ def _bn2_batch_setup(ctx, inputs, output):
 
 
 def _ghost_module_bn2_batch_backward(ctx, grad_out, _grad_mean, _grad_var):
-    a = _saved_args(ctx)
-    x, w1, w2, out_channels, act, gate, gate_mode, backend = a[0], a[1], a[7], a[11], a[12], a[13], a[14], a[15]
-    bn1 = BatchNormParams(*a[2:7])
-    mean2, var2 = ctx.saved_tensors[len(ctx.tensor_slots):]
-    bn2 = BatchNormParams(a[8], a[9], mean2, var2, a[10])
-    f1 = _fold_for_backward(bn1, w1.shape[0], x)
-    f2 = _fold_for_backward(bn2, w2.shape[0], x)
-    need = ctx.needs_input_grad
-    n1 = _bn_needed(ctx, 2)
-    grad_out = grad_out.contiguous(memory_format=output_memory_format(x))
-    args = (x, w1, f1.scale, f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode)
-    # 1. bn2's (scale, shift) gradients: a pass without the primary chain and its GEMMs
-    _, _, _, _, _, g_s2, g_b2, _ = _run_backward(_ghost_module_backward_op, "ghost_module_backward", grad_out, *args,
-                                                 [False] * 5 + [True, True, False], backend)
-    g_w, g_b, g_mean, g_var = reference.fold_bn_backward(g_s2, g_b2, bn2, [need[8], need[9], True, True],
-                                                         f2.scale, f2.std)
-    m = x.shape[0] * x.shape[2] * x.shape[3]
-    # 2. every other gradient, through the statistics too
-    needs = [bool(need[0]), bool(need[1]), n1, n1, bool(need[7]), False, False, bool(need[13])]
-    g = _run_backward(_ghost_module_backward_bnstats_op, "ghost_module_backward_bnstats", grad_out, *args,
-                      g_mean / m, g_var * (2.0 / m), mean2, needs, backend)
-    g = [t if need_t else None for t, need_t in zip(g, needs)]
-    return (g[0], g[1], *_bn_grads(ctx, 2, bn1, f1, g[2], g[3]), g[4], g_w if need[8] else None,
-            g_b if need[9] else None, None, None, None, g[7], None, None)
+    return _bn2_batch_two_pass_backward(ctx, grad_out, primary=True)
 
 
 _ghost_module_bn2_batch_op.register_autograd(_ghost_module_bn2_batch_backward, setup_context=_bn2_batch_setup)
@@ -908,31 +885,45 @@ def _(grad_out, z1, primary_scale, primary_bias, cheap_weight, cheap_scale, chea
 
 
 def _ghost_module_z1_backward(ctx, grad_out, _grad_mean, _grad_var):
+    return _bn2_batch_two_pass_backward(ctx, grad_out, primary=False)
+
+
+def _bn2_batch_two_pass_backward(ctx, grad_out, primary: bool):
+    """The backward of the two ops whose bn2 normalises with z2's batch statistics: the joint op (primary: its
+    arguments x, W1, bn1's five, ...) and the z1 op (z1, bn1's five, ...: every later slot one lower). Pass 1
+    computes bn2's (scale, shift) gradients without the primary chain, pass 2 every other gradient through z2's
+    statistics too (their gradient as coefficients)."""
+    o = int(primary)
     a = _saved_args(ctx)
-    z1, w2, out_channels, act, gate, gate_mode, backend = a[0], a[6], a[10], a[11], a[12], a[13], a[14]
-    bn1 = BatchNormParams(*a[1:6])
+    x, w2 = a[0], a[6 + o]
+    out_channels, act, gate, gate_mode, backend = a[10 + o:15 + o]
+    bn1 = BatchNormParams(*a[1 + o:6 + o])
     mean2, var2 = ctx.saved_tensors[len(ctx.tensor_slots):]
-    bn2 = BatchNormParams(a[7], a[8], mean2, var2, a[9])
-    f1 = _fold_for_backward(bn1, z1.shape[1], z1)
-    f2 = _fold_for_backward(bn2, w2.shape[0], z1)
+    bn2 = BatchNormParams(a[7 + o], a[8 + o], mean2, var2, a[9 + o])
+    f1 = _fold_for_backward(bn1, a[1].shape[0] if primary else x.shape[1], x)
+    f2 = _fold_for_backward(bn2, w2.shape[0], x)
     need = ctx.needs_input_grad
-    n1 = _bn_needed(ctx, 1)
-    grad_out = grad_out.contiguous(memory_format=output_memory_format(z1))
-    args = (z1, f1.scale, f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode)
-    # 1. bn2's (scale, shift) gradients: a pass without the primary chain (the coefficients do not reach them)
-    zero = torch.zeros_like(mean2)
-    g = _run_backward(_ghost_module_z1_backward_op, "ghost_module_z1_backward", grad_out, *args, zero, zero, mean2,
-                      [False] * 5 + [True, True, False], backend)
-    g_w, g_b, g_mean, g_var = reference.fold_bn_backward(g[5], g[6], bn2, [need[7], need[8], True, True], f2.scale,
-                                                         f2.std)
-    m = z1.shape[0] * z1.shape[2] * z1.shape[3]
-    # 2. dz1 and the other gradients, through z2's statistics too
-    needs = [bool(need[0]), False, n1, n1, bool(need[6]), False, False, bool(need[12])]
-    g = _run_backward(_ghost_module_z1_backward_op, "ghost_module_z1_backward", grad_out, *args, g_mean / m,
-                      g_var * (2.0 / m), mean2, needs, backend)
+    n1 = _bn_needed(ctx, 1 + o)
+    grad_out = grad_out.contiguous(memory_format=output_memory_format(x))
+    args = (x, *a[1:2 * o], f1.scale, f1.shift, w2, f2.scale, f2.shift, out_channels, act, gate, gate_mode)
+    if primary:
+        first = (_ghost_module_backward_op, "ghost_module_backward", ())
+        second = (_ghost_module_backward_bnstats_op, "ghost_module_backward_bnstats")
+    else:  # one op for both passes: zero coefficients make pass 1
+        zero = torch.zeros_like(mean2)
+        first = (_ghost_module_z1_backward_op, "ghost_module_z1_backward", (zero, zero, mean2))
+        second = first[:2]
+    # 1. bn2's (scale, shift) gradients (the coefficients do not reach them)
+    g = _run_backward(*first[:2], grad_out, *args, *first[2], [False] * 5 + [True, True, False], backend)
+    g_w, g_b, g_mean, g_var = reference.fold_bn_backward(g[5], g[6], bn2, [need[7 + o], need[8 + o], True, True],
+                                                         f2.scale, f2.std)
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    # 2. the input's (x or z1) and the other gradients, through z2's statistics too
+    needs = [bool(need[0]), primary and bool(need[1]), n1, n1, bool(need[6 + o]), False, False, bool(need[12 + o])]
+    g = _run_backward(*second, grad_out, *args, g_mean / m, g_var * (2.0 / m), mean2, needs, backend)
     g = [t if need_t else None for t, need_t in zip(g, needs)]
-    return (g[0], *_bn_grads(ctx, 1, bn1, f1, g[2], g[3]), g[4], g_w if need[7] else None,
-            g_b if need[8] else None, None, None, None, g[7], None, None)
+    return (g[0], *g[1:1 + o], *_bn_grads(ctx, 1 + o, bn1, f1, g[2], g[3]), g[4], g_w if need[7 + o] else None,
+            g_b if need[8 + o] else None, None, None, None, g[7], None, None)
 
 
 _ghost_module_z1_op.register_autograd(_ghost_module_z1_backward, setup_context=_bn2_batch_setup)

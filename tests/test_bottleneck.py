@@ -18,7 +18,7 @@ import ghostfast
 import kernel_backends
 from ghostfast.bottleneck import GhostBottleneck
 from ghostfast.models import randomize_batchnorm_, timm_ghostnet
-from numerics import assert_close_rel
+from numerics import REL_TOL, assert_close_rel
 
 DEVICE = kernel_backends.DEVICE
 BACKEND = "cpu" if DEVICE == "cpu" else None
@@ -155,6 +155,65 @@ def test_training_mode_takes_the_per_module_path_and_updates_running_stats(monke
     assert_close_rel(out, ref, torch.float64)
     for (name, a), (_, b) in zip(fast.named_buffers(), block.named_buffers()):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_training_step_computes_in_channels_last_inside(config, dtype):
+    """A training call autograd records, on NCHW CPU input, runs the submodules on a channels_last copy (module
+    docstring of ghostfast.bottleneck: one copy in, one out): the submodules see channels_last, the output is NCHW,
+    and it, every gradient and the running statistics match the eager original's (float64; float32 against the
+    float64 original)."""
+    block, fast = _pair(config, dtype)
+    block64 = copy.deepcopy(block).double().train()
+    block.train()
+    fast.train()
+    seen = []
+    fast.ghost1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    x = _input(block, dtype).requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    out, ref = fast(x), block64(x64)
+    assert seen == [DEVICE == "cpu"]
+    assert out.is_contiguous() and out.dtype == dtype
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    grads = torch.autograd.grad(out, [x, *fast.parameters()], g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, [x64, *block64.parameters()], g)
+    assert_close_rel(out, ref, dtype)
+    assert len(grads) == len(ref_grads)
+    # errors relative to each tensor's norm, floored at 1e-3 of the largest: the bias of a BatchNorm whose output
+    # the next BatchNorm re-centres (shortcut[1] before shortcut[3]) has a float64 gradient of ~1e-15
+    floor = 1e-3 * max(float(b.norm()) for b in ref_grads)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert a.dtype == dtype and a.shape == b.shape
+        err = float((a.double() - b).norm()) / max(float(b.norm()), floor)
+        assert err <= 10 * REL_TOL[dtype], f"gradient {i}: relative error {err:.2e}"
+    for (name, a), (_, b) in zip(fast.named_buffers(), block64.named_buffers()):
+        if a.is_floating_point():
+            assert_close_rel(a.double(), b, dtype)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("why", ["flag-off", "no-grad", "reference", "channels_last-input"])
+def test_training_calls_that_stay_in_the_input_layout(why, monkeypatch):
+    """Without a recorded call, with ghostfast.nn.TRAIN_CHANNELS_LAST off, with the reference backend (the eager
+    spec) or on channels_last input, the submodules see the input's own layout; the output matches eager's."""
+    block, fast = _pair("s2-conv-shortcut", torch.float64)
+    block.train()
+    fast.train()
+    if why == "flag-off":
+        monkeypatch.setattr(ghostfast.nn, "TRAIN_CHANNELS_LAST", False)
+    if why == "reference":
+        fast.backend = "reference"
+    seen = []
+    fast.ghost1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    x = _input(block, torch.float64, channels_last=why == "channels_last-input")
+    with torch.set_grad_enabled(why != "no-grad"):
+        out, ref = fast(x), block(x)
+    assert seen == [why != "channels_last-input"]
+    assert out.is_contiguous() == ref.is_contiguous()
+    assert_close_rel(out, ref, torch.float64)
 
 
 @pytest.mark.parametrize("which", ["bn_dw", "shortcut.1"])

@@ -49,6 +49,21 @@ struct StatParts {  // one group's running (count, mean, M2) per channel
                                                       static_cast<double>(nt));
     n[c] = nt;
   }
+
+  // every channel of `other` merged into this one
+  void merge_all(const StatParts& other) {
+    for (size_t c = 0; c < n.size(); ++c) merge(static_cast<int64_t>(c), other.n[c], other.mean[c], other.m2[c]);
+  }
+
+  // each channel's mean and biased variance into the [channels] tensors mean and var
+  void write(const at::Tensor& mean_out, const at::Tensor& var_out) const {
+    acc_t* mp = mean_out.data_ptr<acc_t>();
+    acc_t* vp = var_out.data_ptr<acc_t>();
+    for (size_t c = 0; c < n.size(); ++c) {
+      mp[c] = mean[c];
+      vp[c] = m2[c] / static_cast<acc_t>(n[c]);
+    }
+  }
 };
 
 // (mean, M2) of p[0 .. cnt), cnt >= 1: the mean first, then the squared deviations from it
@@ -299,14 +314,8 @@ void stats_impl(const Geometry& geo, int stage, const at::Tensor& x, const at::T
   });
   StatParts<acc_t> tot;
   tot.init(channels);
-  for (int64_t g = 0; g < ng; ++g)
-    for (int64_t c = 0; c < channels; ++c) tot.merge(c, parts[g].n[c], parts[g].mean[c], parts[g].m2[c]);
-  acc_t* mp = mean.data_ptr<acc_t>();
-  acc_t* vp = var.data_ptr<acc_t>();
-  for (int64_t c = 0; c < channels; ++c) {
-    mp[c] = tot.mean[c];
-    vp[c] = tot.m2[c] / static_cast<acc_t>(tot.n[c]);
-  }
+  for (const auto& part : parts) tot.merge_all(part);  // in group order: independent of the thread count
+  tot.write(mean, var);
 }
 
 // z1 given (the _z1 kernels): the mean and biased variance of each channel of z1 itself. NCHW: a chunk per (image,
@@ -345,15 +354,9 @@ void z1_stats_impl(const at::Tensor& z1, bool cl, const at::Tensor& mean, const 
         }
       }
     });
-    for (int64_t g = 0; g < ng; ++g)
-      for (int64_t c = 0; c < C; ++c) tot.merge(c, parts[g].n[c], parts[g].mean[c], parts[g].m2[c]);
+    for (const auto& part : parts) tot.merge_all(part);
   }
-  acc_t* mp = mean.data_ptr<acc_t>();
-  acc_t* vp = var.data_ptr<acc_t>();
-  for (int64_t c = 0; c < C; ++c) {
-    mp[c] = tot.mean[c];
-    vp[c] = tot.m2[c] / static_cast<acc_t>(tot.n[c]);
-  }
+  tot.write(mean, var);
 }
 
 }  // namespace
