@@ -486,10 +486,17 @@ class _FusedGhostBase(nn.Module):
 
     def _resolve(self, x: Tensor, dtype: torch.dtype, requested: str, batch_stats: bool, strict: bool):
         if requested == "auto" and x.device.type == "cpu" and batch_stats:
-            # `auto` runs what is fastest: on CPU the C++ backward kernels lose to oneDNN's convolution backward,
-            # and a training step through them is slower than eager (benchmarks/results/cpu-2core/models.csv:
-            # 0.66x / 0.85x on ghostnet_100 / ghostnetv2_100). backend='cpu' trains fused (half the activations).
-            return None
+            # `auto` runs what is fastest. On CPU the z1 path (_run_ghost_z1) trains faster than eager
+            # (benchmarks/results/cpu-2core/train_step.csv, tag cl-inside-v1: 1.31x / 1.28x paired on ghostnet_100 /
+            # ghostnetv2_100, where `auto` through the original submodules gave 1.07x / 1.15x); the other training
+            # forms of the C++ kernels lose to oneDNN's convolution backward (0.66x / 0.85x), so where the z1 path
+            # does not apply the original submodules run, silently. backend='cpu' trains fused in every form.
+            if not self._keeps_z1(dtype):
+                return None
+            name, reason = resolve_backend("cpu", x.device, dtype, act=self.act)
+            if reason is not None or stats_backend(name, x.device)[0] is None:
+                return None
+            return name
         name, reason = resolve_backend(requested, x.device, dtype, act=self.act)
         if reason is not None:
             fallback(f"{type(self).__name__}: {reason}", strict)
@@ -511,6 +518,13 @@ class _FusedGhostBase(nn.Module):
     def _training_bns(self) -> List[nn.Module]:
         """The BatchNorms the fused forward computes that use batch statistics now (training mode)."""
         return [m for m in self._plan_bns() if m.training]
+
+    def _keeps_z1(self, dtype: torch.dtype) -> bool:
+        """True when a `cpu` training call in `dtype` takes the z1 path (_run_ghost): bn2 on batch statistics, no
+        cheap-conv bias, float32 / float64, out_channels >= the cheap conv's input channels, the flags on."""
+        _, _, conv2, bn2m = self._ghost_layers
+        return (JOINT_BN2_STATS and KEEP_Z1 and _batch_stats(bn2m) and conv2.bias is None
+                and dtype in (torch.float32, torch.float64) and self.out_chs >= conv2.in_channels)
 
     def _ghost_batch_stats(self) -> bool:
         _, bn1, _, bn2 = self._ghost_layers
@@ -542,7 +556,7 @@ class _FusedGhostBase(nn.Module):
         x, _ = ops.primary_columns(x, self._ghost_layers[0].weight, self._primary)
         _, _, conv2, bn2m = self._ghost_layers
         if backend == "cpu" and JOINT_BN2_STATS and _batch_stats(bn2m) and conv2.bias is None:
-            if KEEP_Z1 and x.dtype in (torch.float32, torch.float64) and self.out_chs >= conv2.in_channels:
+            if self._keeps_z1(x.dtype):
                 return self._run_ghost_z1(x, dtype, backend, gate)
             # bn2 on batch statistics: one op computes them and the module, its backward both (ops.py)
             w1, bn1, w2, _ = self._ghost_args(x, dtype, backend, bn2_stats=False)

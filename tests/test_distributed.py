@@ -311,9 +311,11 @@ def test_sync_batchnorm_eval_folds_and_runs_fused(convert_fn, device):
         assert rel_error(g, r) <= 10 * TOL
 
 
-def test_sync_batchnorm_training_falls_back_with_warning(device):
+def test_sync_batchnorm_training_falls_back_with_warning(device, monkeypatch):
     """Training with SyncBatchNorm: the original submodules (outside a process group SyncBatchNorm computes like
-    BatchNorm2d, which both do here), a warning naming SyncBatchNorm, an error in strict mode."""
+    BatchNorm2d, which both do here), a warning naming SyncBatchNorm, an error in strict mode. The converted
+    bottlenecks stay in NCHW (ghostfast.nn.TRAIN_CHANNELS_LAST off) so that the original's values come out exactly."""
+    monkeypatch.setattr(ghostfast.nn, "TRAIN_CHANNELS_LAST", False)
     eager, fast = _sync_bn_models(nn.SyncBatchNorm.convert_sync_batchnorm, strict=False)
     eager, fast = eager.to(device).train(), fast.to(device).train()
     x = torch.randn(4, 3, 16, 16, device=device)

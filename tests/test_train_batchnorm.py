@@ -167,17 +167,37 @@ def test_track_running_stats_false_falls_back(device):
     assert torch.equal(fast(x), model(x))
 
 
-def test_auto_on_cpu_trains_through_the_original_submodules():
-    """`auto` on CPU tensors in training mode runs the original submodules (faster than the C++ backward kernels
-    there), silently; an explicit fused backend trains fused."""
-    eager, fast = _pair(lambda: timm_ghost.GhostModule(8, 12), "auto", torch.float32, "cpu")
-    x = torch.randn(2, 8, 6, 6)
+@pytest.mark.parametrize("case", ["z1", "bn2-frozen", "float64-z1", "cheap-bias"])
+def test_auto_on_cpu_trains_the_z1_path_else_the_original_submodules(case):
+    """`auto` on CPU tensors in training mode trains fused where the z1 path applies (bn2 on batch statistics,
+    float32 / float64, no cheap-conv bias: faster than eager there) and runs the original submodules elsewhere (the
+    other C++ training forms lose to oneDNN), silently; eval mode runs fused."""
+    dtype = torch.float64 if case.startswith("float64") else torch.float32
+    frozen = ("cheap_operation.1",) if case == "bn2-frozen" else ()
+
+    def factory():
+        m = timm_ghost.GhostModule(8, 12)
+        if case == "cheap-bias":
+            c = m.cheap_operation[0]
+            m.cheap_operation[0] = nn.Conv2d(c.in_channels, c.out_channels, 3, 1, 1, groups=c.groups, bias=True)
+        return m
+    eager, fast = _pair(factory, "auto", dtype, "cpu", frozen=frozen)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 6, 6, generator=g, dtype=dtype)
+    fused = case.endswith("z1") and "cpu" in kernel_backends.COMPILED
     with warnings.catch_warnings():
         warnings.simplefilter("error", GhostfastFallbackWarning)
         with record_fused_runs("cpu", "cpu") as runs:
             out = fast(x)
-    assert not runs.counts and len(runs.convs) == 2
-    assert torch.equal(out, eager(x))
+            out.backward(torch.randn(out.shape, generator=g, dtype=dtype))
+    ref = eager(x)
+    if fused:
+        assert dict(runs.counts) == train_launches(fast, "cpu", dtype)
+        assert not runs.convs  # z1 by a matmul, the cheap conv inside the fused op
+        assert rel_error(out, ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    else:
+        assert not runs.counts and len(runs.convs) == 2
+        assert torch.equal(out, ref)
     if "cpu" in kernel_backends.COMPILED:
         fast.eval()
         with torch.no_grad(), record_fused_runs("cpu", "cpu") as runs:
