@@ -466,7 +466,8 @@ class _FusedGhostBase(nn.Module):
         strict = self._is_strict()
         requested = default_backend() if self.backend is None else self.backend
         modes = tuple(m.training for m in self._plan_bn_list)
-        key = (requested, x.device, dtype, modes, strict, resolution_state())
+        # (batch >= 2: `auto` trains CPU tensors fused from batch 2 on, _resolve)
+        key = (requested, x.device, dtype, modes, strict, resolution_state(), x.shape[0] >= 2)
         cached = self._resolved.get(key)  # a fused backend resolved before for this plan, device, dtype and modes
         if cached is not None:
             if any(modes) and x.numel() // max(x.shape[1], 1) < 2:
@@ -490,8 +491,9 @@ class _FusedGhostBase(nn.Module):
             # (benchmarks/results/cpu-2core/train_step.csv, tag cl-inside-v1: 1.31x / 1.28x paired on ghostnet_100 /
             # ghostnetv2_100, where `auto` through the original submodules gave 1.07x / 1.15x); the other training
             # forms of the C++ kernels lose to oneDNN's convolution backward (0.66x / 0.85x), so where the z1 path
-            # does not apply the original submodules run, silently. backend='cpu' trains fused in every form.
-            if not self._keeps_z1(dtype):
+            # does not apply the original submodules run, silently. At batch 1 the z1 path loses too (0.90x / 0.94x
+            # eager at 224x224; batch 2 1.05x / 1.06x, batch 4 1.58x / 1.23x). backend='cpu' trains fused always.
+            if not self._keeps_z1(dtype) or x.shape[0] < 2:
                 return None
             name, reason = resolve_backend("cpu", x.device, dtype, act=self.act)
             if reason is not None or stats_backend(name, x.device)[0] is None:

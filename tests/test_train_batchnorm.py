@@ -167,11 +167,12 @@ def test_track_running_stats_false_falls_back(device):
     assert torch.equal(fast(x), model(x))
 
 
-@pytest.mark.parametrize("case", ["z1", "bn2-frozen", "float64-z1", "cheap-bias"])
+@pytest.mark.parametrize("case", ["z1", "bn2-frozen", "float64-z1", "cheap-bias", "batch1"])
 def test_auto_on_cpu_trains_the_z1_path_else_the_original_submodules(case):
     """`auto` on CPU tensors in training mode trains fused where the z1 path applies (bn2 on batch statistics,
     float32 / float64, no cheap-conv bias: faster than eager there) and runs the original submodules elsewhere (the
-    other C++ training forms lose to oneDNN), silently; eval mode runs fused."""
+    other C++ training forms lose to oneDNN) and at batch 1 (where the z1 path loses too; also after a fused call at
+    batch 2), silently; eval mode runs fused."""
     dtype = torch.float64 if case.startswith("float64") else torch.float32
     frozen = ("cheap_operation.1",) if case == "bn2-frozen" else ()
 
@@ -183,8 +184,12 @@ def test_auto_on_cpu_trains_the_z1_path_else_the_original_submodules(case):
         return m
     eager, fast = _pair(factory, "auto", dtype, "cpu", frozen=frozen)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 8, 6, 6, generator=g, dtype=dtype)
+    x = torch.randn(1 if case == "batch1" else 2, 8, 6, 6, generator=g, dtype=dtype)
     fused = case.endswith("z1") and "cpu" in kernel_backends.COMPILED
+    if case == "batch1" and "cpu" in kernel_backends.COMPILED:
+        with record_fused_runs("cpu", "cpu") as runs:
+            fast(torch.cat([x, x]))
+        assert runs.counts  # batch 2: fused
     with warnings.catch_warnings():
         warnings.simplefilter("error", GhostfastFallbackWarning)
         with record_fused_runs("cpu", "cpu") as runs:
