@@ -5,6 +5,7 @@ on converted timm GhostNets. Each recorded graph must hold standard ops only (no
 ghostfast) and match the original eager model; fx with the converted modules as leaves keeps the fused call.
 
 The whole models run on the C++ `cpu` backend (auto on a GPU); Triton, interpreted on CPU, only on small modules."""
+import copy
 import functools
 import io
 
@@ -155,6 +156,38 @@ def test_deploy_torch_export_timm_model(name, strict):
         assert "ghostfast.ghost_module.default" in targets, sorted(targets)
         assert_close_rel(exported.module()(x), ref, torch.float32, factor=MODEL_TOL)
         assert_close_rel(fast(x), ref, torch.float32, factor=MODEL_TOL)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in kernel_backends.COMPILED,
+                    reason="the z1 training ops run on the cpu backend of ghostfast._C")
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
+def test_deploy_torch_export_in_training_mode(strict):
+    """torch.export of a converted bottleneck in training mode (timm's V2 bottleneck: DFC gate, SE, stride 2, conv
+    shortcut): the program records the training ops (ghostfast::ghost_module_z1 and its statistics op), and its
+    module matches the eager original in training: output, the input's gradient, every running statistic."""
+    torch.manual_seed(0)
+    block = nn.Sequential(timm_ghost.GhostBottleneck(16, 48, 24, 3, 2, se_ratio=0.25, mode="attn")).train()
+    fast = ghostfast.convert(copy.deepcopy(block), backend="cpu", strict=True).train()
+    x = torch.randn(2, 16, 16, 16)
+    exported = torch.export.export(fast, (x,), strict=strict)
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"ghostfast.ghost_module_z1.default", "ghostfast.ghost_module_z1_stats.default"} <= targets, \
+        sorted(targets)
+    module, ref_module = exported.module(), copy.deepcopy(block)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out, ref = module(xs[0]), ref_module(xs[1])
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert_close_rel(out, ref, torch.float32, factor=10)
+    assert_close_rel(xs[0].grad, xs[1].grad, torch.float32, factor=10)
+    got, want = module.state_dict(), ref_module.state_dict()
+    assert set(want) <= set(got)
+    for k, v in want.items():
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(got[k], v), k
+        elif "running" in k:
+            assert_close_rel(got[k], v, torch.float32, factor=10)
 
 
 # ---- TorchScript and fx -----------------------------------------------------------------------------------
